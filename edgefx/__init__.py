@@ -1,0 +1,32 @@
+"""edgefx: a torch.fx graph-rewriting compiler pass suite for vision models on edge devices."""
+
+__version__ = "0.1.0"
+
+from edgefx.compiler import Compiled, CompileReport, compile, load  # noqa: E402
+from edgefx.errors import (  # noqa: E402
+    ArtifactError,
+    BackendError,
+    CaptureError,
+    EdgefxError,
+    InputError,
+    ModelNotFoundError,
+    PassError,
+)
+from edgefx.program import Program, TensorSpec  # noqa: E402
+
+__all__ = [
+    "ArtifactError",
+    "BackendError",
+    "CaptureError",
+    "CompileReport",
+    "Compiled",
+    "EdgefxError",
+    "InputError",
+    "ModelNotFoundError",
+    "PassError",
+    "Program",
+    "TensorSpec",
+    "__version__",
+    "compile",
+    "load",
+]

@@ -1,0 +1,206 @@
+"""The ONNX backend: torch.onnx (dynamo) export -> onnx-graphsurgeon clean-up -> onnxruntime.
+
+Node names in the exported model say where each node came from: ``<module path>/<fx node>``
+(e.g. ``layer1.0.conv1/conv2d``); the full map is kept in ``node_map`` and saved next to the
+model. The dynamic batch dimension is named ``batch`` in the model's inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import torch
+
+from edgefx.backends.base import Artifact, Backend
+from edgefx.errors import ArtifactError, BackendError
+from edgefx.program import BATCH, Program, quiet_torch_logs
+
+MODEL_FILE = "model.onnx"
+NODE_MAP_FILE = "onnx_nodes.json"
+EXPORT_OPSET = 21  # what torch.onnx emits natively; higher opsets go through onnx's converter
+DEFAULT_OPSET = 21
+# protobuf cannot serialise a model over 2 GiB; keep weights as external data well before that
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _model_bytes(model: onnx.ModelProto) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def _scope_and_fx_name(node: onnx.NodeProto) -> tuple[str, str]:
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    module = ""
+    if scopes:
+        with contextlib.suppress(ValueError, SyntaxError):
+            parts = [s for s in json.loads(scopes.replace("'", '"'))[:-1] if s]
+            module = ".".join(parts)
+    fx_text = meta.get("pkg.torch.onnx.fx_node", "")
+    match = re.match(r"%(\S+)", fx_text)
+    return module, match.group(1) if match else ""
+
+
+def _name_nodes(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
+    """Rename every node ``<module>/<fx node>`` (unique) and return the name -> origin map."""
+    node_map: dict[str, dict[str, str]] = {}
+    for node in model.graph.node:
+        module, fx_name = _scope_and_fx_name(node)
+        base = f"{module}/{fx_name}" if module and fx_name else fx_name or node.name or node.op_type
+        name, i = base, 0
+        while name in node_map:
+            i += 1
+            name = f"{base}_{i}"
+        node.name = name
+        node_map[name] = {"op_type": node.op_type, "fx_node": fx_name, "module": module}
+    return node_map
+
+
+def _name_batch_dim(model: onnx.ModelProto, program: Program) -> None:
+    """torch.onnx names dynamic dims after sympy symbols (``s77``); call the batch ``batch``."""
+    if not program.dynamic_batch or not model.graph.input:
+        return
+    symbol = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol:
+        return
+    pattern = re.compile(rf"\b{re.escape(symbol)}\b")
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(BATCH, dim.dim_param)
+
+
+def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    del cleaned.opset_import[:]  # keep every domain's version exactly as exported
+    cleaned.opset_import.extend(model.opset_import)
+    cleaned.ir_version = model.ir_version
+    return cleaned
+
+
+def _session(model: onnx.ModelProto, workdir: Path | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if _model_bytes(model) < _EXTERNAL_DATA_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    if workdir is None:
+        raise BackendError("model is over 1 GiB and needs a folder for its external weights")
+    path = workdir / MODEL_FILE
+    onnx.save_model(model, path, save_as_external_data=True, location=f"{MODEL_FILE}.data")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxArtifact(Artifact):
+    backend = "onnx"
+
+    def __init__(self, model: onnx.ModelProto, node_map: dict[str, dict[str, str]],
+                 session: ort.InferenceSession | None = None, workdir: Path | None = None) -> None:
+        self.model = model
+        self.node_map = node_map
+        self._tmp = None
+        if session is None:
+            if workdir is None and _model_bytes(model) >= _EXTERNAL_DATA_BYTES:
+                self._tmp = tempfile.TemporaryDirectory(prefix="edgefx-onnx-")
+                workdir = Path(self._tmp.name)
+            session = _session(model, workdir)
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feeds = {name: np.ascontiguousarray(x.detach().cpu().numpy())
+                 for name, x in zip(self.input_names, inputs, strict=True)}
+        return [torch.from_numpy(np.asarray(y)) for y in self.session.run(None, feeds)]
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        external = _model_bytes(self.model) >= _EXTERNAL_DATA_BYTES
+        onnx.save_model(self.model, directory / MODEL_FILE, save_as_external_data=external,
+                        location=f"{MODEL_FILE}.data")
+        (directory / NODE_MAP_FILE).write_text(json.dumps(self.node_map, indent=1))
+        return {"artifact": MODEL_FILE, "node_map": NODE_MAP_FILE, **self.describe()}
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> OnnxArtifact:
+        path = directory / manifest.get("artifact", MODEL_FILE)
+        try:
+            model = onnx.load(path)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ArtifactError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from exc
+        node_map_path = directory / manifest.get("node_map", NODE_MAP_FILE)
+        node_map = json.loads(node_map_path.read_text()) if node_map_path.exists() else {}
+        return cls(model, node_map, session=session)
+
+    def describe(self) -> dict[str, Any]:
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), None)
+        return {"opset": opset, "onnx_nodes": len(self.model.graph.node)}
+
+
+class OnnxBackend(Backend):
+    """Options: ``opset`` (default 21; up to onnx's latest via the version converter)."""
+
+    name = "onnx"
+
+    def __init__(self, target: str | None = None, *, opset: int = DEFAULT_OPSET) -> None:
+        if target not in (None, "cpu"):
+            raise BackendError(f"the onnx backend runs on onnxruntime's CPU provider; "
+                               f"target {target!r} is not supported",
+                               hint="leave target unset, or use backend='tvm' for device targets")
+        latest = onnx.defs.onnx_opset_version()
+        if not isinstance(opset, int) or not 18 <= opset <= latest:
+            raise BackendError(f"opset must be an integer from 18 to {latest}, got {opset!r}")
+        super().__init__(target, opset=opset)
+        self.opset = opset
+
+    def build(self, program: Program) -> OnnxArtifact:
+        ep = program.export()
+        try:
+            with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
+                exported = torch.onnx.export(ep, dynamo=True, opset_version=EXPORT_OPSET,
+                                             verbose=False, optimize=True)
+        except Exception as exc:
+            raise BackendError(f"torch.onnx could not export {program.name}: {_first_line(exc)}",
+                               op=_unsupported_op(exc),
+                               hint="an op with no ONNX lowering needs one in edgefx/ops") from exc
+        model = exported.model_proto
+        node_map = _name_nodes(model)
+        _name_batch_dim(model, program)
+        try:
+            model = _clean(model)
+            if self.opset != EXPORT_OPSET:
+                model = onnx.version_converter.convert_version(model, self.opset)
+        except Exception as exc:
+            raise BackendError(f"cleaning the ONNX graph of {program.name} failed: {_first_line(exc)}",
+                               hint=f"try another opset (now {self.opset})") from exc
+        node_map = {n.name: node_map.get(n.name, {"op_type": n.op_type}) for n in model.graph.node}
+        try:
+            return OnnxArtifact(model, node_map)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"onnxruntime cannot load the exported {program.name}: "
+                               f"{_first_line(exc)}", hint=f"opset {self.opset}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unsupported_op(exc: BaseException) -> str | None:
+    match = re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?|\w+::\w+)", str(exc))
+    return match.group(1) if match else None

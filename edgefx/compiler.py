@@ -1,0 +1,251 @@
+"""compile(): capture -> PassManager -> backend -> Compiled; and load() for saved artifacts."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils import _pytree as pytree
+
+from edgefx.backends import Artifact, artifact_class, get_backend
+from edgefx.errors import ArtifactError, BackendError, EdgefxError, InputError
+from edgefx.frontend import capture
+from edgefx.passes.base import Figures, NumericError, PassManager, PassResult, check_passes
+from edgefx.program import Program, TensorSpec, check_inputs
+
+MANIFEST = "manifest.json"
+PROGRAM_FILE = "program.pt2"
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class CompileReport:
+    """What compile() did: capture, every pass with its figures, and the backend check."""
+
+    model: str
+    backend: str
+    capture_s: float
+    captured: Figures
+    passes: list[PassResult] = field(default_factory=list)
+    build_s: float = 0.0
+    backend_check: NumericError | None = None
+    backend_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> Figures:
+        return self.passes[-1].after if self.passes else self.captured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "backend": self.backend,
+            "capture_s": round(self.capture_s, 4),
+            "captured": vars(self.captured),
+            "passes": [r.to_dict() for r in self.passes],
+            "build_s": round(self.build_s, 4),
+            "backend_check": self.backend_check.to_dict() if self.backend_check else None,
+            "backend_info": self.backend_info,
+        }
+
+    def table(self) -> Table:
+        table = Table(title=f"edgefx compile: {self.model} -> {self.backend}")
+        for column in ("step", "MACs", "params", "ops", "max abs err", "SNR dB", "time s", "notes"):
+            table.add_column(column, justify="left" if column in ("step", "notes") else "right")
+        c = self.captured
+        table.add_row("capture", _si(c.macs), _si(c.params), str(c.nodes), "", "",
+                      f"{self.capture_s:.2f}", "")
+        for r in self.passes:
+            a = r.after
+            note = ("exact " if r.exact else "") + ("" if r.changed else "(no change) ")
+            note += _summary(r.report)
+            table.add_row(r.name, _si(a.macs), _si(a.params), str(a.nodes), f"{r.error.max_abs:.2g}",
+                          f"{r.error.snr_db:.1f}", f"{r.wall_s:.2f}", note.strip())
+        if self.backend_check is not None:
+            info = ", ".join(f"{k}={v}" for k, v in self.backend_info.items())
+            table.add_row(f"backend {self.backend}", "", "", "", f"{self.backend_check.max_abs:.2g}",
+                          f"{self.backend_check.snr_db:.1f}", f"{self.build_s:.2f}", info)
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def __str__(self) -> str:
+        console = Console(record=True, width=140, file=_NullFile())
+        console.print(self.table())
+        return console.export_text()
+
+
+class _NullFile:
+    def write(self, _text: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
+def _summary(report: dict[str, Any]) -> str:
+    """The scalar entries of a pass report, e.g. 'folded=20 removed_nodes=3'."""
+    parts = [f"{k}={v}" for k, v in report.items() if isinstance(v, (int, float, str))]
+    lists = [f"{k}={len(v)}" for k, v in report.items() if isinstance(v, list)]
+    return " ".join(parts + lists)
+
+
+class Compiled:
+    """A compiled model: call it with tensors, read ``.report``, ``.save(dir)`` to deploy."""
+
+    def __init__(self, artifact: Artifact, *, input_specs: Sequence[TensorSpec],
+                 output_specs: Sequence[TensorSpec], out_spec: pytree.TreeSpec,
+                 report: CompileReport | dict[str, Any], program: Program | None = None) -> None:
+        self.artifact = artifact
+        self.input_specs = tuple(input_specs)
+        self.output_specs = tuple(output_specs)
+        self.out_spec = out_spec
+        self.report = report
+        self.program = program
+
+    @property
+    def backend(self) -> str:
+        return self.artifact.backend
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        check_inputs(self.input_specs, inputs)
+        flat = self.artifact.run(inputs)
+        return pytree.tree_unflatten(flat, self.out_spec)
+
+    def save(self, directory: str | Path, *, include_program: bool = True) -> Path:
+        """Write the deployable artifact and ``manifest.json`` (plus ``program.pt2`` for
+        inspection, unless ``include_program=False``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        artifact_entry = self.artifact.save(directory)
+        program_file = None
+        if include_program and self.program is not None and artifact_entry["artifact"] != PROGRAM_FILE:
+            self.program.save(directory / PROGRAM_FILE)
+            program_file = PROGRAM_FILE
+        report = self.report.to_dict() if isinstance(self.report, CompileReport) else self.report
+        manifest = {
+            "edgefx_manifest": 1,
+            "backend": self.backend,
+            **artifact_entry,
+            "program": program_file or (PROGRAM_FILE if artifact_entry["artifact"] == PROGRAM_FILE else None),
+            "inputs": [s.to_dict() for s in self.input_specs],
+            "outputs": [s.to_dict() for s in self.output_specs],
+            "out_spec": pytree.treespec_dumps(self.out_spec),
+            "history": list(self.program.history) if self.program is not None else [],
+            "report": report,
+            "versions": _versions(),
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return directory
+
+    def __repr__(self) -> str:
+        ins = ", ".join(s.describe() for s in self.input_specs)
+        return f"Compiled({self.backend}: ({ins}))"
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from edgefx import __version__
+
+    return {"edgefx": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def compile(  # noqa: A001 - the public name the design card gives it
+    model: torch.nn.Module | Program,
+    example_inputs: object = None,
+    passes: Sequence[Any] = (),
+    backend: str = "onnx",
+    *,
+    target: str | None = None,
+    dynamic_batch: bool = True,
+    dump_dir: str | Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: bool | None = None,
+    backend_options: dict[str, Any] | None = None,
+) -> Compiled:
+    """Capture ``model``, run ``passes``, lower to ``backend`` and check the result.
+
+    ``model`` is an ``nn.Module`` (captured on a copy; never mutated) or an already captured
+    Program. The lowered model is run on the example inputs and compared with the Program:
+    an error above ``tolerance`` (relative to the output scale) raises BackendError.
+    """
+    pass_list = check_passes(passes)
+    backend_impl = get_backend(backend, target, **(backend_options or {}))
+    start = time.perf_counter()
+    if isinstance(model, Program):
+        if example_inputs is not None:
+            raise InputError("a Program carries its own example inputs; do not pass example_inputs")
+        program = model
+    else:
+        if example_inputs is None:
+            raise InputError("example_inputs is required to capture a model",
+                             hint="e.g. edgefx.compile(model, (torch.randn(1, 3, 224, 224),))")
+        program = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    report = CompileReport(model=program.name, backend=backend,
+                           capture_s=time.perf_counter() - start, captured=Figures.of(program))
+
+    program, report.passes = PassManager(pass_list, dump_dir=dump_dir, progress=progress).run(program)
+
+    start = time.perf_counter()
+    artifact = backend_impl.build(program)
+    report.build_s = time.perf_counter() - start
+    report.backend_info = artifact.describe()
+    reference = program.run_flat()
+    try:
+        lowered = artifact.run(program.example_inputs)
+    except EdgefxError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"the {backend} artifact failed on the example inputs: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from exc
+    report.backend_check = NumericError.between(reference, lowered)
+    if not report.backend_check.relative <= tolerance:
+        raise BackendError(
+            f"the {backend} artifact disagrees with the Program on the example inputs: max abs "
+            f"{report.backend_check.max_abs:.3g} ({report.backend_check.relative:.3g} of the output "
+            f"scale, tolerance {tolerance:g})",
+            hint="a lowering is wrong; `edgefx compile --dump-dir` shows the graph that was lowered",
+        )
+    return Compiled(artifact, input_specs=program.input_specs, output_specs=program.output_specs,
+                    out_spec=program.out_spec, report=report, program=program)
+
+
+def load(directory: str | Path) -> Compiled:
+    """Load a folder written by ``Compiled.save``."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"no {MANIFEST} in {directory}",
+                            hint="pass the folder written by Compiled.save / `edgefx compile -o`")
+    try:
+        manifest = json.loads(path.read_text())
+        backend = manifest["backend"]
+        inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
+        outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
+        out_spec = pytree.treespec_loads(manifest["out_spec"])
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path} is not an edgefx manifest: {exc!r}") from exc
+    artifact = artifact_class(backend).load(directory, manifest)
+    program = getattr(artifact, "program", None)
+    if program is None and manifest.get("program"):
+        program = Program.load(directory / manifest["program"])
+    return Compiled(artifact, input_specs=inputs, output_specs=outputs, out_spec=out_spec,
+                    report=manifest.get("report", {}), program=program)

@@ -1,0 +1,62 @@
+"""Small graph-surgery helpers shared by passes (not passes themselves)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+
+def module_path(node: fx.Node) -> str:
+    """The source module of ``node`` from ``nn_module_stack`` ("" for the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _cls in reversed(list(stack.values())):
+        if not path.startswith("_empty_nn_module_stack"):
+            return path
+    return ""
+
+
+def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The constant tensor behind a ``get_attr`` node, or None if ``node`` is not one."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def add_parameter(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a new top-level parameter and return a get_attr node for it."""
+    base = re.sub(r"\W", "_", hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value.detach().clone()
+    return node
+
+
+def remove_dead_code(gm: fx.GraphModule) -> tuple[int, list[str]]:
+    """Erase dead nodes, then delete parameters/buffers no get_attr reads any more.
+
+    Returns (nodes removed, attribute names deleted)."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    used = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    removed = []
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name in used:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+            removed.append(name)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return before - len(gm.graph.nodes), removed
