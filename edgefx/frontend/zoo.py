@@ -120,7 +120,7 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Reso
 
 
 def _not_found(name: str, known: tuple[str, ...], where: str) -> None:
-    close = difflib.get_close_matches(name, known, n=3)
+    close = difflib.get_close_matches(name, tuple(dict.fromkeys(known)), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else (
         "use a torchvision/timm architecture name, package.module:factory, or a .pt2 file")
     raise ModelNotFoundError(f"unknown model {name!r} in {where}", hint=hint)
