@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from edgefx.compiler import Compiled, CompileReport, compile, load  # noqa: E402
-from edgefx.errors import (  # noqa: E402
+from edgefx.compiler import Compiled, CompileReport, compile, load
+from edgefx.errors import (
     ArtifactError,
     BackendError,
     CaptureError,
@@ -12,7 +12,7 @@ from edgefx.errors import (  # noqa: E402
     ModelNotFoundError,
     PassError,
 )
-from edgefx.program import Program, TensorSpec  # noqa: E402
+from edgefx.program import Program, TensorSpec
 
 __all__ = [
     "ArtifactError",

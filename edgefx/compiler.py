@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,18 +61,35 @@ class CompileReport:
         for column in ("step", "MACs", "params", "ops", "max abs err", "SNR dB", "time s", "notes"):
             table.add_column(column, justify="left" if column in ("step", "notes") else "right")
         c = self.captured
-        table.add_row("capture", _si(c.macs), _si(c.params), str(c.nodes), "", "",
-                      f"{self.capture_s:.2f}", "")
+        table.add_row(
+            "capture", _si(c.macs), _si(c.params), str(c.nodes), "", "", f"{self.capture_s:.2f}", ""
+        )
         for r in self.passes:
             a = r.after
             note = ("exact " if r.exact else "") + ("" if r.changed else "(no change) ")
             note += _summary(r.report)
-            table.add_row(r.name, _si(a.macs), _si(a.params), str(a.nodes), f"{r.error.max_abs:.2g}",
-                          f"{r.error.snr_db:.1f}", f"{r.wall_s:.2f}", note.strip())
+            table.add_row(
+                r.name,
+                _si(a.macs),
+                _si(a.params),
+                str(a.nodes),
+                f"{r.error.max_abs:.2g}",
+                f"{r.error.snr_db:.1f}",
+                f"{r.wall_s:.2f}",
+                note.strip(),
+            )
         if self.backend_check is not None:
             info = ", ".join(f"{k}={v}" for k, v in self.backend_info.items())
-            table.add_row(f"backend {self.backend}", "", "", "", f"{self.backend_check.max_abs:.2g}",
-                          f"{self.backend_check.snr_db:.1f}", f"{self.build_s:.2f}", info)
+            table.add_row(
+                f"backend {self.backend}",
+                "",
+                "",
+                "",
+                f"{self.backend_check.max_abs:.2g}",
+                f"{self.backend_check.snr_db:.1f}",
+                f"{self.build_s:.2f}",
+                info,
+            )
         return table
 
     def __rich__(self) -> Table:
@@ -108,9 +126,16 @@ def _summary(report: dict[str, Any]) -> str:
 class Compiled:
     """A compiled model: call it with tensors, read ``.report``, ``.save(dir)`` to deploy."""
 
-    def __init__(self, artifact: Artifact, *, input_specs: Sequence[TensorSpec],
-                 output_specs: Sequence[TensorSpec], out_spec: pytree.TreeSpec,
-                 report: CompileReport | dict[str, Any], program: Program | None = None) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        *,
+        input_specs: Sequence[TensorSpec],
+        output_specs: Sequence[TensorSpec],
+        out_spec: pytree.TreeSpec,
+        report: CompileReport | dict[str, Any],
+        program: Program | None = None,
+    ) -> None:
         self.artifact = artifact
         self.input_specs = tuple(input_specs)
         self.output_specs = tuple(output_specs)
@@ -134,7 +159,11 @@ class Compiled:
         directory.mkdir(parents=True, exist_ok=True)
         artifact_entry = self.artifact.save(directory)
         program_file = None
-        if include_program and self.program is not None and artifact_entry["artifact"] != PROGRAM_FILE:
+        if (
+            include_program
+            and self.program is not None
+            and artifact_entry["artifact"] != PROGRAM_FILE
+        ):
             self.program.save(directory / PROGRAM_FILE)
             program_file = PROGRAM_FILE
         report = self.report.to_dict() if isinstance(self.report, CompileReport) else self.report
@@ -142,7 +171,8 @@ class Compiled:
             "edgefx_manifest": 1,
             "backend": self.backend,
             **artifact_entry,
-            "program": program_file or (PROGRAM_FILE if artifact_entry["artifact"] == PROGRAM_FILE else None),
+            "program": program_file
+            or (PROGRAM_FILE if artifact_entry["artifact"] == PROGRAM_FILE else None),
             "inputs": [s.to_dict() for s in self.input_specs],
             "outputs": [s.to_dict() for s in self.output_specs],
             "out_spec": pytree.treespec_dumps(self.out_spec),
@@ -164,11 +194,26 @@ def _versions() -> dict[str, str]:
 
     from edgefx import __version__
 
-    return {"edgefx": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    return {
+        "edgefx": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def compile(  # noqa: A001 - the public name the design card gives it
+@contextlib.contextmanager
+def _status(message: str, enabled: bool) -> Iterator[None]:
+    """A spinner on stderr for the long steps (export, lowering) when shown on a terminal."""
+    if not enabled:
+        yield
+        return
+    with Console(stderr=True).status(message):
+        yield
+
+
+def compile(
     model: torch.nn.Module | Program,
     example_inputs: object = None,
     passes: Sequence[Any] = (),
@@ -189,6 +234,7 @@ def compile(  # noqa: A001 - the public name the design card gives it
     """
     pass_list = check_passes(passes)
     backend_impl = get_backend(backend, target, **(backend_options or {}))
+    show = Console(stderr=True).is_terminal if progress is None else progress
     start = time.perf_counter()
     if isinstance(model, Program):
         if example_inputs is not None:
@@ -196,16 +242,24 @@ def compile(  # noqa: A001 - the public name the design card gives it
         program = model
     else:
         if example_inputs is None:
-            raise InputError("example_inputs is required to capture a model",
-                             hint="e.g. edgefx.compile(model, (torch.randn(1, 3, 224, 224),))")
-        program = capture(model, example_inputs, dynamic_batch=dynamic_batch)
-    report = CompileReport(model=program.name, backend=backend,
-                           capture_s=time.perf_counter() - start, captured=Figures.of(program))
+            raise InputError(
+                "example_inputs is required to capture a model",
+                hint="e.g. edgefx.compile(model, (torch.randn(1, 3, 224, 224),))",
+            )
+        with _status(f"capturing {type(model).__name__} with torch.export", show):
+            program = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    report = CompileReport(
+        model=program.name,
+        backend=backend,
+        capture_s=time.perf_counter() - start,
+        captured=Figures.of(program),
+    )
 
-    program, report.passes = PassManager(pass_list, dump_dir=dump_dir, progress=progress).run(program)
+    program, report.passes = PassManager(pass_list, dump_dir=dump_dir, progress=show).run(program)
 
     start = time.perf_counter()
-    artifact = backend_impl.build(program)
+    with _status(f"lowering to {backend}", show):
+        artifact = backend_impl.build(program)
     report.build_s = time.perf_counter() - start
     report.backend_info = artifact.describe()
     reference = program.run_flat()
@@ -214,18 +268,26 @@ def compile(  # noqa: A001 - the public name the design card gives it
     except EdgefxError:
         raise
     except Exception as exc:
-        raise BackendError(f"the {backend} artifact failed on the example inputs: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from exc
+        raise BackendError(
+            f"the {backend} artifact failed on the example inputs: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+        ) from exc
     report.backend_check = NumericError.between(reference, lowered)
     if not report.backend_check.relative <= tolerance:
         raise BackendError(
             f"the {backend} artifact disagrees with the Program on the example inputs: max abs "
-            f"{report.backend_check.max_abs:.3g} ({report.backend_check.relative:.3g} of the output "
-            f"scale, tolerance {tolerance:g})",
-            hint="a lowering is wrong; `edgefx compile --dump-dir` shows the graph that was lowered",
+            f"{report.backend_check.max_abs:.3g} ({report.backend_check.relative:.3g} of the "
+            f"output scale, tolerance {tolerance:g})",
+            hint="a lowering is wrong; `edgefx compile --dump-dir` shows the lowered graph",
         )
-    return Compiled(artifact, input_specs=program.input_specs, output_specs=program.output_specs,
-                    out_spec=program.out_spec, report=report, program=program)
+    return Compiled(
+        artifact,
+        input_specs=program.input_specs,
+        output_specs=program.output_specs,
+        out_spec=program.out_spec,
+        report=report,
+        program=program,
+    )
 
 
 def load(directory: str | Path) -> Compiled:
@@ -233,8 +295,10 @@ def load(directory: str | Path) -> Compiled:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"no {MANIFEST} in {directory}",
-                            hint="pass the folder written by Compiled.save / `edgefx compile -o`")
+        raise ArtifactError(
+            f"no {MANIFEST} in {directory}",
+            hint="pass the folder written by Compiled.save / `edgefx compile -o`",
+        )
     try:
         manifest = json.loads(path.read_text())
         backend = manifest["backend"]
@@ -247,5 +311,11 @@ def load(directory: str | Path) -> Compiled:
     program = getattr(artifact, "program", None)
     if program is None and manifest.get("program"):
         program = Program.load(directory / manifest["program"])
-    return Compiled(artifact, input_specs=inputs, output_specs=outputs, out_spec=out_spec,
-                    report=manifest.get("report", {}), program=program)
+    return Compiled(
+        artifact,
+        input_specs=inputs,
+        output_specs=outputs,
+        out_spec=out_spec,
+        report=manifest.get("report", {}),
+        program=program,
+    )

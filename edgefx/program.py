@@ -52,7 +52,8 @@ class TensorSpec:
         if tensor.dtype != self.dtype:
             return f"expected dtype {self.dtype}, got {tensor.dtype}"
         if tensor.dim() != len(self.shape):
-            return f"expected rank {len(self.shape)} {list(self.shape)}, got shape {list(tensor.shape)}"
+            want = list(self.shape)
+            return f"expected rank {len(want)} {want}, got shape {list(tensor.shape)}"
         for axis, (want, got) in enumerate(zip(self.shape, tensor.shape, strict=True)):
             if isinstance(want, int) and want != got:
                 return f"expected size {want} at dim {axis}, got shape {list(tensor.shape)}"
@@ -72,8 +73,14 @@ class TensorSpec:
 @contextmanager
 def quiet_torch_logs() -> Iterator[None]:
     """Silence torch's export/dynamo warnings that print whole graphs on stderr."""
-    names = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
-             "torch._export", "torch.onnx", "onnxscript")
+    names = (
+        "torch.fx.experimental.symbolic_shapes",
+        "torch._dynamo",
+        "torch.export",
+        "torch._export",
+        "torch.onnx",
+        "onnxscript",
+    )
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -119,7 +126,9 @@ def _spec_dims(val: torch.Tensor, batch_symbol: object | None) -> tuple[int | st
     return tuple(dims)
 
 
-def specs_from_graph(gm: torch.fx.GraphModule) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def specs_from_graph(
+    gm: torch.fx.GraphModule,
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Input and output specs read off the placeholders' and outputs' symbolic ``meta['val']``."""
     batch_symbol = _batch_symbol(gm)
     inputs = tuple(
@@ -178,16 +187,28 @@ class Program:
         with quiet_torch_logs():
             ep = ep.run_decompositions({})
             gm = ep.module(check_guards=False)
-        return cls(gm, example_inputs, out_spec=ep.call_spec.out_spec,
-                   dynamic_batch=dynamic_batch, history=history, name=name)
+        return cls(
+            gm,
+            example_inputs,
+            out_spec=ep.call_spec.out_spec,
+            dynamic_batch=dynamic_batch,
+            history=history,
+            name=name,
+        )
 
     def with_graph(self, graph_module: torch.fx.GraphModule, applied: str) -> Program:
         """A new Program holding ``graph_module``, with ``applied`` appended to the history.
 
         The specs are carried over; :meth:`refreshed` recomputes them from the new graph."""
-        return Program(graph_module, self.example_inputs, out_spec=self.out_spec,
-                       dynamic_batch=self.dynamic_batch, history=(*self.history, applied),
-                       name=self.name, specs=(self.input_specs, self.output_specs))
+        return Program(
+            graph_module,
+            self.example_inputs,
+            out_spec=self.out_spec,
+            dynamic_batch=self.dynamic_batch,
+            history=(*self.history, applied),
+            name=self.name,
+            specs=(self.input_specs, self.output_specs),
+        )
 
     def copy_graph(self) -> torch.fx.GraphModule:
         """A deep copy of the graph module, for a pass to rewrite."""
@@ -232,8 +253,10 @@ class Program:
         args = trace_inputs(self.example_inputs, self.dynamic_batch)
         with quiet_torch_logs():
             return torch.export.export(
-                self.graph_module, args,
-                dynamic_shapes=dynamic_shapes_for(args, self.dynamic_batch), strict=False,
+                self.graph_module,
+                args,
+                dynamic_shapes=dynamic_shapes_for(args, self.dynamic_batch),
+                strict=False,
             )
 
     def refreshed(self) -> Program:
@@ -242,8 +265,14 @@ class Program:
         ep = self.export()
         with quiet_torch_logs():
             gm = ep.module(check_guards=False)
-        return Program(gm, self.example_inputs, out_spec=self.out_spec,
-                       dynamic_batch=self.dynamic_batch, history=self.history, name=self.name)
+        return Program(
+            gm,
+            self.example_inputs,
+            out_spec=self.out_spec,
+            dynamic_batch=self.dynamic_batch,
+            history=self.history,
+            name=self.name,
+        )
 
     # ----------------------------------------------------------------- save / load
     def metadata(self) -> dict[str, Any]:
@@ -270,44 +299,65 @@ class Program:
         """Load a Program saved by :meth:`save`, or any ``torch.export.save`` file."""
         path = Path(path)
         if not path.is_file():
-            raise ArtifactError(f"no such program file: {path}",
-                                hint="pass the .pt2 file written by Program.save or torch.export.save")
+            raise ArtifactError(
+                f"no such program file: {path}",
+                hint="pass the .pt2 file written by Program.save or torch.export.save",
+            )
         extra = {_META_FILE: ""}
         try:
             with quiet_torch_logs():
                 ep = torch.export.load(path, extra_files=extra)
         except Exception as exc:  # torch raises many kinds here; report one line
-            raise ArtifactError(f"cannot load {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-                                hint="the file must be written by torch.export.save") from exc
+            raise ArtifactError(
+                f"cannot load {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                hint="the file must be written by torch.export.save",
+            ) from exc
         meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}
         if meta and meta.get("format") != _FORMAT_VERSION:
-            raise ArtifactError(f"{path} has edgefx format {meta.get('format')}, "
-                                f"this edgefx reads format {_FORMAT_VERSION}")
+            raise ArtifactError(
+                f"{path} has edgefx format {meta.get('format')}, "
+                f"this edgefx reads format {_FORMAT_VERSION}"
+            )
         args, _ = ep.example_inputs or ((), {})
         if not args:
-            raise ArtifactError(f"{path} holds no example inputs",
-                                hint="save it with torch.export.save from torch >= 2.6")
+            raise ArtifactError(
+                f"{path} holds no example inputs",
+                hint="save it with torch.export.save from torch >= 2.6",
+            )
         batch = meta.get("example_batch", args[0].shape[0])
         example = tuple(a[:batch] for a in args)
-        dynamic = meta.get("dynamic_batch", any(
-            isinstance(d, torch.SymInt) for n in ep.graph.find_nodes(op="placeholder")
-            if isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape[:1]))
-        return cls.from_exported(ep, example, dynamic_batch=dynamic,
-                                 history=meta.get("history", ()), name=meta.get("name", path.stem))
+        dynamic = meta.get(
+            "dynamic_batch",
+            any(
+                isinstance(d, torch.SymInt)
+                for n in ep.graph.find_nodes(op="placeholder")
+                if isinstance(n.meta.get("val"), torch.Tensor)
+                for d in n.meta["val"].shape[:1]
+            ),
+        )
+        return cls.from_exported(
+            ep,
+            example,
+            dynamic_batch=dynamic,
+            history=meta.get("history", ()),
+            name=meta.get("name", path.stem),
+        )
 
     def __repr__(self) -> str:
         ins = ", ".join(s.describe() for s in self.input_specs)
         outs = ", ".join(s.describe() for s in self.output_specs)
         n_nodes = sum(1 for n in self.graph_module.graph.nodes if n.op == "call_function")
-        return f"Program({self.name}: ({ins}) -> ({outs}), {n_nodes} ops, history={list(self.history)})"
+        history = list(self.history)
+        return f"Program({self.name}: ({ins}) -> ({outs}), {n_nodes} ops, history={history})"
 
 
 def check_inputs(specs: Sequence[TensorSpec], inputs: Sequence[object]) -> None:
-    """Raise InputError unless ``inputs`` match ``specs`` (count, type, rank, static dims, dtype)."""
+    """Raise InputError unless ``inputs`` match ``specs`` (count, type, rank, dims, dtype)."""
     expected = ", ".join(s.describe() for s in specs)
     if len(inputs) != len(specs):
-        raise InputError(f"expected {len(specs)} input(s), got {len(inputs)}",
-                         hint=f"call with ({expected})")
+        raise InputError(
+            f"expected {len(specs)} input(s), got {len(inputs)}", hint=f"call with ({expected})"
+        )
     batches = set()
     for spec, tensor in zip(specs, inputs, strict=True):
         reason = spec.mismatch(tensor)
@@ -316,5 +366,7 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Sequence[object]) -> None:
         if spec.shape and spec.shape[0] == BATCH:
             batches.add(tensor.shape[0])
     if len(batches) > 1:
-        raise InputError(f"inputs disagree on the batch size: {sorted(batches)}",
-                         hint="every input shares one dynamic batch dimension")
+        raise InputError(
+            f"inputs disagree on the batch size: {sorted(batches)}",
+            hint="every input shares one dynamic batch dimension",
+        )

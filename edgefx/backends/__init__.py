@@ -18,7 +18,9 @@ BACKENDS = tuple(_REGISTRY)
 
 def _lookup(name: object, index: int) -> type:
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise BackendError(f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+        raise BackendError(
+            f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}"
+        )
     import importlib
 
     entry = _REGISTRY[name]

@@ -94,8 +94,9 @@ def _session(model: onnx.ModelProto, workdir: Path | None) -> ort.InferenceSessi
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if _model_bytes(model) < _EXTERNAL_DATA_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
     if workdir is None:
         raise BackendError("model is over 1 GiB and needs a folder for its external weights")
     path = workdir / MODEL_FILE
@@ -106,8 +107,13 @@ def _session(model: onnx.ModelProto, workdir: Path | None) -> ort.InferenceSessi
 class OnnxArtifact(Artifact):
     backend = "onnx"
 
-    def __init__(self, model: onnx.ModelProto, node_map: dict[str, dict[str, str]],
-                 session: ort.InferenceSession | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        node_map: dict[str, dict[str, str]],
+        session: ort.InferenceSession | None = None,
+        workdir: Path | None = None,
+    ) -> None:
         self.model = model
         self.node_map = node_map
         self._tmp = None
@@ -120,14 +126,20 @@ class OnnxArtifact(Artifact):
         self.input_names = [i.name for i in session.get_inputs()]
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        feeds = {name: np.ascontiguousarray(x.detach().cpu().numpy())
-                 for name, x in zip(self.input_names, inputs, strict=True)}
+        feeds = {
+            name: np.ascontiguousarray(x.detach().cpu().numpy())
+            for name, x in zip(self.input_names, inputs, strict=True)
+        }
         return [torch.from_numpy(np.asarray(y)) for y in self.session.run(None, feeds)]
 
     def save(self, directory: Path) -> dict[str, Any]:
         external = _model_bytes(self.model) >= _EXTERNAL_DATA_BYTES
-        onnx.save_model(self.model, directory / MODEL_FILE, save_as_external_data=external,
-                        location=f"{MODEL_FILE}.data")
+        onnx.save_model(
+            self.model,
+            directory / MODEL_FILE,
+            save_as_external_data=external,
+            location=f"{MODEL_FILE}.data",
+        )
         (directory / NODE_MAP_FILE).write_text(json.dumps(self.node_map, indent=1))
         return {"artifact": MODEL_FILE, "node_map": NODE_MAP_FILE, **self.describe()}
 
@@ -140,13 +152,17 @@ class OnnxArtifact(Artifact):
             options.log_severity_level = 3
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ArtifactError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from exc
+            raise ArtifactError(
+                f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}"
+            ) from exc
         node_map_path = directory / manifest.get("node_map", NODE_MAP_FILE)
         node_map = json.loads(node_map_path.read_text()) if node_map_path.exists() else {}
         return cls(model, node_map, session=session)
 
     def describe(self) -> dict[str, Any]:
-        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), None)
+        opset = next(
+            (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), None
+        )
         return {"opset": opset, "onnx_nodes": len(self.model.graph.node)}
 
 
@@ -157,9 +173,11 @@ class OnnxBackend(Backend):
 
     def __init__(self, target: str | None = None, *, opset: int = DEFAULT_OPSET) -> None:
         if target not in (None, "cpu"):
-            raise BackendError(f"the onnx backend runs on onnxruntime's CPU provider; "
-                               f"target {target!r} is not supported",
-                               hint="leave target unset, or use backend='tvm' for device targets")
+            raise BackendError(
+                f"the onnx backend runs on onnxruntime's CPU provider; "
+                f"target {target!r} is not supported",
+                hint="leave target unset, or use backend='tvm' for device targets",
+            )
         latest = onnx.defs.onnx_opset_version()
         if not isinstance(opset, int) or not 18 <= opset <= latest:
             raise BackendError(f"opset must be an integer from 18 to {latest}, got {opset!r}")
@@ -170,12 +188,15 @@ class OnnxBackend(Backend):
         ep = program.export()
         try:
             with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
-                exported = torch.onnx.export(ep, dynamo=True, opset_version=EXPORT_OPSET,
-                                             verbose=False, optimize=True)
+                exported = torch.onnx.export(
+                    ep, dynamo=True, opset_version=EXPORT_OPSET, verbose=False, optimize=True
+                )
         except Exception as exc:
-            raise BackendError(f"torch.onnx could not export {program.name}: {_first_line(exc)}",
-                               op=_unsupported_op(exc),
-                               hint="an op with no ONNX lowering needs one in edgefx/ops") from exc
+            raise BackendError(
+                f"torch.onnx could not export {program.name}: {_first_line(exc)}",
+                op=_unsupported_op(exc),
+                hint="an op with no ONNX lowering needs one in edgefx/ops",
+            ) from exc
         model = exported.model_proto
         node_map = _name_nodes(model)
         _name_batch_dim(model, program)
@@ -184,16 +205,20 @@ class OnnxBackend(Backend):
             if self.opset != EXPORT_OPSET:
                 model = onnx.version_converter.convert_version(model, self.opset)
         except Exception as exc:
-            raise BackendError(f"cleaning the ONNX graph of {program.name} failed: {_first_line(exc)}",
-                               hint=f"try another opset (now {self.opset})") from exc
+            raise BackendError(
+                f"cleaning the ONNX graph of {program.name} failed: {_first_line(exc)}",
+                hint=f"try another opset (now {self.opset})",
+            ) from exc
         node_map = {n.name: node_map.get(n.name, {"op_type": n.op_type}) for n in model.graph.node}
         try:
             return OnnxArtifact(model, node_map)
         except BackendError:
             raise
         except Exception as exc:
-            raise BackendError(f"onnxruntime cannot load the exported {program.name}: "
-                               f"{_first_line(exc)}", hint=f"opset {self.opset}") from exc
+            raise BackendError(
+                f"onnxruntime cannot load the exported {program.name}: {_first_line(exc)}",
+                hint=f"opset {self.opset}",
+            ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -40,8 +40,10 @@ class TorchBackend(Backend):
 
     def __init__(self, target: str | None = None, **options: Any) -> None:
         if target not in (None, "cpu"):
-            raise BackendError(f"the torch backend runs on the CPU; target {target!r} is not supported",
-                               hint="leave target unset, or use backend='tvm' for device targets")
+            raise BackendError(
+                f"the torch backend runs on the CPU; target {target!r} is not supported",
+                hint="leave target unset, or use backend='tvm' for device targets",
+            )
         if options:
             raise BackendError(f"the torch backend takes no options, got {sorted(options)}")
         super().__init__(target)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
 
 import torch
 
@@ -28,19 +27,26 @@ def normalize_inputs(example_inputs: object, *, dynamic_batch: bool) -> tuple[to
         )
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise InputError(f"example input {i} is a {type(x).__name__}, not a torch.Tensor",
-                             hint="pass tensors only; bake other arguments into the model")
+            raise InputError(
+                f"example input {i} is a {type(x).__name__}, not a torch.Tensor",
+                hint="pass tensors only; bake other arguments into the model",
+            )
         if x.is_sparse or x.device.type != "cpu":
-            raise InputError(f"example input {i} is a {x.device.type} "
-                             f"{'sparse ' if x.is_sparse else ''}tensor",
-                             hint="pass dense CPU tensors; edgefx captures on the CPU")
+            raise InputError(
+                f"example input {i} is a {x.device.type} {'sparse ' if x.is_sparse else ''}tensor",
+                hint="pass dense CPU tensors; edgefx captures on the CPU",
+            )
         if dynamic_batch and x.dim() == 0:
-            raise InputError(f"example input {i} is a scalar, it has no batch dimension",
-                             hint="give it a leading batch dim, or pass dynamic_batch=False")
+            raise InputError(
+                f"example input {i} is a scalar, it has no batch dimension",
+                hint="give it a leading batch dim, or pass dynamic_batch=False",
+            )
     if dynamic_batch and len({x.shape[0] for x in example_inputs}) > 1:
-        raise InputError(f"example inputs disagree on the batch size: "
-                         f"{[tuple(x.shape) for x in example_inputs]}",
-                         hint="dim 0 of every input is the shared batch; or pass dynamic_batch=False")
+        raise InputError(
+            f"example inputs disagree on the batch size: "
+            f"{[tuple(x.shape) for x in example_inputs]}",
+            hint="dim 0 of every input is the shared batch; or pass dynamic_batch=False",
+        )
     return tuple(x.detach() for x in example_inputs)
 
 
@@ -65,8 +71,15 @@ def _reason(exc: BaseException) -> str:
     lines = []
     for line in str(exc).splitlines():
         line = line.strip()
-        if not line or line.startswith(("For more information", "For extended logs", "If you suspect",
-                                        "For C++ stack trace", "For more debugging")):
+        if not line or line.startswith(
+            (
+                "For more information",
+                "For extended logs",
+                "If you suspect",
+                "For C++ stack trace",
+                "For more debugging",
+            )
+        ):
             continue
         lines.append(line)
         if len(lines) == _REASON_LINES:
@@ -77,11 +90,15 @@ def _reason(exc: BaseException) -> str:
 def _hint(exc: BaseException, dynamic_batch: bool) -> str:
     text = str(exc)
     if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
-        return ("the model branches on tensor values (e.g. `if x.sum() > 0`); rewrite it with "
-                "torch.where / torch.cond, or move the decision out of forward()")
+        return (
+            "the model branches on tensor values (e.g. `if x.sum() > 0`); rewrite it with "
+            "torch.where / torch.cond, or move the decision out of forward()"
+        )
     if dynamic_batch and ("specialized" in text or "Constraints violated" in text):
-        return ("the model fixes the batch size somewhere (e.g. a reshape with a literal batch); "
-                "pass dynamic_batch=False (CLI: --static-batch)")
+        return (
+            "the model fixes the batch size somewhere (e.g. a reshape with a literal batch); "
+            "pass dynamic_batch=False (CLI: --static-batch)"
+        )
     return "see torch.export's docs on non-strict export; edgefx needs a graph torch.export accepts"
 
 
@@ -98,19 +115,25 @@ def capture(
     never touched. With ``dynamic_batch`` (default) dim 0 of every input is symbolic.
     """
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}",
-                         hint="pass the model object, e.g. torchvision.models.resnet18()")
+        raise InputError(
+            f"expected a torch.nn.Module, got {type(model).__name__}",
+            hint="pass the model object, e.g. torchvision.models.resnet18()",
+        )
     inputs = normalize_inputs(example_inputs, dynamic_batch=dynamic_batch)
     try:
         work = copy.deepcopy(model).eval()
     except Exception as exc:
-        raise CaptureError(f"cannot copy the model: {_reason(exc)}", module=type(model).__name__,
-                           hint="edgefx never mutates your model, so it must be deep-copyable") from exc
+        raise CaptureError(
+            f"cannot copy the model: {_reason(exc)}",
+            module=type(model).__name__,
+            hint="edgefx never mutates your model, so it must be deep-copyable",
+        ) from exc
     args = trace_inputs(inputs, dynamic_batch)
     try:
         with quiet_torch_logs(), torch.no_grad():
-            ep = torch.export.export(work, args, dynamic_shapes=dynamic_shapes_for(args, dynamic_batch),
-                                     strict=False)
+            ep = torch.export.export(
+                work, args, dynamic_shapes=dynamic_shapes_for(args, dynamic_batch), strict=False
+            )
     except Exception as exc:
         where, module = _user_frame(exc, work)
         message = f"torch.export could not capture {type(model).__name__}:\n    {_reason(exc)}"
@@ -120,11 +143,13 @@ def capture(
         error.torch_error = exc  # kept for debugging; not chained, so the trace stays short
         raise error from None
     try:
-        return Program.from_exported(ep, inputs, dynamic_batch=dynamic_batch,
-                                     name=name or type(model).__name__)
+        return Program.from_exported(
+            ep, inputs, dynamic_batch=dynamic_batch, name=name or type(model).__name__
+        )
     except CaptureError:
         raise
     except Exception as exc:
-        raise CaptureError(f"exported graph of {type(model).__name__} could not be functionalised: "
-                           f"{_reason(exc)}", hint="please report this model to edgefx") from exc
-
+        raise CaptureError(
+            f"exported graph of {type(model).__name__} could not be functionalised: {_reason(exc)}",
+            hint="please report this model to edgefx",
+        ) from exc

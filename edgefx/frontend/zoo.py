@@ -77,13 +77,17 @@ def _factory(spec: str, input_shape: tuple[int, ...] | None) -> ResolvedModel:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ModelNotFoundError(f"cannot import {spec}: {exc}",
-                                 hint="MODEL must be 'package.module:factory' on sys.path") from None
+        raise ModelNotFoundError(
+            f"cannot import {spec}: {exc}",
+            hint="MODEL must be 'package.module:factory' on sys.path",
+        ) from None
     made = factory()
     model, inputs = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, torch.nn.Module):
-        raise ModelNotFoundError(f"{spec} returned {type(model).__name__}, not an nn.Module",
-                                 hint="the factory returns a module, or (module, example_inputs)")
+        raise ModelNotFoundError(
+            f"{spec} returned {type(model).__name__}, not an nn.Module",
+            hint="the factory returns a module, or (module, example_inputs)",
+        )
     if input_shape is not None or inputs is None:
         inputs = _example(input_shape or DEFAULT_INPUT)
     elif isinstance(inputs, torch.Tensor):
@@ -97,8 +101,10 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Reso
         if not Path(spec).is_file():
             raise ModelNotFoundError(f"no such file: {spec}")
         if input_shape is not None:
-            raise ModelNotFoundError("--input-shape does not apply to a saved .pt2 program",
-                                     hint="a saved program carries its own example inputs")
+            raise ModelNotFoundError(
+                "--input-shape does not apply to a saved .pt2 program",
+                hint="a saved program carries its own example inputs",
+            )
         return ResolvedModel(Path(spec).stem, Program.load(spec), None)
     source, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
     if source == "timm":
@@ -121,6 +127,9 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Reso
 
 def _not_found(name: str, known: tuple[str, ...], where: str) -> None:
     close = difflib.get_close_matches(name, tuple(dict.fromkeys(known)), n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else (
-        "use a torchvision/timm architecture name, package.module:factory, or a .pt2 file")
+    hint = (
+        f"did you mean {', '.join(close)}?"
+        if close
+        else ("use a torchvision/timm architecture name, package.module:factory, or a .pt2 file")
+    )
     raise ModelNotFoundError(f"unknown model {name!r} in {where}", hint=hint)

@@ -44,7 +44,9 @@ class NumericError:
     snr_db: float  # 10 log10(signal power / error power); inf when identical
 
     @classmethod
-    def between(cls, reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> NumericError:
+    def between(
+        cls, reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]
+    ) -> NumericError:
         if len(reference) != len(actual):
             raise PassError(f"output count changed: {len(reference)} -> {len(actual)}")
         max_abs = scale = signal = noise = 0.0
@@ -59,14 +61,20 @@ class NumericError:
             signal += float((ref64**2).sum())
             noise += float((diff**2).sum())
         relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-        snr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+        snr = (
+            math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+        )
         return cls(max_abs, relative, snr)
 
     def to_dict(self) -> dict[str, float | str]:
         def finite(x: float) -> float | str:
             return x if math.isfinite(x) else str(x)
 
-        return {"max_abs": self.max_abs, "relative": finite(self.relative), "snr_db": finite(self.snr_db)}
+        return {
+            "max_abs": self.max_abs,
+            "relative": finite(self.relative),
+            "snr_db": finite(self.snr_db),
+        }
 
 
 @dataclass
@@ -115,8 +123,10 @@ class Pass(abc.ABC):
 
     def __call__(self, program: Program) -> PassResult:
         if not isinstance(program, Program):
-            raise PassError(f"{self.name} expects a Program, got {type(program).__name__}",
-                            hint="capture the model first: edgefx.frontend.capture(model, inputs)")
+            raise PassError(
+                f"{self.name} expects a Program, got {type(program).__name__}",
+                hint="capture the model first: edgefx.frontend.capture(model, inputs)",
+            )
         before = Figures.of(program)
         reference = program.run_flat()
         start = time.perf_counter()
@@ -125,8 +135,10 @@ class Pass(abc.ABC):
         except EdgefxError:
             raise
         except Exception as exc:
-            raise PassError(f"{self.name} failed: {type(exc).__name__}: {exc}",
-                            hint="this is a bug in the pass; the input Program is unchanged") from exc
+            raise PassError(
+                f"{self.name} failed: {type(exc).__name__}: {exc}",
+                hint="this is a bug in the pass; the input Program is unchanged",
+            ) from exc
         wall = time.perf_counter() - start
         try:
             new.graph_module.graph.lint()
@@ -154,7 +166,8 @@ def _same_graph(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
         return False
     state_a, state_b = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
     return state_a.keys() == state_b.keys() and all(
-        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k], state_b[k]) for k in state_a
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k], state_b[k])
+        for k in state_a
     )
 
 
@@ -165,15 +178,21 @@ def check_passes(passes: object) -> list[Pass]:
     if passes is None:
         return []
     if not isinstance(passes, (list, tuple)):
-        raise PassError(f"passes must be a list of Pass objects, got {type(passes).__name__}",
-                        hint="e.g. passes=[FoldBatchNorm()]")
+        raise PassError(
+            f"passes must be a list of Pass objects, got {type(passes).__name__}",
+            hint="e.g. passes=[FoldBatchNorm()]",
+        )
     for i, p in enumerate(passes):
         if isinstance(p, type) and issubclass(p, Pass):
-            raise PassError(f"passes[{i}] is the class {p.__name__}, not an instance",
-                            hint=f"write {p.__name__}() with its arguments")
+            raise PassError(
+                f"passes[{i}] is the class {p.__name__}, not an instance",
+                hint=f"write {p.__name__}() with its arguments",
+            )
         if not isinstance(p, Pass):
-            raise PassError(f"passes[{i}] is a {type(p).__name__} ({p!r:.60}), not an edgefx Pass",
-                            hint="passes come from edgefx.passes, e.g. FoldBatchNorm()")
+            raise PassError(
+                f"passes[{i}] is a {type(p).__name__} ({p!r:.60}), not an edgefx Pass",
+                hint="passes come from edgefx.passes, e.g. FoldBatchNorm()",
+            )
     return list(passes)
 
 
@@ -197,8 +216,14 @@ class PassManager:
     def run(self, program: Program) -> tuple[Program, list[PassResult]]:
         results: list[PassResult] = []
         self._dump(0, "captured", program, None)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=self.console, disable=not self.progress, transient=True) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.progress,
+            transient=True,
+        ) as bar:
             for index, pass_ in enumerate(self.passes, start=1):
                 task = bar.add_task(f"[{index}/{len(self.passes)}] {pass_.name}", total=None)
                 result = self._run_one(pass_, program)
@@ -217,8 +242,10 @@ class PassManager:
                 raise
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise PassError(f"{pass_.name} produced a graph torch.export cannot re-trace: {first}",
-                                hint="the pass must keep the graph exportable") from exc
+                raise PassError(
+                    f"{pass_.name} produced a graph torch.export cannot re-trace: {first}",
+                    hint="the pass must keep the graph exportable",
+                ) from exc
             result = dataclasses.replace(result, program=refreshed)
         if pass_.exact and not result.error.relative <= pass_.tolerance:
             raise PassError(

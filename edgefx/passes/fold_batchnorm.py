@@ -62,7 +62,12 @@ class FoldBatchNorm(Pass):
         bias_node = conv.args[2] if len(conv.args) > 2 else None
         bias = attr_tensor(gm, bias_node)
         mean, var = attr_tensor(gm, mean_n), attr_tensor(gm, var_n)
-        if weight is None or mean is None or var is None or (bias_node is not None and bias is None):
+        if (
+            weight is None
+            or mean is None
+            or var is None
+            or (bias_node is not None and bias is None)
+        ):
             return "weights or statistics are not constants"
         gamma = attr_tensor(gm, gamma_n) if gamma_n is not None else torch.ones_like(var)
         beta = attr_tensor(gm, beta_n) if beta_n is not None else torch.zeros_like(var)
@@ -70,7 +75,9 @@ class FoldBatchNorm(Pass):
             return "BatchNorm affine parameters are not constants"
         with torch.no_grad():
             scale = gamma.double() / torch.sqrt(var.double() + eps)
-            new_weight = (weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
+            new_weight = (weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(
+                weight.dtype
+            )
             old_bias = bias.double() if bias is not None else torch.zeros_like(scale)
             new_bias = ((old_bias - mean.double()) * scale + beta.double()).to(weight.dtype)
         hint = str(conv.args[1].target)

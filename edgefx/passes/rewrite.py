@@ -27,7 +27,9 @@ def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def add_parameter(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+def add_parameter(
+    gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node
+) -> fx.Node:
     """Register ``value`` as a new top-level parameter and return a get_attr node for it."""
     base = re.sub(r"\W", "_", hint)
     name, i = base, 0
@@ -49,7 +51,10 @@ def remove_dead_code(gm: fx.GraphModule) -> tuple[int, list[str]]:
     gm.graph.eliminate_dead_code()
     used = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
     removed = []
-    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+    for name, _ in [
+        *gm.named_parameters(remove_duplicate=False),
+        *gm.named_buffers(remove_duplicate=False),
+    ]:
         if name in used:
             continue
         owner_path, _, leaf = name.rpartition(".")

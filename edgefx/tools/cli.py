@@ -1,9 +1,9 @@
 """The ``edgefx`` command line: compile, inspect, and list what is available.
 
-    edgefx compile resnet18 --backend onnx -o out/
-    edgefx compile timm:deit_tiny_patch16_224 -p fold-bn -p dce --dump-dir dump/ -o out/
-    edgefx inspect mobilenet_v2 --sort macs --top 15
-    edgefx passes | edgefx models vit
+edgefx compile resnet18 --backend onnx -o out/
+edgefx compile timm:deit_tiny_patch16_224 -p fold-bn -p dce --dump-dir dump/ -o out/
+edgefx inspect mobilenet_v2 --sort macs --top 15
+edgefx passes | edgefx models vit
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (write e.g. 1,3,224,224)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a shape: {text!r} (write e.g. 1,3,224,224)"
+        ) from None
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"not a shape: {text!r} (dims must be >= 1)")
     return shape
@@ -68,10 +70,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     passes = [parse_pass(p) for p in args.passes]
     options = {"opset": args.opset} if args.opset is not None else {}
     resolved = _resolve(args)
-    compiled = edgefx.compile(resolved.model, resolved.example_inputs, passes=passes,
-                              backend=args.backend, dynamic_batch=not args.static_batch,
-                              dump_dir=args.dump_dir, tolerance=args.tolerance,
-                              backend_options=options)
+    compiled = edgefx.compile(
+        resolved.model,
+        resolved.example_inputs,
+        passes=passes,
+        backend=args.backend,
+        dynamic_batch=not args.static_batch,
+        dump_dir=args.dump_dir,
+        tolerance=args.tolerance,
+        backend_options=options,
+    )
     console.print(compiled.report.table())
     specs = ", ".join(s.describe() for s in compiled.input_specs)
     console.print(f"inputs: {specs}")
@@ -88,9 +96,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from edgefx.tools.tables import cost_table
 
     resolved = _resolve(args)
-    program = resolved.model if isinstance(resolved.model, Program) else capture(
-        resolved.model, resolved.example_inputs, dynamic_batch=not args.static_batch,
-        name=resolved.name)
+    program = (
+        resolved.model
+        if isinstance(resolved.model, Program)
+        else capture(
+            resolved.model,
+            resolved.example_inputs,
+            dynamic_batch=not args.static_batch,
+            name=resolved.name,
+        )
+    )
     console.print(program)
     console.print(cost_table(program.cost(), top=args.top, sort=args.sort))
     return 0
@@ -120,27 +135,53 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefx", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show full Python tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full Python tracebacks on errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="torchvision/timm name (timm:NAME), package.module:factory, "
-                                     "or a .pt2 file")
-        p.add_argument("--input-shape", type=parse_shape, default=None,
-                       help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
-        p.add_argument("--static-batch", action="store_true",
-                       help="capture with a fixed batch size instead of a dynamic one")
+        p.add_argument(
+            "model",
+            help="torchvision/timm name (timm:NAME), package.module:factory, or a .pt2 file",
+        )
+        p.add_argument(
+            "--input-shape",
+            type=parse_shape,
+            default=None,
+            help="example input shape, e.g. 1,3,224,224 (default: the model's own)",
+        )
+        p.add_argument(
+            "--static-batch",
+            action="store_true",
+            help="capture with a fixed batch size instead of a dynamic one",
+        )
 
     p = sub.add_parser("compile", help="capture, run passes, lower to a backend, check, save")
     model_args(p)
-    p.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="PASS",
-                   help="pass to run, in order; NAME or NAME:key=value,... (see `edgefx passes`)")
+    p.add_argument(
+        "-p",
+        "--pass",
+        dest="passes",
+        action="append",
+        default=[],
+        metavar="PASS",
+        help="pass to run, in order; NAME or NAME:key=value,... (see `edgefx passes`)",
+    )
     p.add_argument("--backend", default="onnx", help="onnx (default) or torch")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="max backend error relative to the output scale (default 1e-4)")
-    p.add_argument("--dump-dir", default=None, help="write the readable graph after every pass here")
-    p.add_argument("-o", "--output", default=None, help="folder to save the artifact and manifest in")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="max backend error relative to the output scale (default 1e-4)",
+    )
+    p.add_argument(
+        "--dump-dir", default=None, help="write the readable graph after every pass here"
+    )
+    p.add_argument(
+        "-o", "--output", default=None, help="folder to save the artifact and manifest in"
+    )
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("inspect", help="layer table: module, op, output shape, MACs, params, share")
@@ -165,8 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgefxError as exc:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error[/] ({type(exc).__name__}): {escape(str(exc))}",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error[/] ({type(exc).__name__}): {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
