@@ -1,0 +1,35 @@
+"""Small models the CLI tests load as `cli_models:FACTORY` (this folder is put on sys.path)."""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return TinyNet(), (torch.randn(1, 3, 16, 16),)
+
+
+def tiny_module_only():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def not_a_model():
+    return "hello"

@@ -1,0 +1,145 @@
+"""The `edgefx` command line, run in-process through its `main()`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgefx
+from edgefx.tools.cli import main
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _models_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_saves_a_loadable_artifact(capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "cli_models:tiny",
+        "-p",
+        "fold-bn",
+        "-p",
+        "dce",
+        "--backend",
+        "onnx",
+        "-o",
+        str(tmp_path / "out"),
+    )
+    assert code == 0
+    assert (
+        "FoldBatchNorm" in out and "backend onnx" in out and "x: float32[batch, 3, 16, 16]" in out
+    )
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["backend"] == "onnx"
+    assert [p["pass"] for p in manifest["report"]["passes"]] == [
+        "FoldBatchNorm",
+        "DeadCodeElimination",
+    ]
+    assert manifest["report"]["passes"][0]["report"]["folded"] == 2
+
+    from cli_models import tiny
+
+    model, (x,) = tiny()
+    compiled = edgefx.load(tmp_path / "out")
+    x4 = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(compiled(x4), model.eval()(x4), atol=1e-4, rtol=1e-4)
+
+
+def test_compile_input_shape_and_static_batch(capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "cli_models:tiny_module_only",
+        "--input-shape",
+        "2,3,8,8",
+        "--static-batch",
+        "--backend",
+        "torch",
+    )
+    assert code == 0
+    assert "x: float32[2, 3, 8, 8]" in out
+
+
+def test_compile_dump_dir_has_graph_after_each_pass(capsys, tmp_path):
+    code, _, _ = run(
+        capsys,
+        "compile",
+        "cli_models:tiny",
+        "-p",
+        "fold-bn",
+        "--backend",
+        "torch",
+        "--dump-dir",
+        str(tmp_path / "dump"),
+    )
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert names == ["00-captured.py", "01-FoldBatchNorm.json", "01-FoldBatchNorm.py"]
+    assert "batch_norm" in (tmp_path / "dump" / "00-captured.py").read_text()
+    assert "batch_norm" not in (tmp_path / "dump" / "01-FoldBatchNorm.py").read_text()
+
+
+def test_inspect_prints_layer_table(capsys):
+    code, out, _ = run(capsys, "inspect", "cli_models:tiny", "--sort", "macs")
+    assert code == 0
+    assert "features.3" in out and "conv2d" in out and "head" in out and "total" in out
+    # the largest conv comes first when sorted by MACs
+    assert out.index("features.3") < out.index("features.0")
+
+
+def test_inspect_and_compile_a_saved_program(capsys, tmp_path):
+    from cli_models import tiny
+
+    model, inputs = tiny()
+    edgefx.frontend.capture(model, inputs).save(tmp_path / "tiny.pt2")
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "tiny.pt2"))
+    assert code == 0 and "features.0" in out
+    code, out, _ = run(capsys, "compile", str(tmp_path / "tiny.pt2"), "--backend", "onnx")
+    assert code == 0 and "backend onnx" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "words"),
+    [
+        (["compile", "resnt18"], "ModelNotFoundError", "did you mean resnet18"),
+        (["compile", "cli_models:missing"], "ModelNotFoundError", "cannot import"),
+        (["compile", "cli_models:not_a_model"], "ModelNotFoundError", "not an nn.Module"),
+        (["compile", "nowhere.pt2"], "ModelNotFoundError", "no such file"),
+        (["compile", "cli_models:tiny", "-p", "nope"], "PassError", "available: dce, fold-bn"),
+        (["compile", "cli_models:tiny", "-p", "fold-bn:x=1"], "PassError", "bad options"),
+        (["compile", "cli_models:tiny", "--backend", "tpu"], "BackendError", "choose one of"),
+        (["compile", "cli_models:tiny", "--opset", "7"], "BackendError", "opset"),
+        (["inspect", "cli_models:tiny", "--input-shape", "1,3,16"], "CaptureError", "torch.export"),
+    ],
+)
+def test_errors_are_one_clean_message(capsys, argv, error, words):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert error in err and words in err
+    assert "Traceback" not in err and len(err.splitlines()) <= 12
+
+
+def test_bad_shape_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "cli_models:tiny", "--input-shape", "1,x,3"])
+    assert exit_info.value.code == 2
+    assert "not a shape" in capsys.readouterr().err
+
+
+def test_passes_and_models_listings(capsys):
+    code, out, _ = run(capsys, "passes")
+    assert code == 0 and "fold-bn" in out and "FoldBatchNorm" in out
+    code, out, _ = run(capsys, "models", "resnet1")
+    assert code == 0 and "resnet18" in out.split() and "timm:resnet18" in out.split()
