@@ -51,7 +51,7 @@ def test_compile_saves_a_loadable_artifact(capsys, tmp_path):
 
     from cli_models import tiny
 
-    model, (x,) = tiny()
+    model, _ = tiny()
     compiled = edgefx.load(tmp_path / "out")
     x4 = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(compiled(x4), model.eval()(x4), atol=1e-4, rtol=1e-4)
