@@ -21,6 +21,7 @@ from edgefx.errors import ArtifactError, BackendError, EdgefxError, InputError
 from edgefx.frontend import capture
 from edgefx.passes.base import Figures, NumericError, PassManager, PassResult, check_passes
 from edgefx.program import Program, TensorSpec, check_inputs
+from edgefx.tools.tables import human
 
 MANIFEST = "manifest.json"
 PROGRAM_FILE = "program.pt2"
@@ -62,7 +63,14 @@ class CompileReport:
             table.add_column(column, justify="left" if column in ("step", "notes") else "right")
         c = self.captured
         table.add_row(
-            "capture", _si(c.macs), _si(c.params), str(c.nodes), "", "", f"{self.capture_s:.2f}", ""
+            "capture",
+            human(c.macs),
+            human(c.params),
+            str(c.nodes),
+            "",
+            "",
+            f"{self.capture_s:.2f}",
+            "",
         )
         for r in self.passes:
             a = r.after
@@ -70,8 +78,8 @@ class CompileReport:
             note += _summary(r.report)
             table.add_row(
                 r.name,
-                _si(a.macs),
-                _si(a.params),
+                human(a.macs),
+                human(a.params),
                 str(a.nodes),
                 f"{r.error.max_abs:.2g}",
                 f"{r.error.snr_db:.1f}",
@@ -107,13 +115,6 @@ class _NullFile:
 
     def flush(self) -> None:
         pass
-
-
-def _si(n: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return str(n)
 
 
 def _summary(report: dict[str, Any]) -> str:

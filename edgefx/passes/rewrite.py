@@ -7,14 +7,9 @@ import re
 import torch
 from torch import fx
 
+from edgefx.analysis.graph import module_path
 
-def module_path(node: fx.Node) -> str:
-    """The source module of ``node`` from ``nn_module_stack`` ("" for the top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _cls in reversed(list(stack.values())):
-        if not path.startswith("_empty_nn_module_stack"):
-            return path
-    return ""
+__all__ = ["add_parameter", "attr_tensor", "module_path", "remove_dead_code"]
 
 
 def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
