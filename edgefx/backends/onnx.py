@@ -44,8 +44,9 @@ def _scope_and_fx_name(node: onnx.NodeProto) -> tuple[str, str]:
     module = ""
     if scopes:
         with contextlib.suppress(ValueError, SyntaxError):
+            # one entry per nesting level, each the full path: ['', 'layer1', 'layer1.0', ...]
             parts = [s for s in json.loads(scopes.replace("'", '"'))[:-1] if s]
-            module = ".".join(parts)
+            module = parts[-1] if parts else ""
     fx_text = meta.get("pkg.torch.onnx.fx_node", "")
     match = re.match(r"%(\S+)", fx_text)
     return module, match.group(1) if match else ""
