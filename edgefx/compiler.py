@@ -273,7 +273,7 @@ def compile(
             f"the {backend} artifact failed on the example inputs: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
         ) from exc
-    report.backend_check = NumericError.between(reference, lowered)
+    report.backend_check = NumericError.between(reference, lowered, error=BackendError)
     if not report.backend_check.relative <= tolerance:
         raise BackendError(
             f"the {backend} artifact disagrees with the Program on the example inputs: max abs "

@@ -6,7 +6,9 @@ import copy
 import os
 
 import torch
+from torch.utils import _pytree as pytree
 
+from edgefx.analysis.numerics import NumericError
 from edgefx.errors import CaptureError, InputError
 from edgefx.program import Program, dynamic_shapes_for, quiet_torch_logs, trace_inputs
 
@@ -108,11 +110,14 @@ def capture(
     *,
     dynamic_batch: bool = True,
     name: str | None = None,
+    check_tolerance: float = 1e-4,
 ) -> Program:
     """Capture ``model`` into a Program.
 
     The model is deep-copied and put in eval mode before export, so the caller's object is
-    never touched. With ``dynamic_batch`` (default) dim 0 of every input is symbolic.
+    never touched. With ``dynamic_batch`` (default) dim 0 of every input is symbolic. The
+    captured graph is run on the example inputs and compared with the eager model: more than
+    ``check_tolerance`` of the output scale apart is a CaptureError.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(
@@ -143,7 +148,7 @@ def capture(
         error.torch_error = exc  # kept for debugging; not chained, so the trace stays short
         raise error from None
     try:
-        return Program.from_exported(
+        program = Program.from_exported(
             ep, inputs, dynamic_batch=dynamic_batch, name=name or type(model).__name__
         )
     except CaptureError:
@@ -153,3 +158,18 @@ def capture(
             f"exported graph of {type(model).__name__} could not be functionalised: {_reason(exc)}",
             hint="please report this model to edgefx",
         ) from exc
+    _check_against_eager(work, program, check_tolerance)
+    return program
+
+
+def _check_against_eager(model: torch.nn.Module, program: Program, tolerance: float) -> None:
+    """The captured graph must compute what the model computes on the example inputs."""
+    with torch.no_grad():
+        eager = pytree.tree_leaves(model(*program.example_inputs))
+    error = NumericError.between(eager, program.run_flat(), error=CaptureError)
+    if not error.relative <= tolerance:
+        raise CaptureError(
+            f"the captured graph of {program.name} disagrees with the eager model on the example "
+            f"inputs: max abs {error.max_abs:.3g} ({error.relative:.3g} of the output scale)",
+            hint="the model may be non-deterministic in eval mode or depend on global state",
+        )

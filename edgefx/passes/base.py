@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from edgefx.analysis.numerics import NumericError
 from edgefx.errors import EdgefxError, PassError
 from edgefx.program import Program
 
@@ -33,48 +33,6 @@ class Figures:
     def of(cls, program: Program) -> Figures:
         cost = program.cost()
         return cls(cost.total_macs, cost.total_params, len(cost.nodes))
-
-
-@dataclass(frozen=True)
-class NumericError:
-    """How far one set of outputs is from a reference, over all output tensors."""
-
-    max_abs: float
-    relative: float  # max_abs / max |reference|: the error relative to the output scale
-    snr_db: float  # 10 log10(signal power / error power); inf when identical
-
-    @classmethod
-    def between(
-        cls, reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]
-    ) -> NumericError:
-        if len(reference) != len(actual):
-            raise PassError(f"output count changed: {len(reference)} -> {len(actual)}")
-        max_abs = scale = signal = noise = 0.0
-        for ref, out in zip(reference, actual, strict=True):
-            if ref.shape != out.shape:
-                raise PassError(f"output shape changed: {tuple(ref.shape)} -> {tuple(out.shape)}")
-            ref64, out64 = ref.detach().double(), out.detach().double()
-            diff = (ref64 - out64).abs()
-            if diff.numel():
-                max_abs = max(max_abs, float(diff.max()))
-                scale = max(scale, float(ref64.abs().max()))
-            signal += float((ref64**2).sum())
-            noise += float((diff**2).sum())
-        relative = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-        snr = (
-            math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-        )
-        return cls(max_abs, relative, snr)
-
-    def to_dict(self) -> dict[str, float | str]:
-        def finite(x: float) -> float | str:
-            return x if math.isfinite(x) else str(x)
-
-        return {
-            "max_abs": self.max_abs,
-            "relative": finite(self.relative),
-            "snr_db": finite(self.snr_db),
-        }
 
 
 @dataclass
@@ -150,7 +108,7 @@ class Pass(abc.ABC):
             changed=not _same_graph(program.graph_module, new.graph_module),
             before=before,
             after=Figures.of(new),
-            error=NumericError.between(reference, new.run_flat()),
+            error=NumericError.between(reference, new.run_flat(), error=PassError),
             wall_s=wall,
             report=report,
             exact=self.exact,
