@@ -326,15 +326,7 @@ class Program:
             )
         batch = meta.get("example_batch", args[0].shape[0])
         example = tuple(a[:batch] for a in args)
-        dynamic = meta.get(
-            "dynamic_batch",
-            any(
-                isinstance(d, torch.SymInt)
-                for n in ep.graph.find_nodes(op="placeholder")
-                if isinstance(n.meta.get("val"), torch.Tensor)
-                for d in n.meta["val"].shape[:1]
-            ),
-        )
+        dynamic = meta.get("dynamic_batch", _batch_symbol(ep.graph_module) is not None)
         return cls.from_exported(
             ep,
             example,
