@@ -17,7 +17,7 @@ from rich.table import Table
 from torch.utils import _pytree as pytree
 
 from edgefx.backends import Artifact, artifact_class, get_backend
-from edgefx.errors import ArtifactError, BackendError, EdgefxError, InputError
+from edgefx.errors import ArtifactError, BackendError, EdgefxError, InputError, first_line
 from edgefx.frontend import capture
 from edgefx.passes.base import Figures, NumericError, PassManager, PassResult, check_passes
 from edgefx.program import Program, TensorSpec, check_inputs
@@ -270,8 +270,7 @@ def compile(
         raise
     except Exception as exc:
         raise BackendError(
-            f"the {backend} artifact failed on the example inputs: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+            f"the {backend} artifact failed on the example inputs: {first_line(exc)}"
         ) from exc
     report.backend_check = NumericError.between(reference, lowered, error=BackendError)
     if not report.backend_check.relative <= tolerance:
@@ -308,7 +307,11 @@ def load(directory: str | Path) -> Compiled:
         out_spec = pytree.treespec_loads(manifest["out_spec"])
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"{path} is not an edgefx manifest: {exc!r}") from exc
-    artifact = artifact_class(backend).load(directory, manifest)
+    try:
+        loader = artifact_class(backend)
+    except BackendError as exc:
+        raise ArtifactError(f"{path} names a backend this edgefx lacks: {exc.message}") from None
+    artifact = loader.load(directory, manifest)
     program = getattr(artifact, "program", None)
     if program is None and manifest.get("program"):
         program = Program.load(directory / manifest["program"])

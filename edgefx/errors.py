@@ -37,6 +37,12 @@ class EdgefxError(Exception):
         return "\n".join(lines)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class InputError(EdgefxError):
     """Example inputs or call arguments of the wrong type, rank, shape or dtype."""
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
-from edgefx.errors import ArtifactError, CaptureError, InputError
+from edgefx.errors import ArtifactError, CaptureError, InputError, first_line
 
 if TYPE_CHECKING:
     from edgefx.analysis.cost import CostReport
@@ -78,13 +78,14 @@ def quiet_torch_logs() -> Iterator[None]:
         "torch._dynamo",
         "torch.export",
         "torch._export",
+        "torch._subclasses.fake_tensor",
         "torch.onnx",
         "onnxscript",
     )
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)  # their errors resurface as our exceptions
     try:
         yield
     finally:
@@ -196,16 +197,15 @@ class Program:
             name=name,
         )
 
-    def with_graph(self, graph_module: torch.fx.GraphModule, applied: str) -> Program:
-        """A new Program holding ``graph_module``, with ``applied`` appended to the history.
-
-        The specs are carried over; :meth:`refreshed` recomputes them from the new graph."""
+    def with_graph(self, graph_module: torch.fx.GraphModule, applied: str | None = None) -> Program:
+        """A new Program holding ``graph_module``, with ``applied`` (a pass) appended to the
+        history if given. The specs are carried over; :meth:`refreshed` recomputes them."""
         return Program(
             graph_module,
             self.example_inputs,
             out_spec=self.out_spec,
             dynamic_batch=self.dynamic_batch,
-            history=(*self.history, applied),
+            history=self.history if applied is None else (*self.history, applied),
             name=self.name,
             specs=(self.input_specs, self.output_specs),
         )
@@ -309,7 +309,7 @@ class Program:
                 ep = torch.export.load(path, extra_files=extra)
         except Exception as exc:  # torch raises many kinds here; report one line
             raise ArtifactError(
-                f"cannot load {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                f"cannot load {path}: {first_line(exc)}",
                 hint="the file must be written by torch.export.save",
             ) from exc
         meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}

@@ -179,6 +179,7 @@ class _ValueRecorder(Interpreter):
 
     def __init__(self, gm: GraphModule) -> None:
         super().__init__(gm)
+        self.extra_traceback = False  # our error names the node; no generated-code dump
         self.values: dict[Node, Any] = {}
 
     def run_node(self, n: Node) -> Any:

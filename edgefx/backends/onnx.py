@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 
 from edgefx.backends.base import Artifact, Backend
-from edgefx.errors import ArtifactError, BackendError
+from edgefx.errors import ArtifactError, BackendError, first_line
 from edgefx.program import BATCH, Program, quiet_torch_logs
 
 MODEL_FILE = "model.onnx"
@@ -52,11 +52,26 @@ def _scope_and_fx_name(node: onnx.NodeProto) -> tuple[str, str]:
     return module, match.group(1) if match else ""
 
 
-def _name_nodes(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
-    """Rename every node ``<module>/<fx node>`` (unique) and return the name -> origin map."""
+_ORIGIN_KEY = "edgefx_node"
+
+
+def _tagged_export(program: Program) -> torch.export.ExportedProgram:
+    """Export with every node tagged by its Program name: torch.onnx re-traces and renames
+    nodes, but ``meta["custom"]`` travels with them, so ONNX nodes can name their origin."""
+    tagged = program.copy_graph()
+    for node in tagged.graph.nodes:
+        node.meta.setdefault("custom", {})[_ORIGIN_KEY] = node.name
+    return program.with_graph(tagged).export()
+
+
+def _name_nodes(model: onnx.ModelProto, origin: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Rename every node ``<module>/<Program node>`` (unique); return the name -> origin map.
+
+    ``origin`` maps torch.onnx's FX node names to the Program's node names."""
     node_map: dict[str, dict[str, str]] = {}
     for node in model.graph.node:
-        module, fx_name = _scope_and_fx_name(node)
+        module, onnx_fx_name = _scope_and_fx_name(node)
+        fx_name = origin.get(onnx_fx_name, "")
         base = f"{module}/{fx_name}" if module and fx_name else fx_name or node.name or node.op_type
         name, i = base, 0
         while name in node_map:
@@ -153,9 +168,7 @@ class OnnxArtifact(Artifact):
             options.log_severity_level = 3
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ArtifactError(
-                f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}"
-            ) from exc
+            raise ArtifactError(f"cannot load ONNX model {path}: {first_line(exc)}") from exc
         node_map_path = directory / manifest.get("node_map", NODE_MAP_FILE)
         node_map = json.loads(node_map_path.read_text()) if node_map_path.exists() else {}
         return cls(model, node_map, session=session)
@@ -186,7 +199,7 @@ class OnnxBackend(Backend):
         self.opset = opset
 
     def build(self, program: Program) -> OnnxArtifact:
-        ep = program.export()
+        ep = _tagged_export(program)
         try:
             with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
                 exported = torch.onnx.export(
@@ -194,12 +207,17 @@ class OnnxBackend(Backend):
                 )
         except Exception as exc:
             raise BackendError(
-                f"torch.onnx could not export {program.name}: {_first_line(exc)}",
+                f"torch.onnx could not export {program.name}: {first_line(exc)}",
                 op=_unsupported_op(exc),
                 hint="an op with no ONNX lowering needs one in edgefx/ops",
             ) from exc
         model = exported.model_proto
-        node_map = _name_nodes(model)
+        origin = {
+            n.name: n.meta["custom"][_ORIGIN_KEY]
+            for n in exported.exported_program.graph.nodes
+            if _ORIGIN_KEY in n.meta.get("custom", {})
+        }
+        node_map = _name_nodes(model, origin)
         _name_batch_dim(model, program)
         try:
             model = _clean(model)
@@ -207,7 +225,7 @@ class OnnxBackend(Backend):
                 model = onnx.version_converter.convert_version(model, self.opset)
         except Exception as exc:
             raise BackendError(
-                f"cleaning the ONNX graph of {program.name} failed: {_first_line(exc)}",
+                f"cleaning the ONNX graph of {program.name} failed: {first_line(exc)}",
                 hint=f"try another opset (now {self.opset})",
             ) from exc
         node_map = {n.name: node_map.get(n.name, {"op_type": n.op_type}) for n in model.graph.node}
@@ -217,14 +235,9 @@ class OnnxBackend(Backend):
             raise
         except Exception as exc:
             raise BackendError(
-                f"onnxruntime cannot load the exported {program.name}: {_first_line(exc)}",
+                f"onnxruntime cannot load the exported {program.name}: {first_line(exc)}",
                 hint=f"opset {self.opset}",
             ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unsupported_op(exc: BaseException) -> str | None:

@@ -89,18 +89,31 @@ def _reason(exc: BaseException) -> str:
     return "\n    ".join(lines) or type(exc).__name__
 
 
-def _hint(exc: BaseException, dynamic_batch: bool) -> str:
+_STATIC_BATCH_HINT = (
+    "the model fixes the batch size somewhere (e.g. a reshape with a literal batch); "
+    "pass dynamic_batch=False (CLI: --static-batch)"
+)
+
+
+def _exports_statically(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the model exports with a fixed batch: tells a batch problem from the rest."""
+    try:
+        with quiet_torch_logs(), torch.no_grad():
+            torch.export.export(model, inputs, strict=False)
+    except Exception:
+        return False
+    return True
+
+
+def _hint(exc: BaseException, static_works: bool) -> str:
     text = str(exc)
     if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
         return (
             "the model branches on tensor values (e.g. `if x.sum() > 0`); rewrite it with "
             "torch.where / torch.cond, or move the decision out of forward()"
         )
-    if dynamic_batch and ("specialized" in text or "Constraints violated" in text):
-        return (
-            "the model fixes the batch size somewhere (e.g. a reshape with a literal batch); "
-            "pass dynamic_batch=False (CLI: --static-batch)"
-        )
+    if static_works or "specialized" in text or "Constraints violated" in text:
+        return _STATIC_BATCH_HINT
     return "see torch.export's docs on non-strict export; edgefx needs a graph torch.export accepts"
 
 
@@ -144,7 +157,9 @@ def capture(
         message = f"torch.export could not capture {type(model).__name__}:\n    {_reason(exc)}"
         if where:
             message += f"\n  at: {where}"
-        error = CaptureError(message, module=module, hint=_hint(exc, dynamic_batch))
+        # with a dynamic batch, a failure that a fixed batch avoids is the batch's fault
+        static_works = dynamic_batch and _exports_statically(work, inputs)
+        error = CaptureError(message, module=module, hint=_hint(exc, static_works))
         error.torch_error = exc  # kept for debugging; not chained, so the trace stays short
         raise error from None
     try:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from edgefx.analysis.numerics import NumericError
-from edgefx.errors import EdgefxError, PassError
+from edgefx.errors import EdgefxError, PassError, first_line
 from edgefx.program import Program
 
 
@@ -101,14 +101,21 @@ class Pass(abc.ABC):
         try:
             new.graph_module.graph.lint()
         except Exception as exc:
-            raise PassError(f"{self.name} produced an invalid graph: {exc}") from exc
+            raise PassError(f"{self.name} produced an invalid graph: {first_line(exc)}") from exc
+        try:
+            after, outputs = Figures.of(new), new.run_flat()
+        except Exception as exc:
+            raise PassError(
+                f"{self.name} produced a graph that does not run: {first_line(exc)}",
+                hint="this is a bug in the pass; the input Program is unchanged",
+            ) from exc
         return PassResult(
             name=self.name,
             program=new,
             changed=not _same_graph(program.graph_module, new.graph_module),
             before=before,
-            after=Figures.of(new),
-            error=NumericError.between(reference, new.run_flat(), error=PassError),
+            after=after,
+            error=NumericError.between(reference, outputs, error=PassError),
             wall_s=wall,
             report=report,
             exact=self.exact,
@@ -199,9 +206,9 @@ class PassManager:
             except EdgefxError:
                 raise
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise PassError(
-                    f"{pass_.name} produced a graph torch.export cannot re-trace: {first}",
+                    f"{pass_.name} produced a graph torch.export cannot re-trace: "
+                    f"{first_line(exc)}",
                     hint="the pass must keep the graph exportable",
                 ) from exc
             result = dataclasses.replace(result, program=refreshed)

@@ -21,7 +21,9 @@ from edgefx.program import Program
 
 aten = torch.ops.aten
 _BATCH_NORM = aten._native_batch_norm_legit_no_training.default
-# conv op -> index of its bias argument; all take (input, weight, bias, ...)
+# BatchNorms that normalise with the batch's own statistics: nothing constant to fold
+_BATCH_STATS_NORMS = {aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats}
+# every one takes (input, weight, bias, ...)
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 
 
@@ -44,6 +46,14 @@ class FoldBatchNorm(Pass):
                 self._drop(gm, bn)
             else:
                 skipped.append(entry | {"reason": reason})
+        for bn in gm.graph.nodes:
+            if bn.op == "call_function" and bn.target in _BATCH_STATS_NORMS:
+                skipped.append(
+                    {
+                        "bn": module_path(bn) or bn.name,
+                        "reason": "uses batch statistics (track_running_stats=False)",
+                    }
+                )
         remove_dead_code(gm)
         report = {"folded": len(folded), "pairs": folded, "skipped": skipped}
         return program.with_graph(gm, repr(self)), report

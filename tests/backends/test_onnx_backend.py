@@ -134,12 +134,6 @@ def test_node_names_map_back_to_module_paths(resnet18, resnet18_onnx):
     assert any(n.name.startswith("fc/") and n.op_type == "Gemm" for n in nodes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="edgefx bug: the <fx node> half of ONNX node names comes from torch.onnx's own "
-    "re-export (e.g. add_15), not from the Program's graph (add), so it cannot be looked up",
-)
 def test_node_names_name_program_nodes(resnet18_onnx):
     program_nodes = {n.name for n in resnet18_onnx.program.graph_module.graph.nodes}
     for name, entry in resnet18_onnx.artifact.node_map.items():

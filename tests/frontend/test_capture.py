@@ -284,12 +284,6 @@ def test_hard_coded_batch_is_refused_naming_the_line(helpers):
     snapshot.assert_unchanged()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="edgefx bug: capture._hint only recognises 'specialized'/'Constraints violated'; a "
-    "hard-coded batch fails later with a shape error and gets the generic hint",
-)
 @pytest.mark.parametrize("model_cls", [HardCodedBatch, HardCodedReshape])
 def test_hard_coded_batch_hints_at_static_batch(model_cls):
     with pytest.raises(CaptureError) as info:

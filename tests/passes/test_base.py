@@ -327,12 +327,6 @@ def test_pass_that_breaks_the_graph_is_caught(pristine, bad_pass, words):
     assert_same_program(program, code, outputs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="edgefx bug: Pass.__call__ computes Figures.of(new) outside its try; the cost "
-    "analysis raises a bare EdgefxError whose text carries torch's 'Original traceback'",
-)
 def test_pass_whose_graph_no_longer_runs_raises_pass_error(pristine):
     program, code, outputs = pristine
     with pytest.raises(EdgefxError) as info:

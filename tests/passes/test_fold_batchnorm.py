@@ -288,12 +288,6 @@ def test_fold_and_skip_in_one_model(helpers):
     assert_same_outputs(folded, program, torch.randn(2, 3, 4, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="edgefx bug: FoldBatchNorm only looks at _native_batch_norm_legit_no_training; a BN "
-    "with track_running_stats=False (batch statistics) is silently left out of the report",
-)
 def test_batchnorm_without_running_stats_is_reported():
     model = ConvBN(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     program = capture(model, (torch.randn(2, 3, 4, 4),))
