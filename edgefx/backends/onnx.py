@@ -59,8 +59,10 @@ def _tagged_export(program: Program) -> torch.export.ExportedProgram:
     """Export with every node tagged by its Program name: torch.onnx re-traces and renames
     nodes, but ``meta["custom"]`` travels with them, so ONNX nodes can name their origin."""
     tagged = program.copy_graph()
+    # only ops: torch.export asserts that a lifted constant's clone keeps the constant's tag
     for node in tagged.graph.nodes:
-        node.meta.setdefault("custom", {})[_ORIGIN_KEY] = node.name
+        if node.op == "call_function":
+            node.meta.setdefault("custom", {})[_ORIGIN_KEY] = node.name
     return program.with_graph(tagged).export()
 
 
