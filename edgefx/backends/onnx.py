@@ -209,7 +209,8 @@ class OnnxBackend(Backend):
                 )
         except Exception as exc:
             raise BackendError(
-                f"torch.onnx could not export {program.name}: {first_line(exc)}",
+                f"torch.onnx could not export {program.name}: {_export_failure(exc)}",
+                node=_failed_node(exc),
                 op=_unsupported_op(exc),
                 hint="an op with no ONNX lowering needs one in edgefx/ops",
             ) from exc
@@ -242,6 +243,28 @@ class OnnxBackend(Backend):
             ) from exc
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The root cause from torch.onnx's "Exception summary" (its first line is boilerplate)."""
+    text = _ANSI.sub("", str(exc))
+    _, found, summary = text.partition("## Exception summary")
+    if found:
+        for line in summary.splitlines():
+            match = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>: (.*)", line.strip())
+            if match:
+                return f"{match.group(1)}: {match.group(2)}"
+    return _ANSI.sub("", first_line(exc))
+
+
+def _failed_node(exc: BaseException) -> str | None:
+    match = re.search(r"Error when translating node %(\S+)", str(exc))
+    return match.group(1) if match else None
+
+
 def _unsupported_op(exc: BaseException) -> str | None:
-    match = re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?|\w+::\w+)", str(exc))
+    text = str(exc)
+    match = re.search(r"Error when translating node .*?target=torch\.ops\.([\w.]+)", text)
+    match = match or re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?|\w+::\w+)", text)
     return match.group(1) if match else None

@@ -188,3 +188,20 @@ def test_onnx_backend_refuses_device_targets_and_unknown_options():
     assert "tvm" in info.value.hint
     with pytest.raises(BackendError, match="bad option"):
         get_backend("onnx", providers=["CUDAExecutionProvider"])
+
+
+class FiveDimAttention(torch.nn.Module):
+    """SDPA on 5-D tensors (as timm's Twins does): torch.onnx lowers only 4-D SDPA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_export_failure_names_root_cause_node_and_op():
+    with pytest.raises(BackendError) as info:
+        edgefx.compile(FiveDimAttention(), (torch.randn(1, 2, 3, 4, 8),), progress=False)
+    error = info.value
+    assert "only 4D" in error.message and "\x1b[" not in str(error)
+    assert error.op == "aten.scaled_dot_product_attention.default"
+    assert error.node and "scaled_dot_product_attention" in error.node
+    assert len(str(error).splitlines()) <= 5
