@@ -90,7 +90,7 @@ def test_make_nondegenerate_fills_zeros_and_sets_batchnorm_statistics() -> None:
     with torch.no_grad():
         assert zoo.input_sensitivity([model(torch.randn(4, 3, 2, 2))]) == 0.0
     done = zoo.make_nondegenerate(model, x, batch=4)
-    assert done == {"zero_params_filled": 2, "batchnorms_calibrated": 1}  # head weight, BN bias
+    assert done == {"params_filled": 2, "batchnorms_calibrated": 1}  # head weight, BN bias
     assert not model.training and not model[1].training
     assert model[1].momentum == 0.1 and not torch.equal(model[1].running_var, torch.ones(4))
     with torch.no_grad():
