@@ -201,7 +201,14 @@ class OnnxBackend(Backend):
         self.opset = opset
 
     def build(self, program: Program) -> OnnxArtifact:
-        ep = _tagged_export(program)
+        try:
+            ep = _tagged_export(program)
+        except Exception as exc:
+            raise BackendError(
+                f"torch.export could not re-trace {program.name} for ONNX: {first_line(exc)}",
+                hint="the captured graph holds a layout-specific op (e.g. aten.view after a "
+                "transpose); see the issue notes",
+            ) from exc
         try:
             with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
                 exported = torch.onnx.export(
