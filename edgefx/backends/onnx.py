@@ -108,18 +108,21 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleaned
 
 
-def _session(model: onnx.ModelProto, workdir: Path | None) -> ort.InferenceSession:
+def _cpu_session(source: bytes | str) -> ort.InferenceSession:
+    """An onnxruntime CPU session for serialised model bytes or a model file path."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _session(model: onnx.ModelProto, workdir: Path | None) -> ort.InferenceSession:
     if _model_bytes(model) < _EXTERNAL_DATA_BYTES:
-        return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        return _cpu_session(model.SerializeToString())
     if workdir is None:
         raise BackendError("model is over 1 GiB and needs a folder for its external weights")
     path = workdir / MODEL_FILE
     onnx.save_model(model, path, save_as_external_data=True, location=f"{MODEL_FILE}.data")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _cpu_session(str(path))
 
 
 class OnnxArtifact(Artifact):
@@ -166,9 +169,7 @@ class OnnxArtifact(Artifact):
         path = directory / manifest.get("artifact", MODEL_FILE)
         try:
             model = onnx.load(path)
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = _cpu_session(str(path))
         except Exception as exc:
             raise ArtifactError(f"cannot load ONNX model {path}: {first_line(exc)}") from exc
         node_map_path = directory / manifest.get("node_map", NODE_MAP_FILE)
