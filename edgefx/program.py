@@ -151,6 +151,27 @@ def specs_from_graph(
     return inputs, tuple(outputs)
 
 
+def _views_as_reshapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Turn every ``aten.view`` into ``aten.reshape`` (in place; returns ``gm``).
+
+    A captured ``view`` is only valid for the strides eager PyTorch produced at capture time.
+    Kernels do not promise strides: e.g. eager CPU ``scaled_dot_product_attention`` with a mask
+    returns a layout whose ``transpose(1, 2)`` is contiguous while its meta kernel does not, so
+    re-exporting BEiT's ``x.transpose(1, 2).reshape(B, N, C)`` (captured as ``view``) fails.
+    ``reshape`` is a view whenever the strides allow one and a copy otherwise, so the graph
+    computes the same values on any layout; lowering to ONNX/TVM ignores strides anyway.
+    """
+    view = torch.ops.aten.view.default
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is view:
+            node.target = torch.ops.aten.reshape.default
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 class Program:
     """A captured model: graph + example inputs + specs + the history of passes applied."""
 
@@ -187,7 +208,7 @@ class Program:
         """Build a Program from an ExportedProgram (functionalised, params unlifted)."""
         with quiet_torch_logs():
             ep = ep.run_decompositions({})
-            gm = ep.module(check_guards=False)
+            gm = _views_as_reshapes(ep.module(check_guards=False))
         return cls(
             gm,
             example_inputs,
@@ -264,7 +285,7 @@ class Program:
         symbolic shape (``meta['val']``); ``nn_module_stack`` metadata survives."""
         ep = self.export()
         with quiet_torch_logs():
-            gm = ep.module(check_guards=False)
+            gm = _views_as_reshapes(ep.module(check_guards=False))
         return Program(
             gm,
             self.example_inputs,

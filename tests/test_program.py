@@ -157,6 +157,43 @@ def test_refreshed_keeps_nested_outputs(heads):
     assert list(out) == ["cls", "aux"] and out["aux"][0].shape == (3, 2)
 
 
+
+class MaskedAttention(nn.Module):
+    """BEiT-style attention: SDPA with a bias mask, then ``transpose(1, 2).reshape``.
+
+    Eager CPU SDPA returns a different layout at batch 1 than its meta kernel does while
+    tracing, so the ``reshape`` is captured as an ``aten.view`` that is invalid on the other
+    layout: the captured graph then fails to run and to re-export unless views become
+    reshapes (timm beit/maxvit failed this way)."""
+
+    def __init__(self, dim: int = 768, heads: int = 12, tokens: int = 197) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.unsqueeze(0))
+        return y.transpose(1, 2).reshape(b, n, c)
+
+
+def test_captured_views_survive_other_layouts():
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    x = torch.randn(1, 197, 768)
+    program = capture(model, (x,))
+    targets = {n.target for n in program.graph_module.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.view.default not in targets
+    fresh = program.refreshed()
+    x3 = torch.randn(3, 197, 768)
+    with torch.no_grad():
+        expected = model(x3)
+    torch.testing.assert_close(program(x3), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fresh(x3), expected, rtol=1e-5, atol=1e-5)
+    fresh.export()
+
 # ----------------------------------------------------------------------------- save / load
 def test_save_load_round_trip(small_folded, tmp_path, x1, x4):
     program, _ = small_folded

@@ -207,8 +207,8 @@ class OnnxBackend(Backend):
         except Exception as exc:
             raise BackendError(
                 f"torch.export could not re-trace {program.name} for ONNX: {first_line(exc)}",
-                hint="the captured graph holds a layout-specific op (e.g. aten.view after a "
-                "transpose); see the issue notes",
+                hint="a pass may have left a graph torch.export cannot trace; run the passes "
+                "with dump_dir to see the graph after each one",
             ) from exc
         try:
             with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):

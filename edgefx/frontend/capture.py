@@ -10,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 from edgefx.analysis.numerics import NumericError
 from edgefx.errors import CaptureError, InputError
+from edgefx.frontend.canonical import flatten_attention
 from edgefx.program import Program, dynamic_shapes_for, quiet_torch_logs, trace_inputs
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -173,15 +174,35 @@ def capture(
             f"exported graph of {type(model).__name__} could not be functionalised: {_reason(exc)}",
             hint="please report this model to edgefx",
         ) from exc
+    if flatten_attention(program.graph_module):
+        program = _refreshed(program)
     _check_against_eager(work, program, check_tolerance)
     return program
+
+
+def _refreshed(program: Program) -> Program:
+    try:
+        return program.refreshed()
+    except Exception as exc:
+        raise CaptureError(
+            f"the canonicalised graph of {program.name} could not be re-exported: "
+            f"{_reason(exc)}",
+            hint="please report this model to edgefx",
+        ) from exc
 
 
 def _check_against_eager(model: torch.nn.Module, program: Program, tolerance: float) -> None:
     """The captured graph must compute what the model computes on the example inputs."""
     with torch.no_grad():
         eager = pytree.tree_leaves(model(*program.example_inputs))
-    error = NumericError.between(eager, program.run_flat(), error=CaptureError)
+    try:
+        actual = program.run_flat()
+    except Exception as exc:
+        raise CaptureError(
+            f"the captured graph of {program.name} fails on the example inputs: {_reason(exc)}",
+            hint="please report this model to edgefx",
+        ) from exc
+    error = NumericError.between(eager, actual, error=CaptureError)
     if not error.relative <= tolerance:
         raise CaptureError(
             f"the captured graph of {program.name} disagrees with the eager model on the example "

@@ -190,18 +190,18 @@ def test_onnx_backend_refuses_device_targets_and_unknown_options():
         get_backend("onnx", providers=["CUDAExecutionProvider"])
 
 
-class FiveDimAttention(torch.nn.Module):
-    """SDPA on 5-D tensors (as timm's Twins does): torch.onnx lowers only 4-D SDPA."""
+class QrHead(torch.nn.Module):
+    """A QR decomposition: torch.onnx has no lowering for ``aten.linalg_qr``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        return torch.linalg.qr(x)[0]
 
 
 def test_export_failure_names_root_cause_node_and_op():
     with pytest.raises(BackendError) as info:
-        edgefx.compile(FiveDimAttention(), (torch.randn(1, 2, 3, 4, 8),), progress=False)
+        edgefx.compile(QrHead(), (torch.randn(1, 4, 4),), progress=False)
     error = info.value
-    assert "only 4D" in error.message and "\x1b[" not in str(error)
-    assert error.op == "aten.scaled_dot_product_attention.default"
-    assert error.node and "scaled_dot_product_attention" in error.node
+    assert "No ONNX function found" in error.message and "\x1b[" not in str(error)
+    assert error.op == "aten.linalg_qr.default"
+    assert error.node and "linalg_qr" in error.node
     assert len(str(error).splitlines()) <= 5
