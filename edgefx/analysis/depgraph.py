@@ -451,11 +451,11 @@ class ChannelDependencyGraph:
         else:
             groups = int(_arg(node, 6, "groups", 1))
         in_dim, out_dim = (0, 1) if transposed else (1, 0)
-        w_in, w_out = self._constant_axis(weight, in_dim), self._constant_axis(weight, out_dim)
+        w_out = self._constant_axis(weight, out_dim)
         out = self._new_axis(node, 1)
         self._set(node, out)
         self._couple_constant(_arg(node, 2, "bias"), 0, out, node)
-        if source is None or out is None or w_in is None or w_out is None:
+        if source is None or out is None or w_out is None:
             self._fix(out, "convolution of an untracked input")
             self._fix(source, "convolution of an untracked input")
             return
@@ -464,7 +464,7 @@ class ChannelDependencyGraph:
             self._fix(out, "grouped transposed convolution")
             return
         if groups == 1:
-            self._identity(source, w_in, node)
+            self._identity(source, self._constant_axis(weight, in_dim), node)
             self._identity(w_out, out, node)
             return
         # grouped: weight is (out, in / groups, ...); its dims are sliced per group
@@ -476,6 +476,8 @@ class ChannelDependencyGraph:
                 for j in range(per_out):
                     self._index(source, g, out, g * per_out + j, node)
         else:
+            # a depthwise weight's input dim (size 1) is left alone: it has no channels to cut
+            w_in = self._constant_axis(weight, in_dim)
             # channel i of every group goes together, so the groups stay equal
             for j in range(per_out):
                 for g in range(1, groups):
@@ -681,8 +683,11 @@ class ChannelDependencyGraph:
             channels_ = tuple(sorted(members))
             scores = [s for ch in channels_ for s in importance.get(ch, ())]
             fixed = next(
-                (f"{self.classes[c].fixed[0]} ({_describe(self.classes[c])})"
-                 for c, _ in channels_ if self.classes[c].fixed),
+                (
+                    f"{self.classes[c].fixed[0]} ({_describe(self.classes[c])})"
+                    for c, _ in channels_
+                    if self.classes[c].fixed
+                ),
                 None,
             )
             self.groups.append(

@@ -77,4 +77,3 @@ def flatten_attention(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return rewritten
-

@@ -1,16 +1,19 @@
 """Graph passes. Each pass lives in its own file; ``PASSES`` maps CLI names to classes."""
 
 from edgefx.passes.base import Figures, NumericError, Pass, PassManager, PassResult, check_passes
+from edgefx.passes.channel_prune import ChannelPrune
 from edgefx.passes.dead_code import DeadCodeElimination
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
 
 PASSES: dict[str, type[Pass]] = {
+    "prune": ChannelPrune,
     "fold-bn": FoldBatchNorm,
     "dce": DeadCodeElimination,
 }
 
 __all__ = [
     "PASSES",
+    "ChannelPrune",
     "DeadCodeElimination",
     "Figures",
     "FoldBatchNorm",

@@ -215,8 +215,8 @@ class _MacsModel:
             out_axis = dep.axis_of(node)
             in_axis = dep.axis_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
             if node.target in _GROUPED or node.target is aten.convolution.default:
-                depthwise = _groups(node) > 1 and in_axis is not None and (
-                    in_axis.size == _groups(node)
+                depthwise = (
+                    _groups(node) > 1 and in_axis is not None and (in_axis.size == _groups(node))
                 )
                 out_id = dep.class_of(out_axis).id if out_axis else None
                 in_id = dep.class_of(in_axis).id if in_axis and not depthwise else None
@@ -309,9 +309,7 @@ def _slim(gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[Channel
             if index is not None and dim % rank == source.dim:
                 sizes = [int(v.shape[source.dim]) for v in node.meta["val"]]
                 bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-                new_sizes = [
-                    int(((index >= lo) & (index < hi)).sum()) for lo, hi in _pairs(bounds)
-                ]
+                new_sizes = [int(((index >= lo) & (index < hi)).sum()) for lo, hi in _pairs(bounds)]
                 node.target = aten.split_with_sizes.default
                 node.args = (node.args[0], new_sizes, source.dim)
                 node.kwargs = {}
@@ -346,4 +344,3 @@ def _replace_constant(gm: fx.GraphModule, target: str, dims: dict[int, torch.Ten
         setattr(owner, leaf, new)
     for node in gm.graph.find_nodes(op="get_attr", target=target):
         node.meta["val"] = new
-
