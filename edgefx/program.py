@@ -151,6 +151,16 @@ def specs_from_graph(
     return inputs, tuple(outputs)
 
 
+def _tidy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """What every graph taken out of an ExportedProgram goes through (in place): views become
+    reshapes, and dead nodes (e.g. the unused statistics outputs of a BatchNorm that a
+    re-export lists) are dropped."""
+    _views_as_reshapes(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def _views_as_reshapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Turn every ``aten.view`` into ``aten.reshape`` (in place; returns ``gm``).
 
@@ -208,7 +218,7 @@ class Program:
         """Build a Program from an ExportedProgram (functionalised, params unlifted)."""
         with quiet_torch_logs():
             ep = ep.run_decompositions({})
-            gm = _views_as_reshapes(ep.module(check_guards=False))
+            gm = _tidy(ep.module(check_guards=False))
         return cls(
             gm,
             example_inputs,
@@ -285,7 +295,7 @@ class Program:
         symbolic shape (``meta['val']``); ``nn_module_stack`` metadata survives."""
         ep = self.export()
         with quiet_torch_logs():
-            gm = _views_as_reshapes(ep.module(check_guards=False))
+            gm = _tidy(ep.module(check_guards=False))
         return Program(
             gm,
             self.example_inputs,

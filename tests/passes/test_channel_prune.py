@@ -179,15 +179,17 @@ def test_input_program_is_not_modified(silenced):
 
 
 # ----------------------------------------------------------------------------- real models
+# residual, depthwise, flatten into linear, channel shuffle (refused) and split/concat; the
+# rest add concat-heavy, squeeze-excite and grouped architectures (~30 s each on 2 cores)
 ARCHITECTURES = [
     "resnet18",
     "mobilenet_v2",
-    "densenet121",
     "shufflenet_v2_x0_5",
-    "regnet_x_400mf",
-    "efficientnet_b0",
-    "resnext50_32x4d",
     "vgg11_bn",
+    *(
+        pytest.param(name, marks=pytest.mark.slow)
+        for name in ("densenet121", "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d")
+    ),
 ]
 
 
