@@ -295,11 +295,13 @@ class ChannelDependencyGraph:
     def _unknown(self, node: fx.Node, why: str | None = None) -> None:
         reason = why or f"read by {getattr(node.target, '__name__', node.target)}"
         for arg in node.all_input_nodes:
-            axis = self._input_axis(arg)
-            if axis is not None:
-                self._fix(axis, reason)
-            elif arg.op == "get_attr":
-                continue
+            if arg.op == "get_attr":
+                # a constant this op reads must keep its shape, wherever else it is read
+                constant = self._constant(arg)
+                for dim in range(constant.dim() if isinstance(constant, torch.Tensor) else 0):
+                    self._fix(self._constant_axis(arg, dim), reason)
+            else:
+                self._fix(self._input_axis(arg), reason)
         shape = _shape(node)
         out = self._new_axis(node, 1 if shape and len(shape) > 1 else None)
         self._fix(out, f"made by {getattr(node.target, '__name__', node.target)}")
@@ -617,9 +619,7 @@ class ChannelDependencyGraph:
             offset += axis.size
 
     def _visit_split(self, node: fx.Node, source: Axis | None) -> None:
-        rank = len(_shape(node.args[0]) or ())
-        dim = _norm_dim(_arg(node, 2, "dim", 0), rank)
-        del dim  # the pieces (getitem) take their channels from the split's input
+        # a list of pieces: each getitem takes its channels from the split's input
         self._axis[node.name] = source
 
     def _split_piece(self, node: fx.Node, split: fx.Node, index: int) -> None:

@@ -6,6 +6,7 @@ import networkx as nx
 import pytest
 import torch
 from prune_models import ChannelShuffle, Couplings, randomize
+from torch import nn
 
 from edgefx.analysis.depgraph import ChannelDependencyGraph
 from edgefx.frontend import capture
@@ -144,3 +145,23 @@ def test_resnet18_groups(resnet18):
     (stem,) = [n for n in dep.norms if n.module == "bn1"]
     modules = set(dep.classes[stem.class_id].modules)
     assert {"bn1", "layer1.0.bn2", "layer1.1.bn2"} <= modules
+
+
+def test_a_weight_also_read_by_an_unknown_op_fixes_its_channels():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.out(torch.relu(self.bn(self.conv(x)))).mean((2, 3))
+            return y + torch.cumsum(self.bn.weight, 0)[:4]
+
+    program = capture(Odd().eval(), (torch.randn(1, 3, 4, 4),))
+    dep = ChannelDependencyGraph(program.graph_module)
+    (norm,) = dep.norms
+    cls = dep.classes[norm.class_id]
+    assert any("cumsum" in reason for reason in cls.fixed)
+    assert not dep.prunable_groups()
