@@ -166,6 +166,21 @@ def relative_error(reference: Sequence[Any], actual: Sequence[Any]) -> float:
     return max_abs / scale
 
 
+def float64_reference(model: Any, inputs: Sequence[Any], eager: Sequence[Any],
+                      ort: Sequence[Any]) -> dict[str, float]:
+    """How far eager float32 and ORT each are from the same model run in float64: tells float32
+    rounding (both off by about as much) from a lowering error (ORT much further off)."""
+    import copy
+
+    import torch
+
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        exact = _leaves(reference(*(x.double() if x.is_floating_point() else x for x in inputs)))
+    return {"eager_fp32": relative_error(exact, eager),
+            "ort": relative_error(exact, _leaves(ort))}
+
+
 def _one_line(text: str, limit: int = 240) -> str:
     """The first line of an error; with the next one when the first only introduces it."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # torch.onnx colours its messages
@@ -342,9 +357,16 @@ def check_model(name: str, *, tolerance: float = TOLERANCE, run_batch: int = RUN
         if worst <= tolerance:
             result.update(status="ok", stage=None)
         else:
-            result.update(stage="check", reason=(
-                f"ORT differs from eager: rel err {result['rel_err_b1']:.2g} at batch 1, "
-                f"{result['rel_err_b4']:.2g} at batch {run_batch} (tolerance {tolerance:g})"))
+            reason = (f"ORT differs from eager: rel err {result['rel_err_b1']:.2g} at batch 1, "
+                      f"{result['rel_err_b4']:.2g} at batch {run_batch} (tolerance {tolerance:g})")
+            try:
+                result["float64"] = float64_reference(resolved.model, x4, eager4, compiled(*x4))
+                reason += (f"; against float64 eager at batch {run_batch}: eager float32 is "
+                           f"{result['float64']['eager_fp32']:.2g} off, ORT "
+                           f"{result['float64']['ort']:.2g}")
+            except Exception as exc:  # the diagnosis is optional; the failure stands
+                reason += f"; no float64 reference ({type(exc).__name__})"
+            result.update(stage="check", reason=reason)
     except Exception as exc:  # a failing model is a result, not a crash of the sweep
         if isinstance(exc, EdgefxError):
             reason = _one_line(exc.message)
