@@ -340,9 +340,9 @@ class ChannelDependencyGraph:
         elif target in _CONVS:
             self._visit_conv(node, source)
         elif target is aten.linear.default:
-            self._visit_linear(node, source)
-        elif target in (aten.mm.default, aten.matmul.default) and _val(node.args[1]) is not None:
-            self._visit_matmul(node, source)
+            self._visit_product(node, source, w_in=1, w_out=0)
+        elif target in (aten.mm.default, aten.matmul.default):
+            self._visit_product(node, source, w_in=0, w_out=1)
         elif target is aten.layer_norm.default:
             self._visit_layer_norm(node, source)
         elif target in (aten.permute.default, aten.transpose.int):
@@ -489,34 +489,21 @@ class ChannelDependencyGraph:
                 for i in range(per_in):
                     self._index(source, g * per_in + i, w_in, i, node)
 
-    def _visit_linear(self, node: fx.Node, source: Axis | None) -> None:
+    def _visit_product(self, node: fx.Node, source: Axis | None, w_in: int, w_out: int) -> None:
+        """``linear`` (weight ``(out, in)``: w_in=1, w_out=0) or a product with a constant
+        ``(in, out)`` matrix (w_in=0, w_out=1), over the input's last (channel) dim."""
         weight = node.args[1]
         if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-            self._unknown(node, "linear with a computed weight")
-            return
-        shape = _shape(node.args[0])
-        if source is None or shape is None or source.dim != len(shape) - 1:
-            self._fix(source, "linear over a non-channel dim")
-            self._fix(self._constant_axis(weight, 1), "linear over a non-channel dim")
-        else:
-            self._identity(source, self._constant_axis(weight, 1), node)
-        out = self._new_axis(node, -1)
-        self._identity(self._constant_axis(weight, 0), out, node)
-        self._couple_constant(_arg(node, 2, "bias"), 0, out, node)
-        self._set(node, out)
-
-    def _visit_matmul(self, node: fx.Node, source: Axis | None) -> None:
-        other = node.args[1]
-        if not (isinstance(other, fx.Node) and other.op == "get_attr"):
             self._unknown(node, "product of two computed tensors")
             return
         shape = _shape(node.args[0])
         if source is None or shape is None or source.dim != len(shape) - 1:
             self._unknown(node, "product over a non-channel dim")
             return
-        self._identity(source, self._constant_axis(other, 0), node)
+        self._identity(source, self._constant_axis(weight, w_in), node)
         out = self._new_axis(node, -1)
-        self._identity(self._constant_axis(other, 1), out, node)
+        self._identity(self._constant_axis(weight, w_out), out, node)
+        self._couple_constant(_arg(node, 2, "bias"), 0, out, node)
         self._set(node, out)
 
     def _visit_layer_norm(self, node: fx.Node, source: Axis | None) -> None:
