@@ -108,6 +108,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     console.print(program)
     console.print(cost_table(program.cost(), top=args.top, sort=args.sort))
+    if args.channels:
+        from edgefx.analysis.depgraph import ChannelDependencyGraph
+        from edgefx.tools.tables import channel_table
+
+        console.print(channel_table(ChannelDependencyGraph(program.graph_module)))
     return 0
 
 
@@ -188,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--top", type=int, default=None, help="show only the N largest rows")
     p.add_argument("--sort", choices=("graph", "macs", "params"), default="graph")
+    p.add_argument(
+        "--channels",
+        action="store_true",
+        help="also show the channel dependency graph: which channels ChannelPrune may remove",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("passes", help="list the available passes")

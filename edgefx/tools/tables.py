@@ -7,6 +7,7 @@ from typing import Literal
 from rich.table import Table
 
 from edgefx.analysis.cost import CostReport, NodeCost
+from edgefx.analysis.depgraph import ChannelDependencyGraph
 
 CostSort = Literal["graph", "macs", "params"]
 
@@ -65,5 +66,52 @@ def cost_table(report: CostReport, *, top: int | None = None, sort: CostSort = "
         human(report.total_params),
         share(report.total_macs),
         style="bold",
+    )
+    return table
+
+
+def channel_table(dep: ChannelDependencyGraph) -> Table:
+    """One row per channel class of a graph's activations (what ChannelPrune may cut): the
+    modules producing it, its width, how BatchNorm ranks it, and why it is fixed if it is."""
+    gammas: dict[int, list[float]] = {}
+    for norm in dep.norms:
+        gammas.setdefault(norm.class_id, []).extend(norm.gamma.tolist())
+    removable: dict[int, int] = {}
+    for group in dep.prunable_groups():
+        for cls_id in {c for c, _ in group.channels}:
+            removable[cls_id] = removable.get(cls_id, 0) + 1
+
+    table = Table(title="Channel classes (channels removed together share a group)")
+    for column, justify in (
+        ("modules", "left"),
+        ("channels", "right"),
+        ("|gamma| min / median / max", "right"),
+        ("removable", "right"),
+        ("fixed because", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for cls in dep.classes:
+        if all(axis.constant for axis in cls.axes):
+            continue
+        values = sorted(gammas.get(cls.id, []))
+        ranked = (
+            f"{values[0]:.3g} / {values[len(values) // 2]:.3g} / {values[-1]:.3g}"
+            if values
+            else "no BatchNorm"
+        )
+        names = [m for m in cls.modules if m] or [str(a) for a in cls.axes if not a.constant]
+        modules = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+        table.add_row(
+            modules,
+            str(cls.size),
+            ranked,
+            str(removable.get(cls.id, 0)),
+            cls.fixed[0] if cls.fixed else "",
+            style="dim" if cls.fixed else None,
+        )
+    summary = dep.summary()
+    table.caption = (
+        f"{summary['classes']} classes, {summary['groups']} groups, "
+        f"{summary['prunable_groups']} removable"
     )
     return table

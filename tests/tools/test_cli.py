@@ -99,6 +99,15 @@ def test_inspect_prints_layer_table(capsys):
     assert out.index("features.3") < out.index("features.0")
 
 
+def test_inspect_channels_shows_what_can_be_pruned(capsys):
+    code, out, _ = run(capsys, "inspect", "cli_models:tiny", "--channels")
+    assert code == 0
+    assert "Channel classes" in out
+    assert "features.0" in out and "features.3" in out
+    assert "model output" in out and "model input" in out  # the fixed ones say why
+    assert "24 removable" in out  # 8 + 16 channels: one group each
+
+
 def test_inspect_and_compile_a_saved_program(capsys, tmp_path):
     from cli_models import tiny
 
