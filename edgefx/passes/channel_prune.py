@@ -93,6 +93,13 @@ class ChannelPrune(Pass):
 
         if self.macs is not None:
             budget = self.macs * cost.total_macs
+            if not candidates and cost.total_macs > budget:
+                why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+                raise PassError(
+                    f"ChannelPrune cannot remove any channel of {program.name} ({why})",
+                    hint="ChannelPrune ranks channels by BatchNorm scaling factors; a model "
+                    "without BatchNorm (or with every BatchNorm fixed) cannot be pruned by it",
+                )
             count = self._bisect(dep, candidates, estimate, budget)
         else:
             count = sum(g.importance < self.threshold for g in candidates)

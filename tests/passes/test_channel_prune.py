@@ -141,6 +141,23 @@ def test_unreachable_budget_is_refused_with_the_reachable_figure():
     assert "min_keep" in info.value.hint
 
 
+def test_a_budget_for_a_model_without_batchnorm_is_refused_with_the_reason():
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.out = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.conv(x)))
+
+    program = capture(Plain().eval(), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(PassError, match="cannot remove any channel of Plain") as info:
+        ChannelPrune(macs=0.5)(program)
+    assert "8 no BatchNorm ranks them" in info.value.message
+    assert "BatchNorm" in info.value.hint
+
+
 def test_nothing_to_rank_is_reported_not_silent():
     program = capture(randomize(ChannelShuffle()), (torch.randn(1, 3, 8, 8),))
     result = ChannelPrune(threshold=10.0)(program)
