@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+import edgefx.ops  # noqa: F401  (registers edgefx's torch ops: saved Programs may use them)
 from edgefx.compiler import Compiled, CompileReport, compile, load
 from edgefx.errors import (
     ArtifactError,

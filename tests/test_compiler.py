@@ -90,6 +90,7 @@ def test_report_has_every_pass_with_figures(small_onnx, helpers):
     assert report.backend_info == {
         "opset": 21,
         "onnx_nodes": len(small_onnx.artifact.model.graph.node),
+        "fuse_qdq": False,
     }
     assert report.capture_s > 0 and report.build_s > 0
     assert small_onnx.program.history == ("FoldBatchNorm()", "DeadCodeElimination()")

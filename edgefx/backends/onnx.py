@@ -24,6 +24,7 @@ import torch
 
 from edgefx.backends.base import Artifact, Backend
 from edgefx.errors import ArtifactError, BackendError, first_line
+from edgefx.ops import onnx_translations
 from edgefx.program import BATCH, Program, quiet_torch_logs
 
 MODEL_FILE = "model.onnx"
@@ -98,9 +99,14 @@ def _name_batch_dim(model: onnx.ModelProto, program: Program) -> None:
                 dim.dim_param = pattern.sub(BATCH, dim.dim_param)
 
 
+def _keeps_integer_weights(node: gs.Node) -> bool:
+    """Folding DequantizeLinear(constant codes) would store the weights as float again."""
+    return node.op == "DequantizeLinear"
+
+
 def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
+    graph.fold_constants(should_exclude_node=_keeps_integer_weights).cleanup().toposort()
     cleaned = gs.export_onnx(graph)
     del cleaned.opset_import[:]  # keep every domain's version exactly as exported
     cleaned.opset_import.extend(model.opset_import)
@@ -108,21 +114,28 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleaned
 
 
-def _cpu_session(source: bytes | str) -> ort.InferenceSession:
-    """An onnxruntime CPU session for serialised model bytes or a model file path."""
+def _cpu_session(source: bytes | str, fuse_qdq: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session for serialised model bytes or a model file path.
+
+    Unless ``fuse_qdq``, onnxruntime runs QuantizeLinear/DequantizeLinear as written instead
+    of fusing DQ -> Conv -> Q into its QLinearConv/QGemm kernels: those round ties their own
+    way and, on x86 without VNNI, saturate uint8 x int8 products in 16 bits, so their outputs
+    differ from the graph's by an integer step here and there."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _session(model: onnx.ModelProto, workdir: Path | None) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, workdir: Path | None, fuse_qdq: bool) -> ort.InferenceSession:
     if _model_bytes(model) < _EXTERNAL_DATA_BYTES:
-        return _cpu_session(model.SerializeToString())
+        return _cpu_session(model.SerializeToString(), fuse_qdq)
     if workdir is None:
         raise BackendError("model is over 1 GiB and needs a folder for its external weights")
     path = workdir / MODEL_FILE
     onnx.save_model(model, path, save_as_external_data=True, location=f"{MODEL_FILE}.data")
-    return _cpu_session(str(path))
+    return _cpu_session(str(path), fuse_qdq)
 
 
 class OnnxArtifact(Artifact):
@@ -134,15 +147,17 @@ class OnnxArtifact(Artifact):
         node_map: dict[str, dict[str, str]],
         session: ort.InferenceSession | None = None,
         workdir: Path | None = None,
+        fuse_qdq: bool = False,
     ) -> None:
         self.model = model
         self.node_map = node_map
+        self.fuse_qdq = fuse_qdq
         self._tmp = None
         if session is None:
             if workdir is None and _model_bytes(model) >= _EXTERNAL_DATA_BYTES:
                 self._tmp = tempfile.TemporaryDirectory(prefix="edgefx-onnx-")
                 workdir = Path(self._tmp.name)
-            session = _session(model, workdir)
+            session = _session(model, workdir, fuse_qdq)
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
 
@@ -169,26 +184,31 @@ class OnnxArtifact(Artifact):
         path = directory / manifest.get("artifact", MODEL_FILE)
         try:
             model = onnx.load(path)
-            session = _cpu_session(str(path))
+            fuse_qdq = bool(manifest.get("fuse_qdq", False))
+            session = _cpu_session(str(path), fuse_qdq)
         except Exception as exc:
             raise ArtifactError(f"cannot load ONNX model {path}: {first_line(exc)}") from exc
         node_map_path = directory / manifest.get("node_map", NODE_MAP_FILE)
         node_map = json.loads(node_map_path.read_text()) if node_map_path.exists() else {}
-        return cls(model, node_map, session=session)
+        return cls(model, node_map, session=session, fuse_qdq=fuse_qdq)
 
     def describe(self) -> dict[str, Any]:
         opset = next(
             (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), None
         )
-        return {"opset": opset, "onnx_nodes": len(self.model.graph.node)}
+        return {"opset": opset, "onnx_nodes": len(self.model.graph.node), "fuse_qdq": self.fuse_qdq}
 
 
 class OnnxBackend(Backend):
-    """Options: ``opset`` (default 21; up to onnx's latest via the version converter)."""
+    """Options: ``opset`` (default 21; up to onnx's latest via the version converter);
+    ``fuse_qdq`` lets onnxruntime run quantized layers with its own int8 kernels (faster,
+    but not bit-exact: see ``_cpu_session``)."""
 
     name = "onnx"
 
-    def __init__(self, target: str | None = None, *, opset: int = DEFAULT_OPSET) -> None:
+    def __init__(
+        self, target: str | None = None, *, opset: int = DEFAULT_OPSET, fuse_qdq: bool = False
+    ) -> None:
         if target not in (None, "cpu"):
             raise BackendError(
                 f"the onnx backend runs on onnxruntime's CPU provider; "
@@ -198,8 +218,11 @@ class OnnxBackend(Backend):
         latest = onnx.defs.onnx_opset_version()
         if not isinstance(opset, int) or not 18 <= opset <= latest:
             raise BackendError(f"opset must be an integer from 18 to {latest}, got {opset!r}")
-        super().__init__(target, opset=opset)
+        if not isinstance(fuse_qdq, bool):
+            raise BackendError(f"fuse_qdq must be True or False, got {fuse_qdq!r}")
+        super().__init__(target, opset=opset, fuse_qdq=fuse_qdq)
         self.opset = opset
+        self.fuse_qdq = fuse_qdq
 
     def build(self, program: Program) -> OnnxArtifact:
         try:
@@ -213,7 +236,12 @@ class OnnxBackend(Backend):
         try:
             with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
                 exported = torch.onnx.export(
-                    ep, dynamo=True, opset_version=EXPORT_OPSET, verbose=False, optimize=True
+                    ep,
+                    dynamo=True,
+                    opset_version=EXPORT_OPSET,
+                    verbose=False,
+                    optimize=True,
+                    custom_translation_table=onnx_translations(),
                 )
         except Exception as exc:
             raise BackendError(
@@ -241,7 +269,7 @@ class OnnxBackend(Backend):
             ) from exc
         node_map = {n.name: node_map.get(n.name, {"op_type": n.op_type}) for n in model.graph.node}
         try:
-            return OnnxArtifact(model, node_map)
+            return OnnxArtifact(model, node_map, fuse_qdq=self.fuse_qdq)
         except BackendError:
             raise
         except Exception as exc:

@@ -4,11 +4,13 @@ from edgefx.passes.base import Figures, NumericError, Pass, PassManager, PassRes
 from edgefx.passes.channel_prune import ChannelPrune
 from edgefx.passes.dead_code import DeadCodeElimination
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
+from edgefx.passes.pot_quantize import PotQuantize
 
 PASSES: dict[str, type[Pass]] = {
     "prune": ChannelPrune,
     "fold-bn": FoldBatchNorm,
     "dce": DeadCodeElimination,
+    "pot": PotQuantize,
 }
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     "Pass",
     "PassManager",
     "PassResult",
+    "PotQuantize",
     "check_passes",
 ]

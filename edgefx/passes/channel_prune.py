@@ -28,7 +28,7 @@ from torch import fx
 from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
-from edgefx.passes.rewrite import remove_dead_code
+from edgefx.passes.rewrite import remove_dead_code, under
 from edgefx.program import Program
 
 aten = torch.ops.aten
@@ -134,7 +134,7 @@ class ChannelPrune(Pass):
         excluded = {
             cls.id
             for cls in dep.classes
-            if any(_under(m, p) for m in cls.modules for p in self.exclude)
+            if any(under(m, p) for m in cls.modules for p in self.exclude)
         }
         candidates = []
         for group in dep.groups:
@@ -200,10 +200,6 @@ class ChannelPrune(Pass):
             else:
                 lo = mid + 1
         return lo
-
-
-def _under(module: str, prefix: str) -> bool:
-    return module == prefix or module.startswith(prefix + ".")
 
 
 class _MacsModel:

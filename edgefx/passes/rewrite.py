@@ -9,7 +9,7 @@ from torch import fx
 
 from edgefx.analysis.graph import module_path
 
-__all__ = ["add_parameter", "attr_tensor", "module_path", "remove_dead_code"]
+__all__ = ["add_buffer", "add_parameter", "attr_tensor", "module_path", "remove_dead_code", "under"]
 
 
 def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
@@ -22,16 +22,37 @@ def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def add_parameter(
-    gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node
-) -> fx.Node:
-    """Register ``value`` as a new top-level parameter and return a get_attr node for it."""
+def under(module: str, prefix: str) -> bool:
+    """True when ``module`` is the module path ``prefix`` or inside it."""
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def _free_name(gm: fx.GraphModule, hint: str) -> str:
     base = re.sub(r"\W", "_", hint)
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
+    return name
+
+
+def add_parameter(
+    gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node
+) -> fx.Node:
+    """Register ``value`` as a new top-level parameter and return a get_attr node for it."""
+    name = _free_name(gm, hint)
     gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    return _get_attr(gm, name, value, before)
+
+
+def add_buffer(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    """Register ``value`` (e.g. integer codes) as a new top-level buffer; return its get_attr."""
+    name = _free_name(gm, hint)
+    gm.register_buffer(name, value.detach().clone())
+    return _get_attr(gm, name, value, before)
+
+
+def _get_attr(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     node.meta["val"] = value.detach().clone()

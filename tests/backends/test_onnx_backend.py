@@ -103,6 +103,7 @@ def test_opset_28_through_the_converter(opset28, x1, x4):
     assert opset28.artifact.describe() == {
         "opset": 28,
         "onnx_nodes": len(opset28.artifact.model.graph.node),
+        "fuse_qdq": False,
     }
     assert_ort_matches(opset28, opset28.program, x1)
     assert_ort_matches(opset28, opset28.program, x4)

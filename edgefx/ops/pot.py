@@ -1,0 +1,107 @@
+"""Power-of-two quantize / dequantize: ``edgefx::quantize_pot`` and ``edgefx::dequantize_pot``.
+
+A tensor is quantized with the scale ``2**exponent``: one exponent for the whole tensor
+(a 0-d ``exponent``) or one per channel along ``axis`` (a 1-d ``exponent``), zero point 0,
+into ``bits``-bit integers: signed ones held in int8, or unsigned ones held in uint8 (for
+tensors that cannot be negative, e.g. after a ReLU, where a sign bit would be wasted):
+
+    q = clamp(round_half_even(x * 2**-exponent), low, high)     (see ``qrange``)
+    x' = q * 2**exponent
+
+``dequantize_pot`` also takes int32 codes (biases on the accumulator's grid).
+
+Multiplying by a power of two is exact in floating point, so the reference kernels below,
+ONNX ``QuantizeLinear``/``DequantizeLinear`` (which round half to even) and integer
+arithmetic with bit-shifts all give the same numbers. Exponents are an int32 tensor so that a
+per-channel quantizer stays one graph constant, and so that a later rewrite into shifts reads
+the shift amounts straight from it.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import opset21 as op
+
+__all__ = ["MAX_BITS", "MIN_BITS", "code_dtype", "dequantize_pot", "qrange", "quantize_pot"]
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
+    """The integer range of a ``bits``-bit quantizer."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def code_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+def _scale(exponent: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``2**exponent`` shaped to broadcast against ``x`` along ``axis``."""
+    scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.to(torch.int32))
+    if exponent.dim() == 1:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return scale
+
+
+@torch.library.custom_op("edgefx::quantize_pot", mutates_args=())
+def quantize_pot(
+    x: torch.Tensor, exponent: torch.Tensor, axis: int, bits: int, signed: bool
+) -> torch.Tensor:
+    """Float tensor -> integer codes with scale ``2**exponent`` (see the module docstring)."""
+    low, high = qrange(bits, signed)
+    codes = torch.round(x.float() / _scale(exponent, x, axis))
+    return codes.clamp(low, high).to(code_dtype(signed))
+
+
+@quantize_pot.register_fake
+def _(x: torch.Tensor, exponent: torch.Tensor, axis: int, bits: int, signed: bool) -> torch.Tensor:
+    return torch.empty_like(x, dtype=code_dtype(signed))
+
+
+@torch.library.custom_op("edgefx::dequantize_pot", mutates_args=())
+def dequantize_pot(q: torch.Tensor, exponent: torch.Tensor, axis: int) -> torch.Tensor:
+    """Integer codes -> float32 values ``q * 2**exponent``."""
+    return q.float() * _scale(exponent, q, axis)
+
+
+@dequantize_pot.register_fake
+def _(q: torch.Tensor, exponent: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- ONNX lowering
+# QuantizeLinear/DequantizeLinear with scale 2**exponent and a zero point of the codes' type
+# (which picks int8 or uint8 output); narrower codes are clipped after QuantizeLinear.
+def _onnx_scale(exponent):
+    return op.Pow(op.Constant(value_float=2.0), op.Cast(exponent, to=onnx.TensorProto.FLOAT))
+
+
+def _onnx_quantize_pot(x, exponent, axis: int, bits: int, signed: bool):
+    code = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
+    zero = op.Cast(op.Sub(exponent, exponent), to=code)  # zeros shaped like the scale
+    q = op.QuantizeLinear(x, _onnx_scale(exponent), zero, axis=axis)
+    if bits < 8:
+        low, high = qrange(bits, signed)
+        q = op.Clip(
+            q,
+            op.Constant(value=onnx.helper.make_tensor("low", code, [], [low])),
+            op.Constant(value=onnx.helper.make_tensor("high", code, [], [high])),
+        )
+    return q
+
+
+def _onnx_dequantize_pot(q, exponent, axis: int):
+    zero = op.CastLike(op.Sub(exponent, exponent), q)
+    return op.DequantizeLinear(q, _onnx_scale(exponent), zero, axis=axis)
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.edgefx.quantize_pot.default: _onnx_quantize_pot,
+    torch.ops.edgefx.dequantize_pot.default: _onnx_dequantize_pot,
+}

@@ -1,0 +1,559 @@
+"""PotQuantize: power-of-two post-training quantization (RAPQ-style) of convs and linears.
+
+Every convolution and linear layer with constant weights gets
+- its weights stored as ``weight_bits`` integer codes with one power-of-two exponent per
+  output channel, read through ``edgefx::dequantize_pot``;
+- its input quantized and dequantized (``edgefx::quantize_pot`` -> ``dequantize_pot``) with
+  one power-of-two exponent, ``act_bits`` wide, unsigned where the producer cannot be
+  negative (ReLU, ReLU6, sigmoid, pools and concats of those), signed otherwise; layers
+  reading the same tensor share its quantizer;
+- its bias stored as int32 codes on the accumulator's grid, exponent = input + weight
+  exponent, which is what integer inference adds to the int32 accumulator.
+
+This is the quantize/dequantize ("QDQ") form: it runs in float, and QDQToShift later turns
+each DQ -> conv -> Q chain into integer arithmetic whose requantization is a bit-shift.
+
+Exponents are chosen from calibration data. ``search="minmax"`` takes the smallest exponent
+that clips nothing; ``"mse"`` picks, per tensor (per channel for weights), the exponent among
+that one and the next smaller ones minimising the squared rounding + clipping error;
+``"joint"`` (the default, after RAPQ) starts from ``"mse"`` and adjusts the exponents of the
+whole network together: coordinate descent that moves one quantizer's exponent(s) by +-1
+while the network's output error on the calibration data falls.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from edgefx.errors import EdgefxError, PassError
+from edgefx.ops.pot import MAX_BITS, MIN_BITS, qrange
+from edgefx.passes.base import Pass
+from edgefx.passes.rewrite import add_buffer, attr_tensor, module_path, remove_dead_code, under
+from edgefx.program import Program
+
+aten = torch.ops.aten
+_quantize = torch.ops.edgefx.quantize_pot.default
+_dequantize = torch.ops.edgefx.dequantize_pot.default
+
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_LINEAR = aten.linear.default
+_SEARCHES = ("minmax", "mse", "joint")
+_CANDIDATES = 4  # "mse" tries the no-clipping exponent and this many smaller ones
+_SAMPLE = 1 << 18  # activation values kept per quantizer for the "mse" search
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+# ops whose output is never negative, and ops that keep their input's sign
+_NONNEGATIVE = {
+    aten.relu.default,
+    aten.sigmoid.default,
+    aten.hardsigmoid.default,
+    aten.softmax.int,
+    aten._softmax.default,
+    aten.abs.default,
+}
+_SIGN_KEEPING = {
+    aten.max_pool1d.default,
+    aten.max_pool2d.default,
+    aten.max_pool3d.default,
+    aten.avg_pool1d.default,
+    aten.avg_pool2d.default,
+    aten.avg_pool3d.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.adaptive_avg_pool3d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.mean.dim,
+    aten.reshape.default,
+    aten.view.default,
+    aten.flatten.using_ints,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+    aten.dropout.default,
+    aten.max_pool2d_with_indices.default,
+    aten.upsample_nearest2d.vec,
+}
+
+
+@dataclass
+class _Layer:
+    """A conv or linear layer to quantize."""
+
+    node: fx.Node
+    module: str
+    weight: torch.Tensor  # float, as captured
+    bias: torch.Tensor | None
+    input: fx.Node
+    weight_exp: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+
+
+@dataclass
+class _Activation:
+    """One quantized tensor (the input of one or more layers)."""
+
+    node: fx.Node
+    signed: bool
+    exp: int = 0
+    absmax: float = 0.0
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+
+class PotQuantize(Pass):
+    """Quantize conv and linear layers with power-of-two scales, from calibration data.
+
+    Args:
+        calib: calibration batches: an iterable (e.g. a DataLoader) of input tensors or of
+            tuples whose first items are the model's inputs (labels are ignored), or a single
+            tensor. Default: the Program's example inputs (fine for testing the flow, not for
+            accuracy).
+        weight_bits / act_bits: code widths, 2 to 8.
+        search: "joint" (default), "mse" or "minmax"; see the module docstring.
+        calib_batches: at most this many batches are taken from ``calib`` (all of them
+            set the activation ranges).
+        search_samples: the joint search measures the output error on this many samples
+            (the first ones), since it runs the network twice per quantizer and sweep.
+        sweeps: rounds of the joint search.
+        exclude: module paths (prefixes) left in float, e.g. ``["fc"]``.
+    """
+
+    name = "PotQuantize"
+
+    def __init__(
+        self,
+        calib: Any = None,
+        *,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        search: str = "joint",
+        calib_batches: int = 8,
+        search_samples: int = 32,
+        sweeps: int = 2,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        for label, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+            if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
+                raise PassError(
+                    f"{label} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}",
+                    hint="e.g. PotQuantize(weight_bits=4, act_bits=8)",
+                )
+        if search not in _SEARCHES:
+            raise PassError(
+                f"search must be one of {', '.join(_SEARCHES)}, got {search!r}",
+                hint='"joint" adjusts exponents network-wide; "mse" per tensor; "minmax" clips '
+                "nothing",
+            )
+        if not (isinstance(calib_batches, int) and calib_batches >= 1):
+            raise PassError(f"calib_batches must be a positive integer, got {calib_batches!r}")
+        if not (isinstance(search_samples, int) and search_samples >= 1):
+            raise PassError(f"search_samples must be a positive integer, got {search_samples!r}")
+        if not (isinstance(sweeps, int) and sweeps >= 0):
+            raise PassError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+        if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+            raise PassError(
+                f"exclude must be a list of module paths, got {exclude!r}",
+                hint='e.g. exclude=["conv1", "fc"] keeps the first and last layers in float',
+            )
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.search = search
+        self.calib_batches = calib_batches
+        self.search_samples = search_samples
+        self.sweeps = sweeps
+        self.exclude = tuple(exclude)
+        self._calib = _take_batches(calib, calib_batches)
+
+    def __repr__(self) -> str:
+        calib = "example inputs" if self._calib is None else f"{len(self._calib)} batches"
+        return (
+            f"PotQuantize(calib=<{calib}>, weight_bits={self.weight_bits}, "
+            f"act_bits={self.act_bits}, search={self.search!r}, exclude={list(self.exclude)})"
+        )
+
+    # ------------------------------------------------------------------ the pass
+    def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
+        batches = self._batches(program)
+        gm = program.copy_graph()
+        layers, skipped = self._layers(gm)
+        if not layers:
+            report = {"layers": [], "skipped": skipped, "quantizers": 0}
+            return program.with_graph(gm, repr(self)), report
+        activations = self._activations(layers)
+        with torch.no_grad():
+            references = _calibrate(gm, activations, batches)
+            for act in activations.values():
+                act.exp = self._act_exponent(act)
+                act.sample.clear()
+            for layer in layers:
+                layer.weight_exp = self._weight_exponents(layer.weight)
+            quantized = _QuantizedGraph(gm, layers, activations, self.weight_bits, self.act_bits)
+            search, refs = _first_samples(batches, references, self.search_samples)
+            start_error = quantized.error(search, refs)
+            steps = 0
+            if self.search == "joint":
+                steps = quantized.coordinate_descent(search, refs, self.sweeps)
+            final_error = quantized.error(search, refs)
+        remove_dead_code(gm)
+        report = {
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "search": self.search,
+            "calibration": "example inputs" if self._calib is None else f"{len(batches)} batches",
+            "quantizers": len(layers) + len(activations),
+            # relative squared output error on the search samples, per-tensor exponents
+            # ("start") and after the joint search ("final")
+            "calib_error": {
+                "samples": sum(int(b[0].shape[0]) for b in search),
+                "start": start_error,
+                "final": final_error,
+                "joint_steps": steps,
+            },
+            "layers": [quantized.describe(layer) for layer in layers],
+            "skipped": skipped,
+        }
+        return program.with_graph(gm, repr(self)), report
+
+    def _batches(self, program: Program) -> list[tuple[torch.Tensor, ...]]:
+        if self._calib is None:
+            return [tuple(program.example_inputs)]
+        for i, batch in enumerate(self._calib):
+            try:
+                program.check_inputs(batch[: len(program.input_specs)])
+            except EdgefxError as exc:
+                raise PassError(
+                    f"calibration batch {i} does not fit {program.name}: {exc.message}",
+                    hint="calib yields the model's inputs (or tuples starting with them)",
+                ) from exc
+        return [tuple(b[: len(program.input_specs)]) for b in self._calib]
+
+    def _layers(self, gm: fx.GraphModule) -> tuple[list[_Layer], list[dict[str, str]]]:
+        layers, skipped = [], []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in (*_CONVS, _LINEAR):
+                continue
+            module = module_path(node) or node.name
+            weight = attr_tensor(gm, node.args[1])
+            bias_node = node.args[2] if len(node.args) > 2 else None
+            bias = attr_tensor(gm, bias_node)
+            reason = None
+            if any(under(module, p) for p in self.exclude):
+                reason = "excluded"
+            elif weight is None or (bias_node is not None and bias is None):
+                reason = "weight or bias is not a constant"
+            elif not weight.is_floating_point():
+                reason = f"weight is {weight.dtype}"
+            if reason:
+                skipped.append({"module": module, "op": str(node.target), "reason": reason})
+                continue
+            layers.append(_Layer(node, module, weight.detach().float(), bias, node.args[0]))
+        return layers, skipped
+
+    def _activations(self, layers: list[_Layer]) -> dict[fx.Node, _Activation]:
+        acts: dict[fx.Node, _Activation] = {}
+        for layer in layers:
+            if layer.input not in acts:
+                acts[layer.input] = _Activation(layer.input, signed=not _nonnegative(layer.input))
+        return acts
+
+    def _act_exponent(self, act: _Activation) -> int:
+        sample = torch.cat(act.sample) if act.sample else torch.zeros(1)
+        low, high = qrange(self.act_bits, act.signed)
+        exps = _exponent_candidates(torch.tensor([act.absmax]), high, self.search)
+        if len(exps) == 1:
+            return int(exps[0, 0])
+        errors = [_quant_error(sample, e, low, high) for e in exps[:, 0].tolist()]
+        return int(exps[min(range(len(errors)), key=errors.__getitem__), 0])
+
+    def _weight_exponents(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = weight.reshape(weight.shape[0], -1)
+        low, high = qrange(self.weight_bits)
+        exps = _exponent_candidates(rows.abs().amax(dim=1), high, self.search)  # [k, C]
+        if exps.shape[0] == 1:
+            return exps[0]
+        errors = torch.stack(
+            [((_fake_quant(rows, e[:, None], low, high) - rows) ** 2).sum(dim=1) for e in exps]
+        )
+        return exps.gather(0, errors.argmin(dim=0, keepdim=True))[0]
+
+
+# ---------------------------------------------------------------------------- calibration
+def _take_batches(calib: Any, limit: int) -> list[tuple[torch.Tensor, ...]] | None:
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor):
+        calib = [calib]
+    if not isinstance(calib, Iterable):
+        raise PassError(
+            f"calib must be an iterable of batches or a tensor, got {type(calib).__name__}",
+            hint="e.g. calib=loader (a DataLoader) or calib=[torch.randn(8, 3, 224, 224)]",
+        )
+    batches = []
+    for i, batch in enumerate(calib):
+        if i == limit:
+            break
+        items = (batch,) if isinstance(batch, torch.Tensor) else batch
+        if not isinstance(items, (tuple, list)) or not all(
+            isinstance(t, torch.Tensor) for t in items[:1]
+        ):
+            raise PassError(
+                f"calibration batch {i} is a {type(batch).__name__}, not a tensor or a tuple "
+                "of tensors",
+                hint="calib yields the model's inputs (or (inputs, labels) tuples)",
+            )
+        batches.append(tuple(items))
+    if not batches:
+        raise PassError("calib holds no batches", hint="pass at least one batch of inputs")
+    return batches
+
+
+# ---------------------------------------------------------------------------- exponents
+def _exponent_candidates(absmax: torch.Tensor, high: int, search: str) -> torch.Tensor:
+    """[k, C] int32 exponents to try per channel: the smallest one that clips nothing first,
+    then (for the searches) the next smaller ones. An all-zero channel gets exponent 0."""
+    safe = torch.where(absmax > 0, absmax.double(), torch.ones_like(absmax, dtype=torch.double))
+    top = torch.ceil(torch.log2(safe / high)).to(torch.int32)
+    # float rounding of log2: make sure absmax / 2**top really fits
+    top = torch.where(safe / _pow2(top, torch.double) > high, top + 1, top)
+    top = torch.where(absmax > 0, top, torch.zeros_like(top))
+    count = 1 if search == "minmax" else _CANDIDATES + 1
+    return torch.stack([top - k for k in range(count)])
+
+
+def _pow2(exp: torch.Tensor | int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    exp = torch.as_tensor(exp, dtype=torch.int32)
+    return torch.ldexp(torch.ones_like(exp, dtype=dtype), exp)
+
+
+def _fake_quant(x: torch.Tensor, exp: torch.Tensor | int, low: int, high: int) -> torch.Tensor:
+    scale = _pow2(exp, x.dtype)
+    return torch.round(x / scale).clamp(low, high) * scale
+
+
+def _quant_error(x: torch.Tensor, exp: int, low: int, high: int) -> float:
+    return float(((_fake_quant(x, exp, low, high) - x) ** 2).sum())
+
+
+def _nonnegative(node: fx.Node, depth: int = 0) -> bool:
+    """True when ``node``'s value is >= 0 by construction (not just on the calibration data)."""
+    if depth > 32 or node.op != "call_function":
+        return False
+    args = node.args
+    if node.target in _NONNEGATIVE:
+        return True
+    if node.target in (aten.hardtanh.default, aten.clamp.default):
+        return len(args) > 1 and isinstance(args[1], (int, float)) and args[1] >= 0
+    if node.target is operator.getitem:
+        return isinstance(args[0], fx.Node) and _nonnegative(args[0], depth + 1)
+    if node.target in _SIGN_KEEPING:
+        return isinstance(args[0], fx.Node) and _nonnegative(args[0], depth + 1)
+    if node.target in (aten.cat.default, aten.add.Tensor, aten.mul.Tensor):
+        inputs = args[0] if node.target is aten.cat.default else args[:2]
+        return all(isinstance(a, fx.Node) and _nonnegative(a, depth + 1) for a in inputs)
+    return False
+
+
+def _calibrate(
+    gm: fx.GraphModule,
+    activations: dict[fx.Node, _Activation],
+    batches: list[tuple[torch.Tensor, ...]],
+) -> list[list[torch.Tensor]]:
+    """Run the float graph on every batch, recording each quantized tensor's range and a
+    sample of its values; return the graph's flat outputs per batch (the reference)."""
+    per_batch = max(1, _SAMPLE // len(batches))
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            act = activations.get(n)
+            if act is not None:
+                flat = value.detach().float().reshape(-1)
+                act.absmax = max(act.absmax, float(flat.abs().max()) if flat.numel() else 0.0)
+                step = max(1, flat.numel() // per_batch)
+                act.sample.append(flat[::step].clone())
+            return value
+
+    recorder = Recorder(gm)
+    return [_flat(recorder.run(*batch)) for batch in batches]
+
+
+def _first_samples(
+    batches: list[tuple[torch.Tensor, ...]], refs: list[list[torch.Tensor]], samples: int
+) -> tuple[list[tuple[torch.Tensor, ...]], list[list[torch.Tensor]]]:
+    """The leading batches (the last one cut) holding ``samples`` samples, with their refs."""
+    kept_batches, kept_refs, left = [], [], samples
+    for batch, ref in zip(batches, refs, strict=True):
+        if left <= 0:
+            break
+        n = min(left, int(batch[0].shape[0]))
+        kept_batches.append(tuple(t[:n] for t in batch))
+        kept_refs.append([r[:n] if r.dim() and r.shape[0] == batch[0].shape[0] else r for r in ref])
+        left -= n
+    return kept_batches, kept_refs
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    return [t.detach().float() for t in torch.utils._pytree.tree_leaves(out)]
+
+
+# ---------------------------------------------------------------------------- the rewrite
+class _QuantizedGraph:
+    """The graph with Q/DQ nodes inserted; exponents live in int32 buffers that the search
+    changes in place (weight codes are re-quantized with them)."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        layers: list[_Layer],
+        activations: dict[fx.Node, _Activation],
+        weight_bits: int,
+        act_bits: int,
+    ) -> None:
+        self.gm, self.layers, self.activations = gm, layers, activations
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.act_buffers: dict[fx.Node, str] = {}
+        self.weight_buffers: dict[fx.Node, tuple[str, str]] = {}
+        self.bias_buffers: dict[fx.Node, tuple[str, str]] = {}
+        graph = gm.graph
+        dequantized: dict[fx.Node, fx.Node] = {}
+        for source, act in activations.items():
+            anchor = source.next
+            while anchor.op == "placeholder":  # placeholders stay first
+                anchor = anchor.next
+            exp = add_buffer(
+                gm, f"{source.name}_exp", torch.tensor(act.exp, dtype=torch.int32), before=anchor
+            )
+            self.act_buffers[source] = str(exp.target)
+            with graph.inserting_before(anchor):
+                q = graph.call_function(_quantize, (source, exp, 1, act_bits, act.signed))
+                dq = graph.call_function(_dequantize, (q, exp, 1))
+            for new in (q, dq):
+                new.meta["nn_module_stack"] = dict(source.meta.get("nn_module_stack", {}))
+            dequantized[source] = dq
+        for layer in layers:
+            hint = str(layer.node.args[1].target)
+            codes = add_buffer(gm, f"{hint}_q", self._weight_codes(layer), before=layer.node)
+            exp = add_buffer(gm, f"{hint}_exp", layer.weight_exp, before=layer.node)
+            self.weight_buffers[layer.node] = (str(codes.target), str(exp.target))
+            with graph.inserting_before(layer.node):
+                weight = graph.call_function(_dequantize, (codes, exp, 0))
+            weight.meta["nn_module_stack"] = dict(layer.node.meta.get("nn_module_stack", {}))
+            args = list(layer.node.args)
+            args[0], args[1] = dequantized[layer.input], weight
+            if layer.bias is not None:
+                args[2] = self._bias_node(layer)
+            layer.node.args = tuple(args)
+        gm.recompile()
+
+    def _bias_node(self, layer: _Layer) -> fx.Node:
+        """Bias as int32 codes on the accumulator's grid: exponent = input + weight exponent,
+        which is what integer inference adds to the int32 accumulator."""
+        codes, exp = self._bias_codes(layer)
+        hint = str(layer.node.args[2].target)
+        codes_node = add_buffer(self.gm, f"{hint}_q", codes, before=layer.node)
+        exp_node = add_buffer(self.gm, f"{hint}_exp", exp, before=layer.node)
+        self.bias_buffers[layer.node] = (str(codes_node.target), str(exp_node.target))
+        with self.gm.graph.inserting_before(layer.node):
+            bias = self.gm.graph.call_function(_dequantize, (codes_node, exp_node, 0))
+        bias.meta["nn_module_stack"] = dict(layer.node.meta.get("nn_module_stack", {}))
+        return bias
+
+    def _bias_codes(self, layer: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        exp = (layer.weight_exp + self.activations[layer.input].exp).to(torch.int32)
+        codes = torch.round(layer.bias.double() / _pow2(exp, torch.float64))
+        return codes.clamp(*_INT32).to(torch.int32), exp
+
+    def _refresh_bias(self, layer: _Layer) -> None:
+        if layer.bias is not None:
+            codes, exp = self._bias_codes(layer)
+            codes_name, exp_name = self.bias_buffers[layer.node]
+            self._buffer(codes_name).copy_(codes)
+            self._buffer(exp_name).copy_(exp)
+
+    def _weight_codes(self, layer: _Layer) -> torch.Tensor:
+        low, high = qrange(self.weight_bits)
+        shape = [-1] + [1] * (layer.weight.dim() - 1)
+        scale = _pow2(layer.weight_exp).reshape(shape)
+        return torch.round(layer.weight / scale).clamp(low, high).to(torch.int8)
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        return self.gm.get_buffer(name)
+
+    def error(
+        self, batches: list[tuple[torch.Tensor, ...]], refs: list[list[torch.Tensor]]
+    ) -> float:
+        """Output error on the calibration data: squared error over squared reference."""
+        num = den = 0.0
+        for batch, ref in zip(batches, refs, strict=True):
+            for y, r in zip(_flat(self.gm(*batch)), ref, strict=True):
+                num += float(((y - r) ** 2).sum())
+                den += float((r**2).sum())
+        return num / den if den else num
+
+    def coordinate_descent(self, batches, refs, sweeps: int) -> int:
+        """Move one quantizer's exponent(s) by +-1 at a time while the output error falls."""
+        best = self.error(batches, refs)
+        moves = 0
+        knobs = [("act", a) for a in self.activations] + [("weight", w) for w in self.layers]
+        for _ in range(sweeps):
+            improved = False
+            for kind, key in knobs:
+                for delta in (1, -1):
+                    self._shift(kind, key, delta)
+                    err = self.error(batches, refs)
+                    if err < best:
+                        best, improved, moves = err, True, moves + 1
+                        break
+                    self._shift(kind, key, -delta)
+            if not improved:
+                break
+        return moves
+
+    def _shift(self, kind: str, key: Any, delta: int) -> None:
+        if kind == "act":
+            self._buffer(self.act_buffers[key]).add_(delta)
+            self.activations[key].exp += delta
+            for layer in self.layers:
+                if layer.input is key:
+                    self._refresh_bias(layer)
+            return
+        layer: _Layer = key
+        layer.weight_exp = layer.weight_exp + delta
+        codes, exp = self.weight_buffers[layer.node]
+        self._buffer(exp).copy_(layer.weight_exp)
+        self._buffer(codes).copy_(self._weight_codes(layer))
+        self._refresh_bias(layer)
+
+    def describe(self, layer: _Layer) -> dict[str, Any]:
+        act = self.activations[layer.input]
+        exps = layer.weight_exp
+        return {
+            "module": layer.module,
+            "op": str(layer.node.target).split(".")[-2],
+            "input_exp": act.exp,
+            "input": "signed" if act.signed else "unsigned",
+            "weight_exp": [int(exps.min()), int(exps.max())],
+            "weight_snr_db": _snr_db(layer.weight, self._dequantized_weight(layer)),
+            "bias": layer.bias is not None,
+        }
+
+    def _dequantized_weight(self, layer: _Layer) -> torch.Tensor:
+        shape = [-1] + [1] * (layer.weight.dim() - 1)
+        scale = _pow2(layer.weight_exp).reshape(shape)
+        return self._weight_codes(layer).float() * scale
+
+
+def _snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    noise = float(((reference - approx) ** 2).sum())
+    signal = float((reference**2).sum())
+    if noise == 0:
+        return math.inf
+    return round(10 * math.log10(signal / noise), 2) if signal else -math.inf

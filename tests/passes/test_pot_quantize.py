@@ -1,0 +1,279 @@
+"""PotQuantize: power-of-two QDQ that is exactly integer arithmetic, exponents chosen by the
+three searches as documented, lowered to ONNX bit-exactly, and bad requests refused."""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+import pytest
+import torch
+from prune_models import Couplings, randomize
+
+import edgefx
+from edgefx import PassError
+from edgefx.frontend import capture
+from edgefx.ops.pot import qrange
+from edgefx.passes import FoldBatchNorm, PassManager, PotQuantize
+
+aten = torch.ops.aten
+QUANTIZE = torch.ops.edgefx.quantize_pot.default
+DEQUANTIZE = torch.ops.edgefx.dequantize_pot.default
+LAYERS = {aten.conv2d.default, aten.linear.default}
+
+
+def batches(n: int, size: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 16, 16, generator=gen) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def folded() -> edgefx.Program:
+    """Couplings (residual, concat, depthwise, grouped, SE gate, split, linear), BN folded."""
+    torch.manual_seed(0)
+    model = randomize(Couplings(), 3)
+    program = capture(model, (batches(1, 2, seed=9)[0],))
+    return PassManager([FoldBatchNorm()]).run(program)[0]
+
+
+@pytest.fixture(scope="module")
+def quantized(folded):
+    """{search: PassResult} at 4-bit weights and activations (differences show at 4 bits)."""
+    calib = batches(2)
+    return {
+        search: PotQuantize(calib, weight_bits=4, act_bits=4, search=search)(folded)
+        for search in ("minmax", "mse", "joint")
+    }
+
+
+def values(program: edgefx.Program, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's value when ``program`` runs on ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            seen[n.name] = out = super().run_node(n)
+            return out
+
+    with torch.no_grad():
+        Recorder(program.graph_module).run(x)
+    return seen
+
+
+def layer_nodes(program: edgefx.Program) -> list[torch.fx.Node]:
+    return [n for n in program.graph_module.graph.nodes if n.target in LAYERS]
+
+
+def test_every_layer_reads_power_of_two_codes(quantized):
+    program = quantized["mse"].program
+    layers = layer_nodes(program)
+    assert len(layers) == 11 and not quantized["mse"].report["skipped"]  # after_split twice
+    gm = program.graph_module
+    for node in layers:
+        x_dq, w_dq, b_dq = node.args[:3]
+        assert x_dq.target is DEQUANTIZE and x_dq.args[0].target is QUANTIZE
+        assert w_dq.target is DEQUANTIZE and b_dq.target is DEQUANTIZE
+        codes, w_exp = (gm.get_buffer(a.target) for a in w_dq.args[:2])
+        assert codes.dtype == torch.int8 and w_exp.shape == (codes.shape[0],)
+        low, high = qrange(4)
+        assert low <= int(codes.min()) and int(codes.max()) <= high
+        b_codes, b_exp = (gm.get_buffer(a.target) for a in b_dq.args[:2])
+        x_exp = gm.get_buffer(x_dq.args[1].target)
+        assert b_codes.dtype == torch.int32 and torch.equal(b_exp, w_exp + x_exp)
+    assert not any(n.target is aten.conv2d.default and n.args[1].op == "get_attr" for n in layers)
+
+
+def test_qdq_graph_computes_exact_integer_arithmetic(quantized):
+    """Each layer's float output equals the integer accumulation of its codes
+    (int64, exact) times 2**(input + weight exponent): the graph QDQToShift turns into
+    integer kernels computes integer arithmetic already, and no float rounding creeps in."""
+    program = quantized["joint"].program
+    x = batches(1, 3, seed=5)[0]
+    seen = values(program, x)
+    gm = program.graph_module
+    for node in layer_nodes(program):
+        x_dq, w_dq, b_dq = node.args[:3]
+        x_codes = seen[x_dq.args[0].name].double()
+        w_codes = gm.get_buffer(w_dq.args[0].target).double()
+        b_codes = gm.get_buffer(b_dq.args[0].target).double()
+        exp = gm.get_buffer(b_dq.args[1].target)
+        if node.target is aten.conv2d.default:
+            acc = torch.nn.functional.conv2d(x_codes, w_codes, b_codes, *node.args[3:])
+            scale = torch.ldexp(torch.ones(exp.shape, dtype=torch.float64), exp).reshape(-1, 1, 1)
+        else:
+            acc = torch.nn.functional.linear(x_codes, w_codes, b_codes)
+            scale = torch.ldexp(torch.ones(exp.shape, dtype=torch.float64), exp)
+        assert torch.equal(acc, acc.round())  # integer accumulator
+        assert torch.equal(seen[node.name].double(), acc * scale), node.name
+
+
+def test_minmax_clips_nothing_and_wastes_no_bit(folded, quantized):
+    result = quantized["minmax"]
+    gm = result.program.graph_module
+    low, high = qrange(4)
+    for node in layer_nodes(result.program):
+        codes = gm.get_buffer(node.args[1].args[0].target)
+        codes = codes.reshape(codes.shape[0], -1)
+        top = codes.abs().amax(dim=1)
+        # the smallest exponent that clips nothing: the largest weight lands in the top half
+        assert ((top > high // 2) & (top <= -low)).all(), node.name
+    # activations: the calibration maximum fits, and would not with the next smaller exponent
+    calib = torch.cat(batches(2))
+    float_values, quant_values = values(folded, calib), values(result.program, calib)
+    for node in result.program.graph_module.graph.find_nodes(op="call_function", target=QUANTIZE):
+        source, exp_node, _, bits, signed = node.args
+        peak = float(float_values[source.name].abs().max())
+        step = 2.0 ** int(gm.get_buffer(exp_node.target))
+        low, high = qrange(bits, signed)
+        assert peak <= high * step + step / 2 and peak > high * step / 2, source.name
+        assert int(quant_values[node.name].max()) <= high
+
+
+def test_searches_trade_rounding_against_clipping(quantized):
+    minmax, mse, joint = (quantized[s].report for s in ("minmax", "mse", "joint"))
+    for a, b in zip(minmax["layers"], mse["layers"], strict=True):
+        assert b["weight_snr_db"] >= a["weight_snr_db"] - 1e-9, a["module"]
+    assert any(
+        b["weight_snr_db"] > a["weight_snr_db"] + 0.5
+        for a, b in zip(minmax["layers"], mse["layers"], strict=True)
+    )
+    # (per-tensor MSE is not the network's error: "mse" alone may do better or worse)
+    # the joint search starts where "mse" ends and only takes moves that lower the error
+    assert joint["calib_error"]["start"] == pytest.approx(mse["calib_error"]["final"])
+    assert joint["calib_error"]["joint_steps"] > 0
+    assert joint["calib_error"]["final"] < joint["calib_error"]["start"]
+    assert joint["calib_error"]["final"] < minmax["calib_error"]["start"]
+    assert quantized["joint"].error.snr_db > quantized["minmax"].error.snr_db
+
+
+def test_unsigned_codes_only_where_the_input_cannot_be_negative(quantized):
+    layers = {entry["module"]: entry["input"] for entry in quantized["mse"].report["layers"]}
+    assert layers["stem.0"] == "signed"  # the image
+    assert layers["res.0"] == "unsigned"  # after a ReLU
+    assert layers["se_expand"] == "unsigned"  # ReLU inside the SE block
+    assert layers["head"] == "unsigned"  # pool of ReLU outputs, flattened
+    assert layers["grouped.0"] == "unsigned"
+
+
+def test_eight_bits_stay_close_to_float(folded):
+    per_tensor = PotQuantize(batches(2), search="mse")(folded)
+    assert per_tensor.report["weight_bits"] == per_tensor.report["act_bits"] == 8
+    assert all(entry["weight_snr_db"] > 40 for entry in per_tensor.report["layers"])
+    assert per_tensor.error.snr_db > 35  # on the example inputs, not the calibration data
+    # the joint search may give up one layer's accuracy for the network's (error
+    # compensation), and what it learns on the calibration data holds on other inputs
+    joint = PotQuantize(batches(2))(folded)
+    assert joint.error.snr_db > per_tensor.error.snr_db
+
+
+def test_onnx_holds_integer_weights_and_matches_exactly(folded, tmp_path):
+    calib = batches(2)
+    compiled = edgefx.compile(folded, passes=[PotQuantize(calib, search="mse")], backend="onnx")
+    assert compiled.report.backend_check.max_abs == 0.0
+    x = batches(1, 5, seed=11)[0]
+    assert torch.equal(compiled(x), compiled.program(x))
+    model = compiled.artifact.model
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(layers) == 11
+    for layer in layers:  # weights int8 and biases int32 in the file, dequantized at run time
+        weight, bias = (producer[name] for name in layer.input[1:3])
+        assert weight.op_type == bias.op_type == "DequantizeLinear"
+        assert types[weight.input[0]] == onnx.TensorProto.INT8
+        assert types[bias.input[0]] == onnx.TensorProto.INT32
+    float_model = edgefx.compile(folded, backend="onnx").artifact.model
+    weight_bytes = [sum(i.ByteSize() for i in m.graph.initializer) for m in (model, float_model)]
+    assert weight_bytes[0] < 0.5 * weight_bytes[1]
+    compiled.save(tmp_path / "q")
+    loaded = edgefx.load(tmp_path / "q")
+    assert torch.equal(loaded(x), compiled(x))
+
+
+def test_program_with_quantizers_saves_and_loads(quantized, tmp_path):
+    program = quantized["mse"].program
+    path = program.save(tmp_path / "q.pt2")
+    loaded = edgefx.Program.load(path)
+    x = batches(1, 3, seed=2)[0]
+    assert torch.equal(loaded(x), program(x))
+
+
+def test_fused_onnxruntime_kernels_are_an_option(folded):
+    """onnxruntime's own int8 kernels (QLinearConv, ...) are opt-in and not held to exactness."""
+    quantize = PotQuantize(batches(1), search="minmax")
+    compiled = edgefx.compile(
+        folded,
+        passes=[quantize],
+        backend="onnx",
+        backend_options={"fuse_qdq": True},
+        tolerance=0.5,
+    )
+    assert compiled.report.backend_info["fuse_qdq"] is True
+    assert compiled.report.backend_check.snr_db > 20
+
+
+def test_calibration_accepts_loader_style_batches(folded):
+    labelled = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in batches(3)]
+    result = PotQuantize(labelled, search="minmax", calib_batches=2)(folded)
+    assert result.report["calibration"] == "2 batches"
+    one = PotQuantize(batches(1)[0], search="minmax")(folded)
+    assert one.report["calibration"] == "1 batches"
+    example = PotQuantize(search="minmax")(folded)
+    assert example.report["calibration"] == "example inputs"
+
+
+def test_excluded_layers_stay_float(folded):
+    result = PotQuantize(batches(1), search="minmax", exclude=["head", "stem"])(folded)
+    skipped = {s["module"]: s["reason"] for s in result.report["skipped"]}
+    assert skipped == {"head": "excluded", "stem.0": "excluded"}
+    heads = [n for n in layer_nodes(result.program) if n.target is aten.linear.default]
+    assert heads[0].args[1].op == "get_attr" and heads[0].args[0].target is not DEQUANTIZE
+    assert len(result.report["layers"]) == 9
+
+
+def test_a_model_without_layers_is_reported_unchanged():
+    program = capture(
+        torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten()), (torch.randn(2, 3, 4, 4),)
+    )
+    result = PotQuantize(search="minmax")(program)
+    assert not result.changed and result.report["quantizers"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weight_bits": 1}, "weight_bits must be an integer from 2 to 8"),
+        ({"act_bits": 16}, "act_bits must be an integer from 2 to 8"),
+        ({"search": "adaround"}, "search must be one of minmax, mse, joint"),
+        ({"calib": 3}, "calib must be an iterable of batches or a tensor, got int"),
+        ({"calib": []}, "calib holds no batches"),
+        ({"calib": ["x"]}, "calibration batch 0 is a str"),
+        ({"exclude": "fc"}, "exclude must be a list of module paths"),
+        ({"sweeps": -1}, "sweeps must be an integer >= 0"),
+        ({"search_samples": 0}, "search_samples must be a positive integer"),
+    ],
+)
+def test_bad_configuration_is_refused_eagerly(kwargs, message):
+    with pytest.raises(PassError, match=message):
+        PotQuantize(**kwargs)
+
+
+def test_calibration_batch_that_does_not_fit_is_refused(folded):
+    calib = [batches(1)[0], torch.randn(4, 3, 8)]
+    with pytest.raises(PassError, match=r"calibration batch 1 does not fit .*rank 4") as info:
+        PotQuantize(calib)(folded)
+    assert "hint" in str(info.value)
+
+
+def test_weights_too_small_for_the_code_still_quantize(folded):
+    """An all-zero channel gets codes 0 (exponent 0), not a NaN or an error."""
+    gm = folded.copy_graph()
+    weight = gm.get_parameter(layer_nodes(folded)[0].args[1].target)
+    with torch.no_grad():
+        weight[0].zero_()
+    result = PotQuantize(batches(1), search="mse")(folded.with_graph(gm))
+    assert math.isfinite(result.error.snr_db)
+    codes = result.program.graph_module.get_buffer(
+        layer_nodes(result.program)[0].args[1].args[0].target
+    )
+    assert codes[0].abs().max() == 0
