@@ -277,3 +277,20 @@ def test_weights_too_small_for_the_code_still_quantize(folded):
         layer_nodes(result.program)[0].args[1].args[0].target
     )
     assert codes[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("fixture", ["resnet18_folded", "mobilenet_v2_folded"])
+def test_torchvision_models_quantize_and_lower_exactly(fixture, request):
+    """Residual adds, ReLU6 (hardtanh: unsigned), depthwise convs and a linear head."""
+    folded, _ = request.getfixturevalue(fixture)
+    gen = torch.Generator().manual_seed(3)
+    size = 4 if folded.dynamic_batch else 1  # mobilenet_v2 is captured with a static batch
+    calib = [torch.randn(size, 3, 32, 32, generator=gen) for _ in range(8 // size)]
+    compiled = edgefx.compile(folded, passes=[PotQuantize(calib, search="mse")], backend="onnx")
+    (result,) = compiled.report.passes
+    convs = sum(n.target is aten.conv2d.default for n in folded.graph_module.graph.nodes)
+    assert len(result.report["layers"]) == convs + 1 and not result.report["skipped"]
+    assert result.error.snr_db > 20
+    assert compiled.report.backend_check.max_abs == 0.0
+    unsigned = [e for e in result.report["layers"] if e["input"] == "unsigned"]
+    assert len(unsigned) >= convs // 2

@@ -57,6 +57,29 @@ def test_compile_saves_a_loadable_artifact(capsys, tmp_path):
     torch.testing.assert_close(compiled(x4), model.eval()(x4), atol=1e-4, rtol=1e-4)
 
 
+def test_compile_with_power_of_two_quantization(capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "cli_models:tiny",
+        "-p",
+        "fold-bn",
+        "-p",
+        "pot:search='mse',act_bits=6",
+        "-o",
+        str(tmp_path / "q"),
+    )
+    assert code == 0 and "PotQuantize" in out
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    pot = manifest["report"]["passes"][1]
+    assert pot["report"]["calibration"] == "example inputs" and pot["report"]["act_bits"] == 6
+    assert manifest["report"]["backend_check"]["max_abs"] == 0.0
+    compiled = edgefx.load(tmp_path / "q")
+    x4 = torch.randn(4, 3, 16, 16)
+    program = edgefx.Program.load(tmp_path / "q" / "program.pt2")
+    assert torch.equal(compiled(x4), program(x4))
+
+
 def test_compile_input_shape_and_static_batch(capsys, tmp_path):
     code, out, _ = run(
         capsys,
