@@ -15,30 +15,15 @@ says how far the pruned outputs are from the unpruned ones before any fine-tunin
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, header, latency_ms, snr_db, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
-
-
-def _latency_ms(compiled: Any, x: torch.Tensor, repeat: int) -> float:
-    for _ in range(5):
-        compiled(x)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        compiled(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _randomize_gammas(model: torch.nn.Module) -> None:
@@ -71,9 +56,7 @@ def run_model(name: str, budgets: list[float], size: int, repeat: int) -> list[d
         out = compiled(x)
         if reference is None:
             reference = out
-        noise = float(((out - reference).double() ** 2).mean())
-        signal = float((reference.double() ** 2).mean())
-        ms = _latency_ms(compiled, x, repeat)
+        ms = latency_ms(lambda c=compiled: c(x), repeat)
         base_ms = base_ms or ms
         final = compiled.report.final
         rows.append(
@@ -83,9 +66,7 @@ def run_model(name: str, budgets: list[float], size: int, repeat: int) -> list[d
                 "macs": final.macs,
                 "params": final.params,
                 "macs_ratio": final.macs / compiled.report.captured.macs,
-                "snr_db": None
-                if noise == 0
-                else 10 * torch.log10(torch.tensor(signal / noise)).item(),
+                "snr_db": snr_db(out, reference),
                 "ort_ms": ms,
                 "speedup": base_ms / ms,
                 "compile_s": compile_s,
@@ -138,19 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models.split(","):
         rows.extend(run_model(name, budgets, args.size, args.repeat))
-    data = {
-        "command": "python benchmarks/prune.py " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": {"torch": torch.__version__},
-        "size": args.size,
-        "repeat": args.repeat,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prune.json").write_text(json.dumps(data, indent=2))
-    (args.out / "prune.md").write_text(render(data))
-    print(render(data))
+    data = {**header("prune.py", argv), "size": args.size, "repeat": args.repeat, "rows": rows}
+    write_results(args.out, "prune", data, render(data))
     return 0
 
 

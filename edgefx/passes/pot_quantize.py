@@ -136,7 +136,7 @@ class PotQuantize(Pass):
         act_bits: int = 8,
         search: str = "joint",
         calib_batches: int = 8,
-        search_samples: int = 32,
+        search_samples: int = 16,
         sweeps: int = 2,
         exclude: Sequence[str] = (),
     ) -> None:

@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: latency medians, SNR, machine description, writing
+``results/<name>.json`` and ``.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def latency_ms(run: Callable[[], Any], repeat: int, warmup: int = 5) -> float:
+    """Median wall time of ``run()`` in milliseconds over ``repeat`` calls, after warm-up."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def snr_db(actual: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """Signal-to-noise ratio of ``actual`` against ``reference`` in dB; None when equal."""
+    noise = float(((actual.double() - reference.double()) ** 2).mean())
+    signal = float((reference.double() ** 2).mean())
+    if noise == 0:
+        return None
+    return 10 * math.log10(signal / noise) if signal else -math.inf
+
+
+def header(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """The command, machine, date and versions every result file starts with."""
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": {"torch": torch.__version__},
+    }
+
+
+def write_results(out: Path, name: str, data: dict[str, Any], markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)

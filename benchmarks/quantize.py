@@ -1,0 +1,174 @@
+"""PotQuantize sweep: bit widths and exponent searches vs output fidelity, size and latency.
+
+For each model, in one run on one machine: the float model compiled with ``FoldBatchNorm``,
+then ``FoldBatchNorm + PotQuantize(calib, weight_bits=W, act_bits=A, search=S)`` for each
+configuration, all to the ONNX backend. Per row: the output SNR against the float model and
+the share of held-out inputs whose top-1 class is unchanged (on ``--held-out`` inputs the
+calibration never saw), the bytes of the ONNX initializers (weights), the time PotQuantize
+took, and the median onnxruntime latency at batch 1 twice: Q/DQ run as written (the bit-exact
+default) and fused into onnxruntime's int8 kernels (``fuse_qdq``), each with its ratio to the
+float model's latency.
+
+Random weights (nothing is downloaded; ``make_nondegenerate`` from zoo.py sets BatchNorm
+statistics from a random batch) and random-normal inputs for calibration and held-out data:
+the SNR and top-1 agreement measure how faithfully the quantized network reproduces the
+float one, not ImageNet accuracy.
+
+    python benchmarks/quantize.py --models resnet18,mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS, header, latency_ms, snr_db, write_results
+from zoo import make_nondegenerate
+
+SEED = 0
+CONFIGS = ("8/8:minmax", "8/8:mse", "8/8:joint", "4/8:joint", "4/4:joint")
+
+
+def _initializer_bytes(compiled: Any) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in compiled.artifact.model.graph.initializer)
+
+
+def run_model(
+    name: str, configs: list[str], size: int, repeat: int, calib_n: int, held_out: int
+) -> list[dict[str, Any]]:
+    import edgefx
+    from edgefx.frontend.zoo import resolve_model
+    from edgefx.passes import FoldBatchNorm, PotQuantize
+
+    model = resolve_model(name).model
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(SEED))
+    make_nondegenerate(model, (x,), batch=8)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    calib = [torch.randn(8, 3, size, size, generator=gen) for _ in range(calib_n // 8)]
+    test = torch.randn(held_out, 3, size, size, generator=gen)
+
+    float_compiled = edgefx.compile(model, (x,), [FoldBatchNorm()], "onnx", progress=False)
+    float_out = float_compiled(test)
+    float_ms = latency_ms(lambda: float_compiled(x), repeat)
+    float_bytes = _initializer_bytes(float_compiled)
+    rows = [
+        {
+            "model": name,
+            "config": "float",
+            "snr_db": None,
+            "top1_agree": 1.0,
+            "weight_bytes": float_bytes,
+            "pass_s": 0.0,
+            "ort_ms": float_ms,
+            "ort_fused_ms": float_ms,
+        }
+    ]
+    for config in configs:
+        bits, _, search = config.partition(":")
+        weight_bits, act_bits = (int(b) for b in bits.split("/"))
+        quantize = PotQuantize(
+            calib, weight_bits=weight_bits, act_bits=act_bits, search=search, search_samples=8
+        )
+        compiled = edgefx.compile(
+            float_compiled.program, passes=[quantize], backend="onnx", progress=False
+        )
+        (result,) = compiled.report.passes
+        fused = edgefx.compile(
+            compiled.program,
+            backend="onnx",
+            backend_options={"fuse_qdq": True},
+            tolerance=1.0,
+            progress=False,
+        )
+        out = compiled(test)
+        rows.append(
+            {
+                "model": name,
+                "config": config,
+                "snr_db": snr_db(out, float_out),
+                "top1_agree": float((out.argmax(1) == float_out.argmax(1)).double().mean()),
+                "weight_bytes": _initializer_bytes(compiled),
+                "pass_s": result.wall_s,
+                "joint_steps": result.report["calib_error"]["joint_steps"],
+                "ort_ms": latency_ms(lambda c=compiled: c(x), repeat),
+                "ort_fused_ms": latency_ms(lambda c=fused: c(x), repeat),
+            }
+        )
+        r = rows[-1]
+        print(
+            f"[quantize] {name} {config}: SNR {r['snr_db']:.1f} dB, top-1 {r['top1_agree']:.2f}, "
+            f"{r['ort_ms']:.2f} ms / fused {r['ort_fused_ms']:.2f} ms (float {float_ms:.2f})",
+            file=sys.stderr,
+        )
+    for r in rows:
+        r["ratio"] = float_ms / r["ort_ms"]
+        r["fused_ratio"] = float_ms / r["ort_fused_ms"]
+        r["size_ratio"] = r["weight_bytes"] / float_bytes
+    return rows
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [
+        "# PotQuantize: bit widths and searches vs fidelity, size and onnxruntime latency",
+        "",
+        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}); "
+        f"{data['size']}x{data['size']}, calibration {data['calib']} random-normal images "
+        f"(the joint search scores 8 of them), fidelity on {data['held_out']} other ones; "
+        f"latency: median of {data['repeat']} runs at batch 1 after 5 warm-up runs, "
+        "onnxruntime CPU, default threads. Random weights: `SNR` and `top-1 agree` compare the "
+        "quantized outputs with the float model's, not with labels. `W/A:search` = weight "
+        "bits / activation bits : exponent search. `ORT ms` runs Q/DQ as written (bit-exact), "
+        "`fused` lets onnxruntime use its int8 kernels; `x` = float latency / this latency.",
+        "",
+        "| model | W/A:search | SNR dB | top-1 agree | weights | size | PotQuantize s | ORT ms "
+        "| x | fused ms | x |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in data["rows"]:
+        snr = "-" if r["snr_db"] is None else f"{r['snr_db']:.1f}"
+        lines.append(
+            f"| {r['model']} | {r['config']} | {snr} | {r['top1_agree']:.3f} "
+            f"| {r['weight_bytes'] / 2**20:.2f} MiB | {r['size_ratio']:.2f} | {r['pass_s']:.1f} "
+            f"| {r['ort_ms']:.2f} | {r['ratio']:.2f} | {r['ort_fused_ms']:.2f} "
+            f"| {r['fused_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--calib", type=int, default=32, help="calibration images (x8)")
+    parser.add_argument("--held-out", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = []
+    start = time.perf_counter()
+    for name in args.models.split(","):
+        rows.extend(
+            run_model(
+                name, args.configs.split(","), args.size, args.repeat, args.calib, args.held_out
+            )
+        )
+    data = {
+        **header("quantize.py", argv),
+        "size": args.size,
+        "calib": args.calib,
+        "held_out": args.held_out,
+        "repeat": args.repeat,
+        "total_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    write_results(args.out, "quantize", data, render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
