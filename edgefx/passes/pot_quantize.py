@@ -491,31 +491,40 @@ class _QuantizedGraph:
         self, batches: list[tuple[torch.Tensor, ...]], refs: list[list[torch.Tensor]]
     ) -> float:
         """Output error on the calibration data: squared error over squared reference."""
-        num = den = 0.0
-        for batch, ref in zip(batches, refs, strict=True):
-            for y, r in zip(_flat(self.gm(*batch)), ref, strict=True):
-                num += float(((y - r) ** 2).sum())
-                den += float((r**2).sum())
-        return num / den if den else num
+        return _relative_error([_flat(self.gm(*batch)) for batch in batches], refs)
 
     def coordinate_descent(self, batches, refs, sweeps: int) -> int:
-        """Move one quantizer's exponent(s) by +-1 at a time while the output error falls."""
-        best = self.error(batches, refs)
+        """Move one quantizer's exponent(s) by +-1 at a time while the output error falls.
+
+        A move changes only the nodes from its quantizer on: the values of every node before
+        it are kept from the last accepted state, and a trial runs the graph from there."""
+        runner = _ResumableRun(self.gm, batches, refs)
+        best = runner.full()
         moves = 0
         knobs = [("act", a) for a in self.activations] + [("weight", w) for w in self.layers]
+        starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
         for _ in range(sweeps):
             improved = False
             for kind, key in knobs:
                 for delta in (1, -1):
                     self._shift(kind, key, delta)
-                    err = self.error(batches, refs)
+                    err, envs = runner.trial(starts[id(key)])
                     if err < best:
                         best, improved, moves = err, True, moves + 1
+                        runner.accept(envs)
                         break
                     self._shift(kind, key, -delta)
             if not improved:
                 break
         return moves
+
+    def _buffers_of(self, kind: str, key: Any) -> set[str]:
+        """The buffers a move of this quantizer rewrites."""
+        layers = [w for w in self.layers if w.input is key] if kind == "act" else [key]
+        names = {self.act_buffers[key]} if kind == "act" else set(self.weight_buffers[key.node])
+        for layer in layers:
+            names.update(self.bias_buffers.get(layer.node, ()))
+        return names
 
     def _shift(self, kind: str, key: Any, delta: int) -> None:
         if kind == "act":
@@ -549,6 +558,55 @@ class _QuantizedGraph:
         shape = [-1] + [1] * (layer.weight.dim() - 1)
         scale = _pow2(layer.weight_exp).reshape(shape)
         return self._weight_codes(layer).float() * scale
+
+
+def _relative_error(outputs: list[list[torch.Tensor]], refs: list[list[torch.Tensor]]) -> float:
+    num = den = 0.0
+    for out, ref in zip(outputs, refs, strict=True):
+        for y, r in zip(out, ref, strict=True):
+            num += float(((y - r) ** 2).sum())
+            den += float((r**2).sum())
+    return num / den if den else num
+
+
+class _ResumableRun:
+    """Runs the graph on the search batches keeping every node's value, so that a trial can
+    resume from the first node a change affects instead of from the inputs. Buffers are
+    changed in place, so kept ``get_attr`` values see the change."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]], refs) -> None:
+        self.gm, self.batches, self.refs = gm, batches, refs
+        self.nodes = list(gm.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        self.envs: list[dict[fx.Node, Any]] = []
+
+    def first_user(self, buffers: set[str]) -> int:
+        users = [
+            self.position[user]
+            for node in self.gm.graph.find_nodes(op="get_attr")
+            if node.target in buffers
+            for user in node.users
+        ]
+        return min(users, default=0)
+
+    def _run(self, start: int) -> tuple[float, list[dict[fx.Node, Any]]]:
+        outputs, envs = [], []
+        for i, batch in enumerate(self.batches):
+            kept = {n: self.envs[i][n] for n in self.nodes[:start]} if self.envs else None
+            interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
+            outputs.append(_flat(interpreter.run(*batch, initial_env=kept)))
+            envs.append(interpreter.env)
+        return _relative_error(outputs, self.refs), envs
+
+    def full(self) -> float:
+        error, self.envs = self._run(0)
+        return error
+
+    def trial(self, start: int) -> tuple[float, list[dict[fx.Node, Any]]]:
+        return self._run(start)
+
+    def accept(self, envs: list[dict[fx.Node, Any]]) -> None:
+        self.envs = envs
 
 
 def _snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -294,3 +294,24 @@ def test_torchvision_models_quantize_and_lower_exactly(fixture, request):
     assert compiled.report.backend_check.max_abs == 0.0
     unsigned = [e for e in result.report["layers"] if e["input"] == "unsigned"]
     assert len(unsigned) >= convs // 2
+
+
+def test_joint_search_trials_resume_where_a_move_takes_effect(quantized):
+    """A trial run from the first node a move changes gives the error a full run gives."""
+    from edgefx.passes.pot_quantize import _ResumableRun
+
+    program = quantized["mse"].program
+    gm = program.copy_graph()
+    calib = [batches(1, 3, seed=4)[0]]
+    with torch.no_grad():
+        refs = [[program.graph_module(*calib)]]
+        runner = _ResumableRun(gm, [tuple(calib)], [[r.detach() for r in refs[0]]])
+        runner.full()
+        layer = layer_nodes(program)[4]
+        exp_name = layer.args[1].args[1].target
+        start = runner.first_user({exp_name})
+        assert 0 < start < len(runner.nodes) - 1
+        gm.get_buffer(exp_name).add_(1)  # the weights read with twice the scale
+        resumed, _ = runner.trial(start)
+        fresh = _ResumableRun(gm, [tuple(calib)], runner.refs).full()
+    assert resumed == fresh > 0
