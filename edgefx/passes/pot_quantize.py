@@ -44,6 +44,17 @@ _dequantize = torch.ops.edgefx.dequantize_pot.default
 
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 _LINEAR = aten.linear.default
+# ops with weights that PotQuantize leaves in float (and says so in its report)
+_NOT_QUANTIZED = {
+    aten.convolution.default: "general convolution (transposed or unusual) is not quantized",
+    aten.conv_transpose1d.default: "transposed convolution is not quantized",
+    aten.conv_transpose2d.input: "transposed convolution is not quantized",
+    aten.conv_transpose3d.input: "transposed convolution is not quantized",
+    aten.mm.default: "matrix product with a constant is not quantized (only linear)",
+    aten.addmm.default: "matrix product with a constant is not quantized (only linear)",
+    aten.matmul.default: "matrix product with a constant is not quantized (only linear)",
+    aten.bmm.default: "matrix product with a constant is not quantized (only linear)",
+}
 _SEARCHES = ("minmax", "mse", "joint")
 _CANDIDATES = 4  # "mse" tries the no-clipping exponent and this many smaller ones
 _SAMPLE = 1 << 18  # activation values kept per quantizer for the "mse" search
@@ -238,7 +249,20 @@ class PotQuantize(Pass):
     def _layers(self, gm: fx.GraphModule) -> tuple[list[_Layer], list[dict[str, str]]]:
         layers, skipped = [], []
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in (*_CONVS, _LINEAR):
+            if node.op != "call_function":
+                continue
+            if node.target in _NOT_QUANTIZED and any(
+                attr_tensor(gm, a) is not None for a in node.args
+            ):
+                skipped.append(
+                    {
+                        "module": module_path(node) or node.name,
+                        "op": str(node.target),
+                        "reason": _NOT_QUANTIZED[node.target],
+                    }
+                )
+                continue
+            if node.target not in (*_CONVS, _LINEAR):
                 continue
             module = module_path(node) or node.name
             weight = attr_tensor(gm, node.args[1])

@@ -315,3 +315,20 @@ def test_joint_search_trials_resume_where_a_move_takes_effect(quantized):
         resumed, _ = runner.trial(start)
         fresh = _ResumableRun(gm, [tuple(calib)], runner.refs).full()
     assert resumed == fresh > 0
+
+
+def test_layers_it_cannot_quantize_are_reported():
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+        def forward(self, x):
+            return self.up(torch.relu(self.conv(x)))
+
+    program = capture(Decoder().eval(), (torch.randn(2, 3, 8, 8),))
+    result = PotQuantize(search="minmax")(program)
+    assert [e["module"] for e in result.report["layers"]] == ["conv"]
+    (skipped,) = result.report["skipped"]
+    assert skipped["module"] == "up" and "transposed convolution" in skipped["reason"]
