@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+import edgefx
 from edgefx import ArtifactError, InputError, Program, TensorSpec
 from edgefx.frontend import capture
 from edgefx.passes.rewrite import module_path
@@ -193,6 +194,18 @@ def test_captured_views_survive_other_layouts():
     torch.testing.assert_close(program(x3), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fresh(x3), expected, rtol=1e-5, atol=1e-5)
     fresh.export()
+
+
+def test_attention_layouts_lower_to_onnx():
+    """torch.onnx re-decides reshape-as-view on its own trace's layouts (BEiT, MaxViT failed
+    with "Cannot view a tensor ..."); the ONNX backend feeds reshapes contiguous tensors."""
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    compiled = edgefx.compile(model, (torch.randn(1, 197, 768),), backend="onnx")
+    x3 = torch.randn(3, 197, 768)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x3), model(x3), rtol=1e-4, atol=1e-4)
+
 
 # ----------------------------------------------------------------------------- save / load
 def test_save_load_round_trip(small_folded, tmp_path, x1, x4):

@@ -59,12 +59,36 @@ _ORIGIN_KEY = "edgefx_node"
 def _tagged_export(program: Program) -> torch.export.ExportedProgram:
     """Export with every node tagged by its Program name: torch.onnx re-traces and renames
     nodes, but ``meta["custom"]`` travels with them, so ONNX nodes can name their origin."""
-    tagged = program.copy_graph()
+    tagged = _contiguous_before_reshapes(program.copy_graph())
     # only ops: torch.export asserts that a lifted constant's clone keeps the constant's tag
     for node in tagged.graph.nodes:
         if node.op == "call_function":
             node.meta.setdefault("custom", {})[_ORIGIN_KEY] = node.name
     return program.with_graph(tagged).export()
+
+
+def _contiguous_before_reshapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make every reshape read a contiguous tensor (in place; returns ``gm``).
+
+    torch.onnx decomposes ``reshape`` into ``view`` using the strides of its own trace, in
+    which e.g. attention (SDPA) outputs are laid out differently from eager: BEiT's and
+    MaxViT's ``transpose -> reshape`` then fail with "Cannot view a tensor ...". A contiguous
+    input can always be viewed; in ONNX the copy is an Identity that the optimizer drops."""
+    reshape = torch.ops.aten.reshape.default
+    for node in list(gm.graph.find_nodes(op="call_function", target=reshape)):
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node) or source.op != "call_function":
+            continue
+        with gm.graph.inserting_before(node):
+            copy = gm.graph.call_function(
+                torch.ops.aten.clone.default, (source,), {"memory_format": torch.contiguous_format}
+            )
+        copy.meta.update(
+            {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        )
+        node.replace_input_with(source, copy)
+    gm.recompile()
+    return gm
 
 
 def _name_nodes(model: onnx.ModelProto, origin: dict[str, str]) -> dict[str, dict[str, str]]:
