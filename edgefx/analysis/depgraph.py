@@ -39,7 +39,7 @@ import torch
 from networkx.utils import UnionFind
 from torch import fx
 
-from edgefx.analysis.graph import module_path
+from edgefx.analysis.graph import POOLS, module_path
 
 aten = torch.ops.aten
 
@@ -117,15 +117,7 @@ _UNARY = {
     aten.rsqrt.default,
     aten.erf.default,
     aten._to_copy.default,
-    aten.max_pool2d.default,
-    aten.max_pool1d.default,
-    aten.max_pool3d.default,
-    aten.avg_pool1d.default,
-    aten.avg_pool2d.default,
-    aten.avg_pool3d.default,
-    aten.adaptive_avg_pool1d.default,
-    aten.adaptive_avg_pool2d.default,
-    aten.adaptive_avg_pool3d.default,
+    *POOLS,
     aten.upsample_nearest2d.vec,
     aten.upsample_bilinear2d.vec,
     aten.pad.default,

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Node
+
+aten = torch.ops.aten
+
+POOLS = frozenset(
+    {
+        aten.max_pool1d.default,
+        aten.max_pool2d.default,
+        aten.max_pool3d.default,
+        aten.avg_pool1d.default,
+        aten.avg_pool2d.default,
+        aten.avg_pool3d.default,
+        aten.adaptive_avg_pool1d.default,
+        aten.adaptive_avg_pool2d.default,
+        aten.adaptive_avg_pool3d.default,
+    }
+)
+"""Pooling ops: per channel, so they keep each channel's axis (and a value's sign)."""
 
 
 def module_path(node: Node) -> str:

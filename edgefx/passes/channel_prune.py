@@ -28,7 +28,7 @@ from torch import fx
 from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
-from edgefx.passes.rewrite import remove_dead_code, under
+from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under
 from edgefx.program import Program
 
 aten = torch.ops.aten
@@ -72,11 +72,7 @@ class ChannelPrune(Pass):
             raise PassError(f"threshold must be a number >= 0, got {threshold!r}")
         if not (isinstance(min_keep, (int, float)) and 0 <= min_keep <= 1):
             raise PassError(f"min_keep must be a fraction in [0, 1], got {min_keep!r}")
-        if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
-            raise PassError(
-                f"exclude must be a list of module paths, got {exclude!r}",
-                hint='e.g. exclude=["fc", "layer4"]',
-            )
+        check_module_paths("exclude", exclude, example='["fc", "layer4"]')
         self.macs = macs
         self.threshold = threshold
         self.min_keep = min_keep

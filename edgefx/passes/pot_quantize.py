@@ -32,10 +32,18 @@ from typing import Any
 import torch
 from torch import fx
 
+from edgefx.analysis.graph import POOLS
 from edgefx.errors import EdgefxError, PassError
 from edgefx.ops.pot import MAX_BITS, MIN_BITS, qrange
 from edgefx.passes.base import Pass
-from edgefx.passes.rewrite import add_buffer, attr_tensor, module_path, remove_dead_code, under
+from edgefx.passes.rewrite import (
+    add_buffer,
+    attr_tensor,
+    check_module_paths,
+    module_path,
+    remove_dead_code,
+    under,
+)
 from edgefx.program import Program
 
 aten = torch.ops.aten
@@ -70,15 +78,7 @@ _NONNEGATIVE = {
     aten.abs.default,
 }
 _SIGN_KEEPING = {
-    aten.max_pool1d.default,
-    aten.max_pool2d.default,
-    aten.max_pool3d.default,
-    aten.avg_pool1d.default,
-    aten.avg_pool2d.default,
-    aten.avg_pool3d.default,
-    aten.adaptive_avg_pool1d.default,
-    aten.adaptive_avg_pool2d.default,
-    aten.adaptive_avg_pool3d.default,
+    *POOLS,
     aten._adaptive_avg_pool2d.default,
     aten.mean.dim,
     aten.reshape.default,
@@ -169,11 +169,7 @@ class PotQuantize(Pass):
             raise PassError(f"search_samples must be a positive integer, got {search_samples!r}")
         if not (isinstance(sweeps, int) and sweeps >= 0):
             raise PassError(f"sweeps must be an integer >= 0, got {sweeps!r}")
-        if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
-            raise PassError(
-                f"exclude must be a list of module paths, got {exclude!r}",
-                hint='e.g. exclude=["conv1", "fc"] keeps the first and last layers in float',
-            )
+        check_module_paths("exclude", exclude, example='["conv1", "fc"]')
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.search = search

@@ -8,8 +8,17 @@ import torch
 from torch import fx
 
 from edgefx.analysis.graph import module_path
+from edgefx.errors import PassError
 
-__all__ = ["add_buffer", "add_parameter", "attr_tensor", "module_path", "remove_dead_code", "under"]
+__all__ = [
+    "add_buffer",
+    "add_parameter",
+    "attr_tensor",
+    "check_module_paths",
+    "module_path",
+    "remove_dead_code",
+    "under",
+]
 
 
 def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
@@ -20,6 +29,18 @@ def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     for part in str(node.target).split("."):
         value = getattr(value, part)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def check_module_paths(name: str, value: object, *, example: str) -> None:
+    """Raise PassError unless ``value`` is a list/tuple of module path strings."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (list, tuple))
+        or not all(isinstance(e, str) for e in value)
+    ):
+        raise PassError(
+            f"{name} must be a list of module paths, got {value!r}", hint=f"e.g. {name}={example}"
+        )
 
 
 def under(module: str, prefix: str) -> bool:
