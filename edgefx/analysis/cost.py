@@ -30,6 +30,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.utils import _pytree as pytree
 
+import edgefx.ops  # noqa: F401  (registers edgefx::dequantize_pot, read below)
 from edgefx.analysis.graph import module_path
 from edgefx.errors import EdgefxError
 
@@ -54,7 +55,8 @@ class CostReport:
     """Per-node costs in graph order, and totals.
 
     ``total_params`` counts every parameter read by the graph once, however many nodes
-    share it. ``total_activation_bytes`` sums ``output_bytes`` of every node except
+    share it; quantized weights (integer codes read by ``edgefx::dequantize_pot``) count as
+    parameters. ``total_activation_bytes`` sums ``output_bytes`` of every node except
     ``operator.getitem``, whose value is a piece of its producer's output (already counted);
     views count as if materialised.
     """
@@ -224,9 +226,16 @@ def graph_cost(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> CostR
         fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs
     ]
     recorder = _ValueRecorder(gm)
-    parameters = dict(gm.named_parameters(remove_duplicate=False))
+    parameters: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
+    # quantized weights are integer-code buffers that edgefx::dequantize_pot reads
+    dequantize = torch.ops.edgefx.dequantize_pot.default
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    for node in gm.graph.find_nodes(op="call_function", target=dequantize):
+        codes = node.args[0]
+        if codes.op == "get_attr" and str(codes.target) in buffers:
+            parameters[str(codes.target)] = buffers[str(codes.target)]
 
-    def parameter_of(node: Node) -> torch.nn.Parameter | None:
+    def parameter_of(node: Node) -> torch.Tensor | None:
         return parameters.get(str(node.target)) if node.op == "get_attr" else None
 
     costs: list[NodeCost] = []

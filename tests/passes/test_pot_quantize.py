@@ -81,6 +81,8 @@ def test_every_layer_reads_power_of_two_codes(quantized):
         x_exp = gm.get_buffer(x_dq.args[1].target)
         assert b_codes.dtype == torch.int32 and torch.equal(b_exp, w_exp + x_exp)
     assert not any(n.target is aten.conv2d.default and n.args[1].op == "get_attr" for n in layers)
+    # the integer codes are the parameters now: as many as the float weights and biases
+    assert quantized["mse"].after.params == quantized["mse"].before.params > 0
 
 
 def test_qdq_graph_computes_exact_integer_arithmetic(quantized):
