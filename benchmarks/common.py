@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from edgefx.analysis.numerics import NumericError
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -33,11 +35,8 @@ def latency_ms(run: Callable[[], Any], repeat: int, warmup: int = 5) -> float:
 
 def snr_db(actual: torch.Tensor, reference: torch.Tensor) -> float | None:
     """Signal-to-noise ratio of ``actual`` against ``reference`` in dB; None when equal."""
-    noise = float(((actual.double() - reference.double()) ** 2).mean())
-    signal = float((reference.double() ** 2).mean())
-    if noise == 0:
-        return None
-    return 10 * math.log10(signal / noise) if signal else -math.inf
+    snr = NumericError.between([reference], [actual]).snr_db
+    return None if snr == math.inf else snr
 
 
 def header(script: str, argv: list[str] | None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ while the network's output error on the calibration data falls.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ import torch
 from torch import fx
 
 from edgefx.analysis.graph import POOLS
+from edgefx.analysis.numerics import NumericError
 from edgefx.errors import EdgefxError, PassError
-from edgefx.ops.pot import MAX_BITS, MIN_BITS, qrange
+from edgefx.ops.pot import MAX_BITS, MIN_BITS, dequantize_pot, qrange, quantize_pot
 from edgefx.passes.base import Pass
 from edgefx.passes.rewrite import (
     add_buffer,
@@ -204,11 +204,13 @@ class PotQuantize(Pass):
                 layer.weight_exp = self._weight_exponents(layer.weight)
             quantized = _QuantizedGraph(gm, layers, activations, self.weight_bits, self.act_bits)
             search, refs = _first_samples(batches, references, self.search_samples)
-            start_error = quantized.error(search, refs)
-            steps = 0
             if self.search == "joint":
-                steps = quantized.coordinate_descent(search, refs, self.sweeps)
-            final_error = quantized.error(search, refs)
+                start_error, final_error, steps = quantized.coordinate_descent(
+                    search, refs, self.sweeps
+                )
+            else:
+                start_error = final_error = quantized.error(search, refs)
+                steps = 0
         remove_dead_code(gm)
         report = {
             "weight_bits": self.weight_bits,
@@ -286,21 +288,24 @@ class PotQuantize(Pass):
 
     def _act_exponent(self, act: _Activation) -> int:
         sample = torch.cat(act.sample) if act.sample else torch.zeros(1)
-        low, high = qrange(self.act_bits, act.signed)
-        exps = _exponent_candidates(torch.tensor([act.absmax]), high, self.search)
+        _, high = qrange(self.act_bits, act.signed)
+        exps = _exponent_candidates(torch.tensor([act.absmax]), high, self.search)[:, 0]
         if len(exps) == 1:
-            return int(exps[0, 0])
-        errors = [_quant_error(sample, e, low, high) for e in exps[:, 0].tolist()]
-        return int(exps[min(range(len(errors)), key=errors.__getitem__), 0])
+            return int(exps[0])
+        errors = [
+            float(((_fake_quant(sample, e, self.act_bits, act.signed) - sample) ** 2).sum())
+            for e in exps
+        ]
+        return int(exps[min(range(len(errors)), key=errors.__getitem__)])
 
     def _weight_exponents(self, weight: torch.Tensor) -> torch.Tensor:
         rows = weight.reshape(weight.shape[0], -1)
-        low, high = qrange(self.weight_bits)
+        _, high = qrange(self.weight_bits)
         exps = _exponent_candidates(rows.abs().amax(dim=1), high, self.search)  # [k, C]
         if exps.shape[0] == 1:
             return exps[0]
         errors = torch.stack(
-            [((_fake_quant(rows, e[:, None], low, high) - rows) ** 2).sum(dim=1) for e in exps]
+            [((_fake_quant(rows, e, self.weight_bits, True) - rows) ** 2).sum(dim=1) for e in exps]
         )
         return exps.gather(0, errors.argmin(dim=0, keepdim=True))[0]
 
@@ -353,13 +358,10 @@ def _pow2(exp: torch.Tensor | int, dtype: torch.dtype = torch.float32) -> torch.
     return torch.ldexp(torch.ones_like(exp, dtype=dtype), exp)
 
 
-def _fake_quant(x: torch.Tensor, exp: torch.Tensor | int, low: int, high: int) -> torch.Tensor:
-    scale = _pow2(exp, x.dtype)
-    return torch.round(x / scale).clamp(low, high) * scale
-
-
-def _quant_error(x: torch.Tensor, exp: int, low: int, high: int) -> float:
-    return float(((_fake_quant(x, exp, low, high) - x) ** 2).sum())
+def _fake_quant(x: torch.Tensor, exp: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """``x`` through the graph's own quantize/dequantize kernels (one exponent, or one per
+    row of ``x``)."""
+    return dequantize_pot(quantize_pot(x, exp, 0, bits, signed), exp, 0)
 
 
 def _nonnegative(node: fx.Node, depth: int = 0) -> bool:
@@ -499,10 +501,7 @@ class _QuantizedGraph:
             self._buffer(exp_name).copy_(exp)
 
     def _weight_codes(self, layer: _Layer) -> torch.Tensor:
-        low, high = qrange(self.weight_bits)
-        shape = [-1] + [1] * (layer.weight.dim() - 1)
-        scale = _pow2(layer.weight_exp).reshape(shape)
-        return torch.round(layer.weight / scale).clamp(low, high).to(torch.int8)
+        return quantize_pot(layer.weight, layer.weight_exp, 0, self.weight_bits, True)
 
     def _buffer(self, name: str) -> torch.Tensor:
         return self.gm.get_buffer(name)
@@ -513,13 +512,14 @@ class _QuantizedGraph:
         """Output error on the calibration data: squared error over squared reference."""
         return _relative_error([_flat(self.gm(*batch)) for batch in batches], refs)
 
-    def coordinate_descent(self, batches, refs, sweeps: int) -> int:
-        """Move one quantizer's exponent(s) by +-1 at a time while the output error falls.
+    def coordinate_descent(self, batches, refs, sweeps: int) -> tuple[float, float, int]:
+        """Move one quantizer's exponent(s) by +-1 at a time while the output error falls;
+        return the error before and after, and the number of moves taken.
 
         A move changes only the nodes from its quantizer on: the values of every node before
         it are kept from the last accepted state, and a trial runs the graph from there."""
         runner = _ResumableRun(self.gm, batches, refs)
-        best = runner.full()
+        start = best = runner.full()
         moves = 0
         knobs = [("act", a) for a in self.activations] + [("weight", w) for w in self.layers]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
@@ -536,7 +536,7 @@ class _QuantizedGraph:
                     self._shift(kind, key, -delta)
             if not improved:
                 break
-        return moves
+        return start, best, moves
 
     def _buffers_of(self, kind: str, key: Any) -> set[str]:
         """The buffers a move of this quantizer rewrites."""
@@ -570,14 +570,14 @@ class _QuantizedGraph:
             "input_exp": act.exp,
             "input": "signed" if act.signed else "unsigned",
             "weight_exp": [int(exps.min()), int(exps.max())],
-            "weight_snr_db": _snr_db(layer.weight, self._dequantized_weight(layer)),
+            "weight_snr_db": round(
+                NumericError.between([layer.weight], [self._dequantized_weight(layer)]).snr_db, 2
+            ),
             "bias": layer.bias is not None,
         }
 
     def _dequantized_weight(self, layer: _Layer) -> torch.Tensor:
-        shape = [-1] + [1] * (layer.weight.dim() - 1)
-        scale = _pow2(layer.weight_exp).reshape(shape)
-        return self._weight_codes(layer).float() * scale
+        return dequantize_pot(self._weight_codes(layer), layer.weight_exp, 0)
 
 
 def _relative_error(outputs: list[list[torch.Tensor]], refs: list[list[torch.Tensor]]) -> float:
@@ -627,11 +627,3 @@ class _ResumableRun:
 
     def accept(self, envs: list[dict[fx.Node, Any]]) -> None:
         self.envs = envs
-
-
-def _snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = float(((reference - approx) ** 2).sum())
-    signal = float((reference**2).sum())
-    if noise == 0:
-        return math.inf
-    return round(10 * math.log10(signal / noise), 2) if signal else -math.inf
