@@ -149,7 +149,10 @@ def _leaves(out: object) -> list[Any]:
 
 
 def relative_error(reference: Sequence[Any], actual: Sequence[Any]) -> float:
-    """max |actual - reference| / max |reference| over all output tensors (float64)."""
+    """max |actual - reference| / max |reference| over all output tensors (float64).
+
+    A NaN or infinity on one side that the other side does not share raises ValueError naming
+    the side (it is never a match: ``max(0.0, nan)`` would make it look like no error)."""
     if len(reference) != len(actual):
         raise ValueError(f"{len(actual)} outputs, eager gives {len(reference)}")
     max_abs = scale = 0.0
@@ -159,8 +162,19 @@ def relative_error(reference: Sequence[Any], actual: Sequence[Any]) -> float:
                              f"{tuple(ref.shape)}")
         if ref.numel():
             ref64, out64 = ref.detach().double(), out.detach().double()
-            max_abs = max(max_abs, float((ref64 - out64).abs().max()))
-            scale = max(scale, float(ref64.abs().max()))
+            ref_ok, out_ok = ref64.isfinite(), out64.isfinite()
+            alike = ~ref_ok & ~out_ok & ((ref64 == out64) | (ref64.isnan() & out64.isnan()))
+            for side, ok, other_ok in (("the compared output", out_ok, ref_ok),
+                                       ("the reference", ref_ok, out_ok)):
+                bad = ~ok & other_ok | ~ok & ~other_ok & ~alike
+                if bool(bad.any()):
+                    raise ValueError(f"{side} is not finite at {int(bad.sum())} of "
+                                     f"{ref.numel()} elements of output {i} where the other "
+                                     "side is finite or differs")
+            finite = ref_ok & out_ok
+            if bool(finite.any()):
+                max_abs = max(max_abs, float((ref64 - out64)[finite].abs().max()))
+                scale = max(scale, float(ref64[finite].abs().max()))
     if scale == 0.0:
         return 0.0 if max_abs == 0.0 else math.inf
     return max_abs / scale
@@ -213,18 +227,46 @@ def _error_stage(exc: BaseException) -> str:
     return stage
 
 
+# what the sweep's results depend on: a change here (committed or not) changes the results
+_MEASURED_PATHS = ("edgefx", "benchmarks/zoo.py", "pyproject.toml")
+
+
 def edgefx_revision() -> str | None:
     """``git describe``-like revision of the edgefx sources that ran: HEAD, plus ``-dirty``
-    when edgefx/ has uncommitted changes (the sweep is long; the tree may change under it)."""
+    when the code the sweep runs (``_MEASURED_PATHS``) has uncommitted or untracked changes.
+    None outside a git checkout."""
     repo = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, text=True,
                               capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "edgefx"], cwd=repo,
-                               text=True, capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_MEASURED_PATHS],
+                               cwd=repo, text=True, capture_output=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return (head + ("-dirty" if dirty else "")) if head else None
+    return (head + ("-dirty" if dirty.strip() else "")) if head else None
+
+
+class ZooError(Exception):
+    """The sweep refuses to run as asked (its message says why and what to do instead)."""
+
+
+def check_one_commit(out: Path, revision: str | None, existing: dict[str, Any] | None) -> None:
+    """The committed table must come from one clean commit: refuse to write results from a
+    dirty tree (or outside git) into ``benchmarks/results/``, and refuse to resume a table
+    measured at another commit. Ad-hoc ``--out`` folders take anything."""
+    if out.resolve() != DEFAULT_OUT.resolve():
+        return
+    if revision is None or revision.endswith("-dirty"):
+        raise ZooError(
+            f"refusing to write {DEFAULT_OUT}: the sources are "
+            f"{'not in a git checkout' if revision is None else 'uncommitted (' + revision + ')'};"
+            " the committed table must come from one clean commit. Commit first, or write an "
+            "ad-hoc table with --out DIR")
+    if existing is not None and existing.get("commit") != revision:
+        raise ZooError(
+            f"refusing to resume {DEFAULT_OUT / 'zoo.json'}: it was measured at commit "
+            f"{existing.get('commit') or 'unknown'}, this tree is {revision}; a table mixes no "
+            "commits. Resume from a checkout of that commit, or start afresh without --resume")
 
 
 def _peak_rss_mb() -> float:
@@ -444,12 +486,6 @@ def machine_info() -> dict[str, Any]:
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
     info["versions"] = versions
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        repo = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
-                                capture_output=True, timeout=10).stdout.strip()
-        if commit:
-            info["git_commit"] = commit
     return info
 
 
@@ -497,6 +533,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     done = [results[n] for n in planned if n in results]
     ok = sum(r["status"] == "ok" for r in done)
     stale = [r["model"] for r in done if r.get("check", 1) != CHECK_VERSION]
+    commit = data.get("commit")
+    foreign = [r["model"] for r in done if r.get("edgefx_git") != commit]
     machine = data["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
     lines = [
@@ -513,8 +551,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"- machine: {machine.get('cpus')} CPU cores ({machine.get('cpu', 'unknown CPU')}), "
         f"{machine.get('ram_gib', '?')} GiB RAM, {machine.get('platform', '')}, "
         f"python {machine.get('python')}",
-        f"- versions: {versions}" + (f"; git {machine['git_commit']}" if "git_commit" in machine
-                                     else ""),
+        f"- every row measured at commit **{commit or 'unknown'}**" + (
+            f", except {len(foreign)} measured at another revision: {', '.join(foreign)}"
+            if foreign else ""),
+        f"- versions: {versions}",
         f"- check (version {CHECK_VERSION}): random weights, near-zero parameters filled and "
         f"BatchNorm statistics set from a random batch (`make_nondegenerate`); compiled once "
         f"at batch 1 (dynamic batch) with "
@@ -583,16 +623,19 @@ def _redo_filter(spec: str | None) -> Callable[[dict[str, Any]], bool]:
 
 def sweep(names: Sequence[str], out: Path, *, timeout: float, jobs: int, command: str,
           resume: bool, redo: str | None = None) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "zoo.json", out / "zoo.md"
+    revision = edgefx_revision()
+    existing = json.loads(json_path.read_text()) if resume and json_path.is_file() else None
+    check_one_commit(out, revision, existing)
+    out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] | None = None
-    if resume and json_path.is_file():
-        data = json.loads(json_path.read_text())
+    if existing is not None:
+        data = existing
         data["commands"].append(command)
         data["models"] = list(dict.fromkeys([*data["models"], *names]))
         data["finished"] = None
     if data is None:
-        data = {"commands": [command], "started": _now(), "finished": None,
+        data = {"commands": [command], "commit": revision, "started": _now(), "finished": None,
                 "tolerance": TOLERANCE, "run_batch": RUN_BATCH, "timeout_s": timeout,
                 "machine": machine_info(), "models": list(names), "results": {}}
     again = _redo_filter(redo)
@@ -665,8 +708,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = select_models(args.models)
     command = shlex.join(["python", "benchmarks/zoo.py", *argv])
-    data = sweep(names, args.out, timeout=args.timeout, jobs=args.jobs, command=command,
-                 resume=args.resume, redo=args.redo)
+    try:
+        data = sweep(names, args.out, timeout=args.timeout, jobs=args.jobs, command=command,
+                     resume=args.resume, redo=args.redo)
+    except ZooError as exc:
+        print(f"[zoo] {exc}", file=sys.stderr, flush=True)
+        return 2
     failed = [n for n in names if data["results"][n]["status"] != "ok"]
     print(f"[zoo] {len(names) - len(failed)} ok / {len(failed)} failed; "
           f"wrote {args.out / 'zoo.json'} and {args.out / 'zoo.md'}", flush=True)

@@ -272,7 +272,13 @@ def compile(
         raise BackendError(
             f"the {backend} artifact failed on the example inputs: {first_line(exc)}"
         ) from exc
-    report.backend_check = NumericError.between(reference, lowered, error=BackendError)
+    report.backend_check = NumericError.between(
+        reference,
+        lowered,
+        error=BackendError,
+        reference_name="the Program",
+        actual_name=f"the {backend} artifact",
+    )
     if not report.backend_check.relative <= tolerance:
         raise BackendError(
             f"the {backend} artifact disagrees with the Program on the example inputs: max abs "

@@ -353,6 +353,20 @@ def test_backend_disagreement_raises_backend_error(small_net, helpers, x1, monke
     snapshot.assert_unchanged()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_onnx_artifact_with_non_finite_outputs_is_refused(small_net, x1, monkeypatch, bad):
+    original = OnnxArtifact.run
+
+    def poisoned(self, inputs):
+        outputs = original(self, inputs)
+        outputs[0][0, 0] = bad
+        return outputs
+
+    monkeypatch.setattr(OnnxArtifact, "run", poisoned)
+    with pytest.raises(BackendError, match="the onnx artifact is not finite where the Program"):
+        edgefx.compile(small_net, (x1,), backend="onnx")
+
+
 def test_tolerance_is_the_limit(small_net, x1, monkeypatch):
     """Off by 1e-6 of the output scale: fine at the default tolerance, refused at 0.0."""
     original = TorchArtifact.run

@@ -95,3 +95,50 @@ def test_make_nondegenerate_fills_zeros_and_sets_batchnorm_statistics() -> None:
     assert model[1].momentum == 0.1 and not torch.equal(model[1].running_var, torch.ones(4))
     with torch.no_grad():
         assert zoo.input_sensitivity([model(torch.randn(4, 3, 2, 2))]) > 0.01
+
+
+def test_relative_error_refuses_non_finite_values() -> None:
+    import torch
+
+    ref = [torch.tensor([1.0, -4.0])]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="compared output is not finite"):
+            zoo.relative_error(ref, [torch.tensor([1.0, bad])])
+        with pytest.raises(ValueError, match="reference is not finite"):
+            zoo.relative_error([torch.tensor([1.0, bad])], ref)
+    # the same non-finite value on both sides is no error, and the rest is still measured
+    both = [torch.tensor([1.0, float("nan"), float("-inf")])]
+    assert zoo.relative_error(both, [torch.tensor([1.5, float("nan"), float("-inf")])]) == 0.5
+    with pytest.raises(ValueError, match="not finite"):
+        zoo.relative_error(both, [torch.tensor([1.0, float("nan"), float("inf")])])
+
+
+def test_committed_table_comes_from_one_clean_commit(tmp_path: Path) -> None:
+    results = zoo.DEFAULT_OUT
+    with pytest.raises(zoo.ZooError, match="uncommitted"):
+        zoo.check_one_commit(results, "abc123-dirty", None)
+    with pytest.raises(zoo.ZooError, match="not in a git checkout"):
+        zoo.check_one_commit(results, None, None)
+    with pytest.raises(zoo.ZooError, match="measured at commit abc123"):
+        zoo.check_one_commit(results, "def456", {"commit": "abc123"})
+    zoo.check_one_commit(results, "abc123", {"commit": "abc123"})  # resuming the same commit
+    zoo.check_one_commit(results, "abc123", None)
+    zoo.check_one_commit(tmp_path, "abc123-dirty", {"commit": "other"})  # ad-hoc: anything
+
+
+def test_sweep_records_its_commit_and_refuses_a_dirty_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = {"model": "m", "source": "torchvision", "status": "ok", "stage": None, "reason": None,
+            "rel_err_b1": 0.0, "rel_err_b4": 0.0, "total_s": 0.0, "check": zoo.CHECK_VERSION}
+    monkeypatch.setattr(zoo, "run_isolated", lambda name, timeout: {**fake, "model": name,
+                                                                     "edgefx_git": "abc123"})
+    monkeypatch.setattr(zoo, "edgefx_revision", lambda: "abc123")
+    data = zoo.sweep(["m"], tmp_path, timeout=1, jobs=1, command="cmd", resume=False)
+    assert data["commit"] == "abc123"
+    assert "every row measured at commit **abc123**" in (tmp_path / "zoo.md").read_text()
+    monkeypatch.setattr(zoo, "edgefx_revision", lambda: "abc123-dirty")
+    monkeypatch.setattr(zoo, "DEFAULT_OUT", tmp_path)
+    with pytest.raises(zoo.ZooError, match="uncommitted"):
+        zoo.sweep(["m"], tmp_path, timeout=1, jobs=1, command="cmd", resume=True)
+    assert zoo.main(["--models", "m", "--out", str(tmp_path), "--resume"]) == 2

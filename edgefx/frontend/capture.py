@@ -202,7 +202,13 @@ def _check_against_eager(model: torch.nn.Module, program: Program, tolerance: fl
             f"the captured graph of {program.name} fails on the example inputs: {_reason(exc)}",
             hint="please report this model to edgefx",
         ) from exc
-    error = NumericError.between(eager, actual, error=CaptureError)
+    error = NumericError.between(
+        eager,
+        actual,
+        error=CaptureError,
+        reference_name="the eager model's output",
+        actual_name=f"the captured graph of {program.name}",
+    )
     if not error.relative <= tolerance:
         raise CaptureError(
             f"the captured graph of {program.name} disagrees with the eager model on the example "

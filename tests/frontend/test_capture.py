@@ -320,3 +320,17 @@ def test_graph_that_disagrees_with_eager_is_refused():
         capture(Noisy(), (torch.randn(2, 8),))
     assert "disagrees with the eager model" in info.value.message
     assert_short(info.value)
+
+
+class NanWhenExported(nn.Module):
+    """Finite in eager mode, NaN in the graph torch.export captures."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return x * float("nan")
+        return x * 2
+
+
+def test_a_captured_graph_that_outputs_nan_is_refused(x1):
+    with pytest.raises(CaptureError, match=r"captured graph of .* is not finite where the eager"):
+        capture(NanWhenExported(), (x1,))

@@ -194,7 +194,7 @@ def test_pass_result_to_dict_is_json(small_folded):
     data = json.loads(json.dumps(fold.to_dict()))
     assert data["pass"] == "FoldBatchNorm" and data["changed"] is True and data["exact"] is True
     assert set(data["before"]) == set(data["after"]) == {"macs", "params", "nodes"}
-    assert set(data["error"]) == {"max_abs", "relative", "snr_db"}
+    assert set(data["error"]) == {"max_abs", "relative", "snr_db", "nonfinite"}
     assert data["report"]["folded"] == 2
     assert data["wall_s"] >= 0
     assert dce.to_dict()["error"]["snr_db"] == "inf"  # identical outputs; JSON has no inf
@@ -259,6 +259,47 @@ def test_numeric_error_refuses_changed_outputs():
         NumericError.between([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
     with pytest.raises(EdgefxError, match="output shape"):
         NumericError.between([torch.zeros(2)], [torch.zeros(3)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_numeric_error_refuses_non_finite_values(bad):
+    ref = [torch.tensor([3.0, -4.0])]
+    with pytest.raises(EdgefxError, match="the result is not finite where the reference is"):
+        NumericError.between(ref, [torch.tensor([3.0, bad])])
+    with pytest.raises(EdgefxError, match="the reference is not finite where the result is"):
+        NumericError.between([torch.tensor([3.0, bad])], ref)
+
+
+def test_numeric_error_leaves_out_values_non_finite_on_both_sides_alike():
+    ref = [torch.tensor([3.0, float("nan"), float("inf"), -4.0])]
+    out = [torch.tensor([3.0, float("nan"), float("inf"), -3.0])]
+    error = NumericError.between(ref, out)
+    assert (error.max_abs, error.relative, error.nonfinite) == (1.0, 0.25, 2)
+    with pytest.raises(EdgefxError, match="not finite"):  # +inf against -inf is no match
+        NumericError.between(ref, [torch.tensor([3.0, float("nan"), -float("inf"), -4.0])])
+    with pytest.raises(EdgefxError, match="nothing finite to compare"):
+        NumericError.between([torch.full((2,), float("nan"))], [torch.full((2,), float("nan"))])
+
+
+class PoisonsTheOutput(Pass):
+    """A lossy pass that multiplies the output by NaN or Inf."""
+
+    name = "PoisonsTheOutput"
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def run(self, program):
+        gm = program.copy_graph()
+        with torch.no_grad():
+            _param(gm, "fc.bias").fill_(self.value)
+        return program.with_graph(gm, repr(self)), {}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_pass_that_makes_outputs_non_finite_is_refused_by_name(small_program, value):
+    with pytest.raises(PassError, match="the Program PoisonsTheOutput produced is not finite"):
+        PassManager([PoisonsTheOutput(value)]).run(small_program)
 
 
 # ----------------------------------------------------------------------------- failures
