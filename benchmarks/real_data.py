@@ -238,6 +238,9 @@ def run_model(name: str) -> dict[str, Any]:
             entry = {"config": config, "top1": None, "error": first_line(exc)}
         entry["s"] = round(time.perf_counter() - start, 1)
         rows.append(entry)
+        # the rows so far, so that a run stopped part-way still leaves its figures
+        partial = {"model": name, "train_s": round(train_s, 1), "recipe": recipe, "rows": rows}
+        (CACHE / f"{name}.partial.json").write_text(json.dumps(partial, indent=2))
         log(f"{name} {config}: {entry.get('top1')} {entry.get('error', '')} ({entry['s']} s)")
         gc.collect()
 
@@ -353,6 +356,11 @@ def render(data: dict[str, Any]) -> str:
         lines += [
             f"## {model['model']}",
             "",
+            *(
+                ["**Incomplete**: the run was stopped before this model's last rows.", ""]
+                if model.get("incomplete")
+                else []
+            ),
             f"Float training: {r['epochs']} epochs, AdamW lr {r['lr']} one-cycle, "
             f"{model['train_s']:.0f} s. Fine-tune after pruning: {r['ft_epochs']} epochs, "
             f"Adam lr {r['ft_lr']} cosine; QAT: {QAT_EPOCHS} epoch(s), lr {r['qat_lr']}.",
@@ -387,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: write the results from the cache, including models whose run "
+        "stopped part-way (marked incomplete)",
+    )
+    parser.add_argument(
         "--train-only", action="store_true", help="only train (and cache) the float models"
     )
     args = parser.parse_args(argv)
@@ -402,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         if cached.is_file() and not args.redo:
             models.append(json.loads(cached.read_text()))
             continue
+        partial = CACHE / f"{name}.partial.json"
+        if args.collect:
+            if partial.is_file():
+                models.append({**json.loads(partial.read_text()), "incomplete": True})
+            continue
         result = run_model(name)
+        partial.unlink(missing_ok=True)
         CACHE.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(result, indent=2))
         models.append(copy.deepcopy(result))
