@@ -31,7 +31,6 @@ in ``.cache/real_data/<model>.json``, so a rerun skips what is done (``--redo`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys
@@ -218,7 +217,16 @@ def ort_int8(float_program: Any, calib: list[torch.Tensor], x: torch.Tensor, y: 
 
 
 # ---------------------------------------------------------------------------- one model
-def run_model(name: str) -> dict[str, Any]:
+PARTS = ("prune", "pot", "ort", "combo", "qat")
+
+
+def run_model(
+    name: str,
+    parts: tuple[str, ...] = PARTS,
+    bits_list: tuple[str, ...] = BITS,
+    searches: tuple[str, ...] = SEARCHES,
+    stem: str = "",
+) -> dict[str, Any]:
     import edgefx
     from edgefx.frontend import capture
     from edgefx.passes import ChannelPrune, FineTune, FoldBatchNorm, PotQuantize
@@ -240,7 +248,7 @@ def run_model(name: str) -> dict[str, Any]:
         rows.append(entry)
         # the rows so far, so that a run stopped part-way still leaves its figures
         partial = {"model": name, "train_s": round(train_s, 1), "recipe": recipe, "rows": rows}
-        (CACHE / f"{name}.partial.json").write_text(json.dumps(partial, indent=2))
+        (CACHE / f"{stem or name}.partial.json").write_text(json.dumps(partial, indent=2))
         log(f"{name} {config}: {entry.get('top1')} {entry.get('error', '')} ({entry['s']} s)")
         gc.collect()
 
@@ -254,7 +262,7 @@ def run_model(name: str) -> dict[str, Any]:
         return FineTune(train_loader(train_x, train_y, seed), epochs=epochs, lr=lr, progress=False)
 
     pruned: dict[float, Any] = {}
-    for macs in (0.7, 0.5):
+    for macs in (0.7, 0.5) if "prune" in parts else ():
 
         def prune(macs: float = macs) -> tuple[float, dict[str, Any]]:
             result = ChannelPrune(macs=macs)(program)
@@ -279,9 +287,9 @@ def run_model(name: str) -> dict[str, Any]:
         row(f"prune {macs} + finetune {recipe['ft_epochs']} ep", tune)
 
     ptq: dict[str, Any] = {}
-    for bits in BITS:
+    for bits in bits_list if "pot" in parts else ():
         weight_bits, act_bits = (int(b) for b in bits.split("/"))
-        for search in SEARCHES:
+        for search in searches:
 
             def quantize(w=weight_bits, a=act_bits, s=search, key=f"{bits}:{search}"):
                 result = PotQuantize(calib, weight_bits=w, act_bits=a, search=s)(folded)
@@ -294,7 +302,8 @@ def run_model(name: str) -> dict[str, Any]:
         float_onnx, acc = ort_int8(folded, calib, test_x, test_y)
         return acc, {"float_onnx_top1": round(float_onnx, 2)}
 
-    row("ort quantize_static int8 (uniform, per-channel)", ort_row)
+    if "ort" in parts:
+        row("ort quantize_static int8 (uniform, per-channel)", ort_row)
 
     def prune_tune_quantize(bits: str) -> tuple[float, dict[str, Any]]:
         if 0.5 not in pruned:
@@ -304,7 +313,7 @@ def run_model(name: str) -> dict[str, Any]:
         result = PotQuantize(calib, weight_bits=weight_bits, act_bits=act_bits)(small)
         return top1(result.program, test_x, test_y), {}
 
-    for bits in ("8/8", "4/4"):
+    for bits in ("8/8", "4/4") if "combo" in parts else ():
         row(
             f"prune 0.5 + finetune + pot W{bits.replace('/', 'A')} joint",
             lambda b=bits: prune_tune_quantize(b),
@@ -314,18 +323,23 @@ def run_model(name: str) -> dict[str, Any]:
         (r["top1"] for r in rows if r["config"].startswith("pot W4A4") and r["top1"] is not None),
         default=None,
     )
-    for bits in ("4/4", "2/4"):
+    for bits in ("4/4", "2/4") if "qat" in parts else ():
         if bits == "4/4" and best_w4a4 is not None and best_w4a4 >= float_acc - 1.0:
             continue
-        key = f"{bits}:joint"
+        # QAT starts from the best post-training search at these bits
+        label = f"W{bits.replace('/', 'A')}"
+        done = [
+            r for r in rows if r["config"].startswith(f"pot {label} ") and r["top1"] is not None
+        ]
+        search = max(done, key=lambda r: r["top1"])["config"].split()[-1] if done else "joint"
 
-        def qat(key: str = key) -> tuple[float, dict[str, Any]]:
+        def qat(key: str = f"{bits}:{search}") -> tuple[float, dict[str, Any]]:
             if key not in ptq:
-                raise RuntimeError(f"PotQuantize {key} failed")
+                raise RuntimeError(f"PotQuantize {key} failed or was not run")
             result = fine_tune(QAT_EPOCHS, recipe["qat_lr"], SEED + 2)(ptq[key])
             return top1(result.program, test_x, test_y), {"train_s": result.report["train_s"]}
 
-        row(f"pot W{bits.replace('/', 'A')} joint + QAT {QAT_EPOCHS} ep", qat)
+        row(f"pot {label} {search} + QAT {QAT_EPOCHS} ep", qat)
     del edgefx
     return {"model": name, "train_s": round(train_s, 1), "recipe": recipe, "rows": rows}
 
@@ -360,7 +374,7 @@ def render(data: dict[str, Any]) -> str:
             f"## {model['model']}",
             "",
             *(
-                ["**Incomplete**: the run was stopped before this model's last rows.", ""]
+                ["**Incomplete**: a run of this model was stopped before its last rows.", ""]
                 if model.get("incomplete")
                 else []
             ),
@@ -442,6 +456,35 @@ def summary(models: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+_ORDER = ("float", "prune", "pot", "ort", "QAT")
+
+
+def merged(name: str) -> dict[str, Any]:
+    """One model's rows from every cached run of it (complete or stopped part-way), in the
+    order float, pruning, PotQuantize by bits, onnxruntime, combined, QAT."""
+    files = sorted(CACHE.glob(f"{name}.json")) + sorted(CACHE.glob(f"{name}.*.json"))
+    base: dict[str, Any] | None = None
+    rows: dict[str, dict[str, Any]] = {}
+    incomplete = False
+    for path in files:
+        run = json.loads(path.read_text())
+        base = base or run
+        incomplete |= path.name.endswith(".partial.json")
+        for row in run["rows"]:
+            rows.setdefault(row["config"], row)
+    if base is None:
+        raise SystemExit(f"nothing cached for {name} in {CACHE}")
+
+    def rank(config: str) -> tuple[int, int]:
+        kind = next((i for i, k in enumerate(_ORDER) if k in config), 2)
+        if "finetune + pot" in config:
+            kind = 3
+        return (4 if "QAT" in config else kind, 0)
+
+    ordered = sorted(rows.values(), key=lambda r: rank(r["config"]))
+    return {**base, "rows": ordered, "incomplete": incomplete}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2,vit")
@@ -449,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="a line for the results' header")
+    parser.add_argument("--parts", default=",".join(PARTS), help="rows to run: " + ",".join(PARTS))
+    parser.add_argument("--bits", default=",".join(BITS))
+    parser.add_argument("--searches", default=",".join(SEARCHES))
+    parser.add_argument(
+        "--tag", default="", help="cache this run's rows apart (merged with the others)"
+    )
     parser.add_argument(
         "--collect",
         action="store_true",
@@ -467,20 +516,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     models = []
     for name in args.models.split(","):
-        cached = CACHE / f"{name}.json"
-        if cached.is_file() and not args.redo:
-            models.append(json.loads(cached.read_text()))
-            continue
-        partial = CACHE / f"{name}.partial.json"
+        stem = f"{name}.{args.tag}" if args.tag else name
+        cached = CACHE / f"{stem}.json"
         if args.collect:
-            if partial.is_file():
-                models.append({**json.loads(partial.read_text()), "incomplete": True})
+            models.append(merged(name))
             continue
-        result = run_model(name)
-        partial.unlink(missing_ok=True)
-        CACHE.mkdir(parents=True, exist_ok=True)
+        if cached.is_file() and not args.redo:
+            continue
+        result = run_model(
+            name,
+            tuple(args.parts.split(",")),
+            tuple(args.bits.split(",")),
+            tuple(args.searches.split(",")),
+            stem,
+        )
+        (CACHE / f"{stem}.partial.json").unlink(missing_ok=True)
         cached.write_text(json.dumps(result, indent=2))
-        models.append(copy.deepcopy(result))
+    if not args.collect:
+        models = [merged(name) for name in args.models.split(",")]
     data = {**header("real_data.py", argv), "note": args.note, "models": models}
     write_results(args.out, "real_data", data, render(data))
     return 0
