@@ -226,6 +226,7 @@ def run_model(
     bits_list: tuple[str, ...] = BITS,
     searches: tuple[str, ...] = SEARCHES,
     stem: str = "",
+    qat_recipe: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     import edgefx
     from edgefx.frontend import capture
@@ -323,7 +324,8 @@ def run_model(
         (r["top1"] for r in rows if r["config"].startswith("pot W4A4") and r["top1"] is not None),
         default=None,
     )
-    for bits in ("4/4", "2/4") if "qat" in parts else ():
+    qat_epochs, qat_lr = qat_recipe or (QAT_EPOCHS, recipe["qat_lr"])
+    for bits in [b for b in ("4/4", "2/4") if b in bits_list] if "qat" in parts else ():
         if bits == "4/4" and best_w4a4 is not None and best_w4a4 >= float_acc - 1.0:
             continue
         # QAT starts from the best post-training search at these bits
@@ -336,10 +338,11 @@ def run_model(
         def qat(key: str = f"{bits}:{search}") -> tuple[float, dict[str, Any]]:
             if key not in ptq:
                 raise RuntimeError(f"PotQuantize {key} failed or was not run")
-            result = fine_tune(QAT_EPOCHS, recipe["qat_lr"], SEED + 2)(ptq[key])
+            result = fine_tune(qat_epochs, qat_lr, SEED + 2)(ptq[key])
             return top1(result.program, test_x, test_y), {"train_s": result.report["train_s"]}
 
-        row(f"pot {label} {search} + QAT {QAT_EPOCHS} ep", qat)
+        lr_note = f" lr {qat_lr:g}" if qat_recipe else ""  # the recipe's lr is in the header
+        row(f"pot {label} {search} + QAT {qat_epochs} ep{lr_note}", qat)
     del edgefx
     return {"model": name, "train_s": round(train_s, 1), "recipe": recipe, "rows": rows}
 
@@ -496,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--searches", default=",".join(SEARCHES))
     parser.add_argument(
+        "--qat", default="", help="EPOCHS,LR: QAT rows with this recipe (named with the lr)"
+    )
+    parser.add_argument(
         "--tag", default="", help="cache this run's rows apart (merged with the others)"
     )
     parser.add_argument(
@@ -529,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(args.bits.split(",")),
             tuple(args.searches.split(",")),
             stem,
+            (int(args.qat.split(",")[0]), float(args.qat.split(",")[1])) if args.qat else None,
         )
         (CACHE / f"{stem}.partial.json").unlink(missing_ok=True)
         cached.write_text(json.dumps(result, indent=2))
