@@ -25,6 +25,7 @@ from edgefx.errors import ArtifactError, CaptureError, InputError, first_line
 
 if TYPE_CHECKING:
     from edgefx.analysis.cost import CostReport
+    from edgefx.training import TrainableProgram
 
 BATCH = "batch"
 """The name edgefx gives the dynamic batch dimension in specs, ONNX models and manifests."""
@@ -266,6 +267,23 @@ class Program:
     def check_inputs(self, inputs: Sequence[object]) -> None:
         """Raise InputError unless ``inputs`` match the input specs."""
         check_inputs(self.input_specs, inputs)
+
+    # ----------------------------------------------------------------- training
+    def trainable(self, *, weight_bits: int | None = None) -> TrainableProgram:
+        """The graph as an ``nn.Module`` that trains: BatchNorm on batch statistics (updating
+        its running statistics) under ``.train()``, straight-through rounding for quantized
+        tensors, every float parameter a leaf with gradients. A deep copy; see
+        :mod:`edgefx.training`."""
+        from edgefx.training import trainable
+
+        return trainable(self, weight_bits=weight_bits)
+
+    def with_weights(self, module: torch.nn.Module, applied: str | None = None) -> Program:
+        """A new Program: this graph with the values trained in ``module`` (made by
+        :meth:`trainable`); ``applied`` is appended to the history if given."""
+        from edgefx.training import with_weights
+
+        return with_weights(self, module, applied)
 
     # ----------------------------------------------------------------- analysis
     def cost(self) -> CostReport:

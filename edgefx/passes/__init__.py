@@ -3,6 +3,7 @@
 from edgefx.passes.base import Figures, NumericError, Pass, PassManager, PassResult, check_passes
 from edgefx.passes.channel_prune import ChannelPrune
 from edgefx.passes.dead_code import DeadCodeElimination
+from edgefx.passes.fine_tune import FineTune
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.pot_quantize import PotQuantize
 
@@ -11,6 +12,7 @@ PASSES: dict[str, type[Pass]] = {
     "fold-bn": FoldBatchNorm,
     "dce": DeadCodeElimination,
     "pot": PotQuantize,
+    "finetune": FineTune,
 }
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "ChannelPrune",
     "DeadCodeElimination",
     "Figures",
+    "FineTune",
     "FoldBatchNorm",
     "NumericError",
     "Pass",
