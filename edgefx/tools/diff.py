@@ -121,7 +121,11 @@ class GraphDiff:
         for c in self.changes:
             if c.status == "same" and not show_all:
                 continue
-            what = "; ".join(f"{k} {_text(v[0])} -> {_text(v[1])}" for k, v in c.changed.items())
+            what = "; ".join(
+                f"{k} {_text(v[0])} -> {_text(v[1])}"
+                for k, v in c.changed.items()
+                if k not in ("macs", "params")  # they have their own columns
+            )
             table.add_row(
                 c.module,
                 c.status,

@@ -415,6 +415,20 @@ def _onnx_macs(node: Any, shapes: dict[str, tuple[int, ...]], inits: dict[str, A
     return 0
 
 
+def _counts_as_param(op_type: str, position: int, tensor: Any) -> bool:
+    """Which constant inputs are parameters, as the cost analysis counts them on the
+    Program: weights, biases and quantized codes; not quantization scales / zero points
+    (exponent buffers there), a BatchNorm's running statistics (buffers there), shapes,
+    axes or scalars."""
+    from onnx import TensorProto
+
+    if op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return op_type == "DequantizeLinear" and position == 0
+    if op_type == "BatchNormalization":
+        return position in (1, 2)
+    return tensor.data_type != TensorProto.INT64 and math.prod(tensor.dims) > 1
+
+
 def onnx_graph(
     model: Any,
     node_map: dict[str, dict[str, str]] | None = None,
@@ -443,8 +457,8 @@ def onnx_graph(
         params = 0
         weight_dtype = weight_bits = None
         biggest = -1
-        for i in node.input:
-            if i in inits:
+        for position, i in enumerate(node.input):
+            if i in inits and _counts_as_param(node.op_type, position, inits[i]):
                 numel = math.prod(inits[i].dims)
                 params += numel
                 used_params[i] = numel

@@ -4,13 +4,16 @@ kernel time back to the FX node and source module it came from.
 The ONNX backend names nodes ``<module>/<fx node>`` and writes the map to
 ``onnx_nodes.json``; onnxruntime's profile names kernels after the nodes it ran, including
 nodes it fused (which keep the name of the node they were built from, sometimes with a
-suffix), so each measured kernel is charged to the longest known node name it starts with.
+suffix, and without the module prefix), so a kernel is charged to its ONNX node by name, or
+else to the FX node whose name it keeps. Layout conversions onnxruntime inserts itself
+(``ReorderInput`` / ``ReorderOutput``) have no origin and are reported as unmapped.
 Kernel times are medians over the measured runs (warm-up runs are dropped).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -134,13 +137,22 @@ def _inputs(target: Target, session: Any, batch: int, seed: int) -> dict[str, np
     return feeds
 
 
-def _origin(name: str, node_map: dict[str, dict[str, str]], keys: list[str]) -> dict[str, str]:
+# suffixes onnxruntime's graph transformers append to the nodes they rebuild
+_ORT_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_fused)+$")
+
+
+def _origin(
+    name: str, node_map: dict[str, dict[str, str]], by_fx: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """The node_map entry of a profiled kernel: by its ONNX name, else (for nodes
+    onnxruntime rebuilt, e.g. ``conv2d_1_nchwc`` from ``layer1.0.conv1/conv2d_1``) by the
+    FX node name it keeps."""
     if name in node_map:
         return node_map[name]
-    for key in keys:  # longest first
-        if name.startswith(key):
-            return node_map[key]
-    return {}
+    base = _ORT_SUFFIX.sub("", name)
+    if base in node_map:
+        return node_map[base]
+    return by_fx.get(base.rsplit("/", 1)[-1], {})
 
 
 def profile_onnx(
@@ -197,13 +209,13 @@ def profile_onnx(
         name = event["name"][: -len(_KERNEL_SUFFIX)]
         kernel.setdefault(name, []).append(event["dur"] / 1000.0)
         op_types[name] = event.get("args", {}).get("op_name", "")
-    keys = sorted(target.node_map, key=len, reverse=True)
+    by_fx = {e["fx_node"]: e for e in target.node_map.values() if e.get("fx_node")}
     nodes = []
     unmapped = 0.0
     for name, times in kernel.items():
         measured = times[warmup:] if len(times) > warmup else times
-        origin = _origin(name, target.node_map, keys)
-        module = origin.get("module") or (name.rsplit("/", 1)[0] if "/" in name else "")
+        origin = _origin(name, target.node_map, by_fx)
+        module = origin.get("module", "") or (name.rsplit("/", 1)[0] if "/" in name else "")
         ms = statistics.median(measured)
         if not origin.get("fx_node"):
             unmapped += ms
