@@ -65,12 +65,31 @@ def _resolve(args: argparse.Namespace):
     return resolve_model(args.model, args.input_shape)
 
 
+def _captured(resolved, args: argparse.Namespace):
+    """``resolved`` with its model captured into a Program (a Program stays as it is)."""
+    from edgefx.frontend import capture
+    from edgefx.frontend.zoo import ResolvedModel
+    from edgefx.program import Program
+
+    if isinstance(resolved.model, Program):
+        return resolved
+    program = capture(
+        resolved.model,
+        resolved.example_inputs,
+        dynamic_batch=not args.static_batch,
+        name=resolved.name,
+    )
+    return ResolvedModel(resolved.name, program, None)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import edgefx
 
     passes = [parse_pass(p) for p in args.passes]
     options = {"opset": args.opset} if args.opset is not None else {}
     resolved = _resolve(args)
+    if args.dump_dir:  # the stage pictures need the captured Program: capture it here
+        resolved = _captured(resolved, args)
     compiled = edgefx.compile(
         resolved.model,
         resolved.example_inputs,
@@ -84,6 +103,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     console.print(compiled.report.table())
     specs = ", ".join(s.describe() for s in compiled.input_specs)
     console.print(f"inputs: {specs}")
+    if args.dump_dir:
+        from edgefx.tools.dump import render_stages
+
+        index = render_stages(args.dump_dir, resolved.model, compiled.report.passes)
+        console.print(f"stages, pictures and diffs: {index}")
     if args.output:
         out = compiled.save(args.output)
         files = ", ".join(sorted(p.name for p in out.iterdir()))
@@ -208,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="max backend error relative to the output scale (default 1e-4)",
     )
     p.add_argument(
-        "--dump-dir", default=None, help="write the readable graph after every pass here"
+        "--dump-dir",
+        default=None,
+        help="write the readable graph, picture and Program after every pass here, and an "
+        "index.html walking through them",
     )
     p.add_argument(
         "-o", "--output", default=None, help="folder to save the artifact and manifest in"
