@@ -33,3 +33,19 @@ def tiny_module_only():
 
 def not_a_model():
     return "hello"
+
+
+def deit_tiny():
+    """timm's DeiT-Tiny at 32x32 (4 patches + CLS): 12 identical blocks, small to capture."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    return model, (torch.randn(1, 3, 32, 32),)
+
+
+def mobilenet_v2():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 32, 32),)
