@@ -202,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="colour boxes by macs, params, channels, tokens, quant-error or latency "
             f"(default {default_color})",
         )
-        p.add_argument(
-            "--expand", action="store_true", help="draw repeated blocks one by one"
-        )
+        p.add_argument("--expand", action="store_true", help="draw repeated blocks one by one")
         p.add_argument(
             "--model-explorer",
             metavar="FILE",

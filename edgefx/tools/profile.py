@@ -6,7 +6,9 @@ The ONNX backend names nodes ``<module>/<fx node>`` and writes the map to
 nodes it fused (which keep the name of the node they were built from, sometimes with a
 suffix, and without the module prefix), so a kernel is charged to its ONNX node by name, or
 else to the FX node whose name it keeps. Layout conversions onnxruntime inserts itself
-(``ReorderInput`` / ``ReorderOutput``) have no origin and are reported as unmapped.
+(``ReorderInput`` / ``ReorderOutput``) have no origin and are reported as unmapped. A fused
+kernel (onnxruntime runs Conv -> Relu as one Conv named after the Relu) is charged to the
+node it starts from (the conv).
 Kernel times are medians over the measured runs (warm-up runs are dropped).
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 from rich.table import Table
 
 from edgefx.errors import EdgefxError
+from edgefx.tools.layers import TOP
 from edgefx.tools.target import Target
 
 _KERNEL_SUFFIX = "_kernel_time"
@@ -155,6 +158,25 @@ def _origin(
     return by_fx.get(base.rsplit("/", 1)[-1], {})
 
 
+def _fusion_sources(
+    model: Any, node_map: dict[str, dict[str, str]]
+) -> dict[tuple[str, str], dict[str, str]]:
+    """(fx node of a node, op type of a node feeding it) -> the feeding node's entry.
+
+    onnxruntime fuses e.g. Conv -> Relu into one Conv kernel named after the Relu; the
+    kernel's op type then differs from the node it is named after, and its time belongs to
+    the producer of that op type (the conv, where the MACs are)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    sources = {}
+    for node in model.graph.node:
+        entry = node_map.get(node.name, {})
+        for name in node.input:
+            feeding = producer.get(name)
+            if feeding is not None and feeding.name in node_map and entry.get("fx_node"):
+                sources[(entry["fx_node"], feeding.op_type)] = node_map[feeding.name]
+    return sources
+
+
 def profile_onnx(
     target: Target,
     *,
@@ -210,11 +232,15 @@ def profile_onnx(
         kernel.setdefault(name, []).append(event["dur"] / 1000.0)
         op_types[name] = event.get("args", {}).get("op_name", "")
     by_fx = {e["fx_node"]: e for e in target.node_map.values() if e.get("fx_node")}
+    fused_into = _fusion_sources(target.onnx_model, target.node_map)
     nodes = []
     unmapped = 0.0
     for name, times in kernel.items():
         measured = times[warmup:] if len(times) > warmup else times
         origin = _origin(name, target.node_map, by_fx)
+        if origin and op_types[name] and origin.get("op_type") not in (None, op_types[name]):
+            # a fused kernel (Conv+Relu) named after its last node: charge its first one
+            origin = fused_into.get((origin.get("fx_node", ""), op_types[name]), origin)
         module = origin.get("module", "") or (name.rsplit("/", 1)[0] if "/" in name else "")
         ms = statistics.median(measured)
         if not origin.get("fx_node"):
@@ -234,5 +260,22 @@ def profile_onnx(
 
 def latency_data(target: Target, report: ProfileReport) -> dict[str, float]:
     """Per-atom latency for the picture of ``target.graph()``: FX node names when the graph
-    is the Program's, ONNX node names when it is the ONNX model's."""
-    return report.by_fx_node() if target.program is not None else report.by_onnx_node()
+    is the Program's, ONNX node names when it is the ONNX model's.
+
+    A saved and reloaded Program may name a node differently from the Program the ONNX
+    model was lowered from (torch.export renames e.g. ``view`` to ``reshape``); such a
+    node's time goes to the first op of the same module."""
+    if target.program is None:
+        return report.by_onnx_node()
+    graph = target.graph()
+    data: dict[str, float] = {}
+    for fx_node, ms in report.by_fx_node().items():
+        if fx_node not in graph.atoms:
+            node = next((n for n in report.nodes if n.fx_node == fx_node), None)
+            layer = graph.layers.get(node.module or TOP) if node is not None else None
+            visible = [a for a in layer.atoms if not graph.atoms[a].plumbing] if layer else []
+            if not visible:
+                continue
+            fx_node = visible[0]
+        data[fx_node] = data.get(fx_node, 0.0) + ms
+    return data

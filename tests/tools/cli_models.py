@@ -49,3 +49,10 @@ def mobilenet_v2():
 
     torch.manual_seed(0)
     return torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def resnet18():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)

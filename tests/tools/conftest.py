@@ -36,6 +36,7 @@ def resnet18_pruned(resnet18):
 def mobilenet_v2_quantized(mobilenet_v2_folded):
     """(float, quantized) of a real 4-bit PotQuantize on BN-folded mobilenet_v2."""
     folded, _ = mobilenet_v2_folded
-    calib = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))]
-    quantized, _ = PassManager([PotQuantize(calib, weight_bits=4, search="mse")]).run(folded)
+    gen = torch.Generator().manual_seed(7)
+    calib = [torch.randn(1, 3, 32, 32, generator=gen) for _ in range(2)]  # static batch 1
+    quantized, _ = PassManager([PotQuantize(calib, weight_bits=4, search="minmax")]).run(folded)
     return folded, quantized
