@@ -56,3 +56,15 @@ def resnet18():
 
     torch.manual_seed(0)
     return torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def other():
+    """A small net unrelated to TinyNet (no module names in common)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 4, 3))
+    model.add_module("act", nn.ReLU())
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("classifier", nn.Linear(4, 2))
+    return model, (torch.randn(1, 3, 16, 16),)
