@@ -112,3 +112,25 @@ def test_inspect_onnx_file_and_compiled_folder(capsys, tmp_path, resnet18_onnx):
     assert code == 0 and "Layers of" in out and "layer" in out
     target = Target("t", onnx_path=folder / "model.onnx")
     assert target.graph().source == "onnx"
+
+
+def test_a_compiled_folder_of_another_backend_is_inspected_through_its_program(capsys, tmp_path):
+    """A backend whose artifact edgefx cannot read here (a TVM library) still has the
+    program.pt2 that Compiled.save writes beside it; inspect reads that."""
+    from cli_models import tiny
+
+    from edgefx.frontend import capture
+
+    folder = tmp_path / "tvm_out"
+    folder.mkdir()
+    program = capture(*tiny())
+    program.save(folder / "program.pt2")
+    manifest = {"backend": "tvm", "artifact": "model.so", "program": "program.pt2"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, out, _ = run(capsys, "inspect", str(folder), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["source"] == "program" and data["total_macs"] == program.cost().total_macs
+    (folder / "program.pt2").unlink()
+    code, _, err = run(capsys, "inspect", str(folder))
+    assert code == 2 and "no program.pt2 or ONNX model" in err

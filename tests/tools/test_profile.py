@@ -75,3 +75,21 @@ def test_model_explorer_macs_export(tmp_path, resnet18_folder, resnet18_onnx):
     out = tmp_path / "m.json"
     assert main(["inspect", str(resnet18_folder / "model.onnx"), "--model-explorer", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mobilenet_v2", "deit_tiny"])
+def test_profile_and_cross_format_diff_of_more_models(capsys, tmp_path, model):
+    """Compile, then profile the folder and diff its Program against its ONNX model."""
+    code = main(["compile", f"cli_models:{model}", "--static-batch", "-o", str(tmp_path / "o")])
+    assert code == 0
+    capsys.readouterr()
+    target = load_target(str(tmp_path / "o"))
+    report = profile_onnx(target, runs=2, warmup=1)
+    assert report.unmapped_ms < 0.5 * report.kernel_ms
+    linear_or_conv = [m for m, layer in target.graph().layers.items() if layer.macs]
+    measured = report.by_module()
+    assert sum(1 for m in linear_or_conv if measured.get(m, 0) > 0) >= 0.8 * len(linear_or_conv)
+    assert main(["diff", str(tmp_path / "o"), str(tmp_path / "o" / "model.onnx"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["macs_delta"] == 0 and data["counts"]["added"] == 0
