@@ -141,21 +141,28 @@ def _inputs(target: Target, session: Any, batch: int, seed: int) -> dict[str, np
 
 
 # suffixes onnxruntime's graph transformers append to the nodes they rebuild
-_ORT_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_fused)+$")
+_ORT_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_fused|_new_reshape)+$")
 
 
 def _origin(
     name: str, node_map: dict[str, dict[str, str]], by_fx: dict[str, dict[str, str]]
 ) -> dict[str, str]:
-    """The node_map entry of a profiled kernel: by its ONNX name, else (for nodes
-    onnxruntime rebuilt, e.g. ``conv2d_1_nchwc`` from ``layer1.0.conv1/conv2d_1``) by the
-    FX node name it keeps."""
-    if name in node_map:
-        return node_map[name]
+    """The node_map entry of a profiled kernel: by its ONNX name; for nodes onnxruntime
+    rebuilt, by that name less what it appended (``layer1.0.conv1/conv2d_1`` from
+    ``.../conv2d_1/MatMulAddFusion``), else by the FX node name it keeps (``conv2d_1_nchwc``
+    drops the module prefix)."""
     base = _ORT_SUFFIX.sub("", name)
-    if base in node_map:
-        return node_map[base]
-    return by_fx.get(base.rsplit("/", 1)[-1], {})
+    candidate = base
+    while True:
+        if candidate in node_map:
+            return node_map[candidate]
+        if "/" not in candidate:
+            break
+        candidate = candidate.rsplit("/", 1)[0]
+    for part in reversed(base.split("/")):
+        if part in by_fx:
+            return by_fx[part]
+    return {}
 
 
 def _fusion_sources(

@@ -80,12 +80,14 @@ def test_model_explorer_macs_export(tmp_path, resnet18_folder, resnet18_onnx):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mobilenet_v2", "deit_tiny"])
 def test_profile_and_cross_format_diff_of_more_models(capsys, tmp_path, model):
-    """Compile, then profile the folder and diff its Program against its ONNX model."""
-    code = main(["compile", f"cli_models:{model}", "--static-batch", "-o", str(tmp_path / "o")])
+    """Compile (BatchNorm folded, as deployed), then profile the folder and diff its Program
+    against its ONNX model."""
+    out = str(tmp_path / "o")
+    code = main(["compile", f"cli_models:{model}", "--static-batch", "-p", "fold-bn", "-o", out])
     assert code == 0
     capsys.readouterr()
     target = load_target(str(tmp_path / "o"))
-    report = profile_onnx(target, runs=2, warmup=1)
+    report = profile_onnx(target, runs=5, warmup=2)
     assert report.unmapped_ms < 0.5 * report.kernel_ms
     linear_or_conv = [m for m, layer in target.graph().layers.items() if layer.macs]
     measured = report.by_module()
