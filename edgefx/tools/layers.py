@@ -452,6 +452,9 @@ def onnx_graph(
     atoms = []
     used_params: dict[str, int] = {}
     graph_inputs = [i.name for i in model.graph.input if i.name not in inits]
+    # an ONNX model from elsewhere names no modules: then every node is its own row
+    names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.graph.node)]
+    has_modules = any(_onnx_module(n, node_map) for n in names)
     for index, node in enumerate(model.graph.node):
         node_name = node.name or f"{node.op_type}_{index}"
         params = 0
@@ -474,7 +477,7 @@ def onnx_graph(
             Atom(
                 name=node_name,
                 op=node.op_type,
-                module=_onnx_module(node_name, node_map),
+                module=_onnx_module(node_name, node_map) if has_modules else node_name,
                 kind="",
                 output_shape=shapes.get(node.output[0]) if node.output else None,
                 macs=_onnx_macs(node, shapes, inits),

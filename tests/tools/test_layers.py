@@ -134,3 +134,31 @@ def test_a_compiled_folder_of_another_backend_is_inspected_through_its_program(c
     (folder / "program.pt2").unlink()
     code, _, err = run(capsys, "inspect", str(folder))
     assert code == 2 and "no program.pt2 or ONNX model" in err
+
+
+def test_onnx_from_elsewhere_one_row_per_node_with_hand_computed_macs():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.zeros(108).tolist())
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [144, 10], np.zeros(1440).tolist())
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 144])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"], name="Conv_0"),
+            helper.make_node("Relu", ["y"], ["r"], name="Relu_1"),
+            helper.make_node("Reshape", ["r", "shape"], ["f"], name="Reshape_2"),
+            helper.make_node("MatMul", ["f", "fc"], ["z"], name="MatMul_3"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [weight, fc, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layers = onnx_graph(model).layers
+    assert list(layers) == ["Conv_0", "Relu_1", "Reshape_2", "MatMul_3"]
+    assert layers["Conv_0"].macs == 4 * 6 * 6 * (3 * 3 * 3)  # batch set to 1
+    assert layers["MatMul_3"].macs == 10 * 144
+    assert layers["Conv_0"].params == 108 and layers["MatMul_3"].params == 1440
+    assert layers["Reshape_2"].params == 0  # a shape is not a parameter
