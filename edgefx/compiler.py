@@ -16,12 +16,12 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils import _pytree as pytree
 
+from edgefx.analysis.cost import human
 from edgefx.backends import Artifact, artifact_class, get_backend
 from edgefx.errors import ArtifactError, BackendError, EdgefxError, InputError, first_line
 from edgefx.frontend import capture
 from edgefx.passes.base import Figures, NumericError, PassManager, PassResult, check_passes
 from edgefx.program import Program, TensorSpec, check_inputs
-from edgefx.tools.tables import human
 
 MANIFEST = "manifest.json"
 PROGRAM_FILE = "program.pt2"

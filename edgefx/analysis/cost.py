@@ -285,3 +285,12 @@ def _macs(node: Node, values: dict[Node, Any]) -> int:
 def _shape(value: Any) -> tuple[int, ...] | None:
     first = _first_tensor(value)
     return None if first is None else tuple(int(d) for d in first.shape)
+
+
+def human(number: float) -> str:
+    """Three significant digits and a unit: 1_814_073_344 -> '1.81 G', 11_689_512 -> '11.7 M'."""
+    for unit, divisor in (("", 1), ("K", 1e3), ("M", 1e6), ("G", 1e9)):
+        text = f"{number / divisor:.3g}"
+        if abs(float(text)) < 1000:  # after rounding: 999_999 is '1 M', not '1e+03 K'
+            return f"{text} {unit}".rstrip()
+    return f"{number / 1e12:.3g} T"

@@ -2,7 +2,8 @@
 
 edgefx compile resnet18 --backend onnx -o out/
 edgefx compile timm:deit_tiny_patch16_224 -p fold-bn -p dce --dump-dir dump/ -o out/
-edgefx inspect mobilenet_v2 --sort macs --top 15
+edgefx inspect mobilenet_v2 --top 15 --svg mnv2.svg
+edgefx diff before.pt2 after.pt2 | edgefx profile out/ --html profile.html
 edgefx passes | edgefx models vit
 """
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgefx.errors import EdgefxError, PassError
+from edgefx.errors import ArtifactError, EdgefxError, PassError
 
 # Tables stay readable when piped (rich would fall back to 80 columns); text is printed as is.
 console = Console(markup=False, highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -64,12 +65,31 @@ def _resolve(args: argparse.Namespace):
     return resolve_model(args.model, args.input_shape)
 
 
+def _captured(resolved, args: argparse.Namespace):
+    """``resolved`` with its model captured into a Program (a Program stays as it is)."""
+    from edgefx.frontend import capture
+    from edgefx.frontend.zoo import ResolvedModel
+    from edgefx.program import Program
+
+    if isinstance(resolved.model, Program):
+        return resolved
+    program = capture(
+        resolved.model,
+        resolved.example_inputs,
+        dynamic_batch=not args.static_batch,
+        name=resolved.name,
+    )
+    return ResolvedModel(resolved.name, program, None)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import edgefx
 
     passes = [parse_pass(p) for p in args.passes]
     options = {"opset": args.opset} if args.opset is not None else {}
     resolved = _resolve(args)
+    if args.dump_dir:  # the stage pictures need the captured Program: capture it here
+        resolved = _captured(resolved, args)
     compiled = edgefx.compile(
         resolved.model,
         resolved.example_inputs,
@@ -83,6 +103,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     console.print(compiled.report.table())
     specs = ", ".join(s.describe() for s in compiled.input_specs)
     console.print(f"inputs: {specs}")
+    if args.dump_dir:
+        from edgefx.tools.dump import render_stages
+
+        index = render_stages(args.dump_dir, resolved.model, compiled.report.passes)
+        console.print(f"stages, pictures and diffs: {index}")
     if args.output:
         out = compiled.save(args.output)
         files = ", ".join(sorted(p.name for p in out.iterdir()))
@@ -91,29 +116,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from edgefx.frontend import capture
-    from edgefx.program import Program
-    from edgefx.tools.tables import cost_table
+    from edgefx.tools import commands
 
-    resolved = _resolve(args)
-    program = (
-        resolved.model
-        if isinstance(resolved.model, Program)
-        else capture(
-            resolved.model,
-            resolved.example_inputs,
-            dynamic_batch=not args.static_batch,
-            name=resolved.name,
-        )
-    )
-    console.print(program)
-    console.print(cost_table(program.cost(), top=args.top, sort=args.sort))
+    target = commands.load(args.model, args)
+    program = target.program
+    if commands.inspect(args, target, console):  # printed JSON: nothing may follow
+        return 0
     if args.channels:
         from edgefx.analysis.depgraph import ChannelDependencyGraph
         from edgefx.tools.tables import channel_table
 
+        if program is None:
+            raise ArtifactError(f"--channels needs a Program; {target.name} is only ONNX")
         console.print(channel_table(ChannelDependencyGraph(program.graph_module)))
     return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from edgefx.tools import commands
+
+    return commands.diff(args, console)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from edgefx.tools import commands
+
+    return commands.profile(args, console)
 
 
 def cmd_passes(_args: argparse.Namespace) -> int:
@@ -162,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
             help="capture with a fixed batch size instead of a dynamic one",
         )
 
+    def picture_args(p: argparse.ArgumentParser, default_color: str = "macs") -> None:
+        p.add_argument("--svg", metavar="FILE", default=None, help="draw the graph (graphviz)")
+        p.add_argument(
+            "--html", metavar="FILE", default=None, help="offline report: tables + picture"
+        )
+        p.add_argument(
+            "--color",
+            default=default_color,
+            metavar="METRIC",
+            help="colour boxes by macs, params, channels, tokens, quant-error or latency "
+            f"(default {default_color})",
+        )
+        p.add_argument("--expand", action="store_true", help="draw repeated blocks one by one")
+        p.add_argument(
+            "--model-explorer",
+            metavar="FILE",
+            default=None,
+            help="write per-node MACs (latency for profile) as Google Model Explorer node data",
+        )
+
     p = sub.add_parser("compile", help="capture, run passes, lower to a backend, check, save")
     model_args(p)
     p.add_argument(
@@ -182,23 +230,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="max backend error relative to the output scale (default 1e-4)",
     )
     p.add_argument(
-        "--dump-dir", default=None, help="write the readable graph after every pass here"
+        "--dump-dir",
+        default=None,
+        help="write the readable graph, picture and Program after every pass here, and an "
+        "index.html walking through them",
     )
     p.add_argument(
         "-o", "--output", default=None, help="folder to save the artifact and manifest in"
     )
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("inspect", help="layer table: module, op, output shape, MACs, params, share")
+    p = sub.add_parser(
+        "inspect", help="layers of a model, Program, ONNX file or compiled folder: MACs, params"
+    )
     model_args(p)
-    p.add_argument("--top", type=int, default=None, help="show only the N largest rows")
+    p.add_argument("--top", type=int, default=None, help="show only the N costliest rows")
     p.add_argument("--sort", choices=("graph", "macs", "params"), default="graph")
+    p.add_argument(
+        "--nodes", action="store_true", help="one row per graph node instead of per module"
+    )
     p.add_argument(
         "--channels",
         action="store_true",
         help="also show the channel dependency graph: which channels ChannelPrune may remove",
     )
+    p.add_argument(
+        "--quant",
+        action="store_true",
+        help="bits, exponents and weight SQNR of power-of-two quantized layers",
+    )
+    p.add_argument("--json", action="store_true", help="print the layers as JSON instead")
+    picture_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "diff", help="what changed between two models: layers, channels, dtype, MACs, params"
+    )
+    p.add_argument("a", help="before: a model, .pt2, .onnx or compiled folder")
+    p.add_argument("b", help="after: a model, .pt2, .onnx or compiled folder")
+    p.add_argument("--input-shape", type=parse_shape, default=None, help="for model names")
+    p.add_argument("--all", action="store_true", help="also list the unchanged layers")
+    p.add_argument("--json", action="store_true", help="print the diff as JSON instead")
+    picture_args(p)
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "profile", help="run a compiled ONNX model under onnxruntime's profiler, per module"
+    )
+    p.add_argument("target", help="a folder from `edgefx compile -o DIR`, or an .onnx file")
+    p.add_argument("--runs", type=int, default=20, help="measured runs (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="runs dropped first (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--nodes", action="store_true", help="one row per ONNX node")
+    p.add_argument("--top", type=int, default=None, help="show only the N slowest rows")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON instead")
+    picture_args(p, default_color="latency")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("passes", help="list the available passes")
     p.set_defaults(func=cmd_passes)

@@ -6,8 +6,12 @@ from typing import Literal
 
 from rich.table import Table
 
-from edgefx.analysis.cost import CostReport, NodeCost
+from edgefx.analysis.cost import CostReport, NodeCost, human
 from edgefx.analysis.depgraph import ChannelDependencyGraph
+from edgefx.tools.layers import Layer, LayerGraph
+from edgefx.tools.quant import QuantLayer
+
+__all__ = ["channel_table", "cost_table", "human", "layer_table", "quant_table"]
 
 CostSort = Literal["graph", "macs", "params"]
 
@@ -15,15 +19,6 @@ _SORT_KEYS = {
     "macs": lambda cost: cost.macs,
     "params": lambda cost: cost.params,
 }
-
-
-def human(number: float) -> str:
-    """Three significant digits and a unit: 1_814_073_344 -> '1.81 G', 11_689_512 -> '11.7 M'."""
-    for unit, divisor in (("", 1), ("K", 1e3), ("M", 1e6), ("G", 1e9)):
-        text = f"{number / divisor:.3g}"
-        if abs(float(text)) < 1000:  # after rounding: 999_999 is '1 M', not '1e+03 K'
-            return f"{text} {unit}".rstrip()
-    return f"{number / 1e12:.3g} T"
 
 
 def cost_table(report: CostReport, *, top: int | None = None, sort: CostSort = "graph") -> Table:
@@ -114,4 +109,123 @@ def channel_table(dep: ChannelDependencyGraph) -> Table:
         f"{summary['classes']} classes, {summary['groups']} groups, "
         f"{summary['prunable_groups']} removable"
     )
+    return table
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "" if shape is None else "x".join(map(str, shape))
+
+
+def _ops_text(ops: list[str], limit: int = 4) -> str:
+    return ", ".join(ops[:limit]) + (f" +{len(ops) - limit}" if len(ops) > limit else "")
+
+
+def layer_table(
+    graph: LayerGraph, *, top: int | None = None, sort: CostSort = "graph", title: str = ""
+) -> Table:
+    """One row per source module (ops folded in, plumbing hidden), at most ``top`` rows,
+    then a total row over the whole graph (equal to the cost analysis's totals)."""
+    if sort not in ("graph", *_SORT_KEYS):
+        raise ValueError(f"sort must be 'graph', 'macs' or 'params', not {sort!r}")
+    if top is not None and top < 0:
+        raise ValueError(f"top must be >= 0, not {top}")
+    rows: list[Layer] = list(graph.layers.values())
+    if sort != "graph":
+        rows.sort(key=_SORT_KEYS[sort], reverse=True)
+    hidden = 0 if top is None else max(len(rows) - top, 0)
+    rows = rows[: len(rows) - hidden]
+    table = Table(title=title or f"Layers of {graph.name} (one row per source module)")
+    for column, justify in (
+        ("module", "left"),
+        ("kind", "left"),
+        ("ops", "left"),
+        ("output shape", "left"),
+        ("MACs", "right"),
+        ("params", "right"),
+        ("weights", "left"),
+        ("% MACs", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+
+    def share(macs: int) -> str:
+        return f"{100 * macs / graph.total_macs:.1f}%" if graph.total_macs else "-"
+
+    for layer in rows:
+        weights = ""
+        if layer.weight_dtype:
+            weights = layer.weight_dtype + (
+                f" ({layer.weight_bits} bit codes)" if layer.weight_bits is not None else ""
+            )
+        calls = f" x{layer.calls}" if layer.calls > 1 else ""
+        table.add_row(
+            layer.module + calls,
+            layer.kind,
+            _ops_text(layer.ops),
+            _shape_text(layer.output_shape),
+            human(layer.macs),
+            human(layer.params),
+            weights,
+            share(layer.macs),
+        )
+    if hidden:
+        table.add_row(f"… {hidden} more layers", "", "", "", "", "", "", "", style="dim")
+    table.add_section()
+    table.add_row(
+        "total",
+        f"{len(graph.layers)} layers",
+        f"{sum(1 for a in graph.atoms.values() if not a.plumbing)} ops",
+        "",
+        human(graph.total_macs),
+        human(graph.total_params),
+        "",
+        share(graph.total_macs),
+        style="bold",
+    )
+    return table
+
+
+def quant_table(rows: list[QuantLayer], title: str = "Quantized layers") -> Table:
+    """Bits, exponents (scale 2**exp), accumulator exponent and weight SQNR per layer."""
+    table = Table(title=title)
+    for column, justify in (
+        ("module", "left"),
+        ("op", "left"),
+        ("w bits", "right"),
+        ("w exp", "right"),
+        ("input", "left"),
+        ("in exp", "right"),
+        ("acc exp (shift)", "right"),
+        ("bias exp", "right"),
+        ("w SQNR dB", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+
+    def span(pair: tuple[int, int] | None) -> str:
+        if pair is None:
+            return ""
+        return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}..{pair[1]}"
+
+    for row in rows:
+        bits = str(row.weight_bits) if row.weight_bits is not None else "?"
+        if row.weight_code_bits != row.weight_bits:
+            bits += f" ({row.weight_code_bits} used)"
+        inp = ""
+        if row.input_bits is not None:
+            inp = f"{'int' if row.input_signed else 'uint'}{row.input_bits}"
+        sqnr = "" if row.weight_sqnr_db is None else f"{row.weight_sqnr_db:.1f}"
+        if row.sqnr_source == "report":
+            sqnr += " (report)"
+        table.add_row(
+            row.module,
+            row.op,
+            bits,
+            span(row.weight_exp),
+            inp,
+            "" if row.input_exp is None else str(row.input_exp),
+            span(row.acc_exp),
+            span(row.bias_exp),
+            sqnr,
+        )
+    if not rows:
+        table.caption = "no layer reads power-of-two quantized weights (edgefx::dequantize_pot)"
     return table

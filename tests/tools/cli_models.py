@@ -33,3 +33,38 @@ def tiny_module_only():
 
 def not_a_model():
     return "hello"
+
+
+def deit_tiny():
+    """timm's DeiT-Tiny at 32x32 (4 patches + CLS): 12 identical blocks, small to capture."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    return model, (torch.randn(1, 3, 32, 32),)
+
+
+def mobilenet_v2():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def resnet18():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def other():
+    """A small net unrelated to TinyNet (no module names in common)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 4, 3))
+    model.add_module("act", nn.ReLU())
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("classifier", nn.Linear(4, 2))
+    return model, (torch.randn(1, 3, 16, 16),)

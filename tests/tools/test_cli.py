@@ -95,8 +95,8 @@ def test_compile_input_shape_and_static_batch(capsys, tmp_path):
     assert "x: float32[2, 3, 8, 8]" in out
 
 
-def test_compile_dump_dir_has_graph_after_each_pass(capsys, tmp_path):
-    code, _, _ = run(
+def test_compile_dump_dir_has_graph_picture_and_program_after_each_pass(capsys, tmp_path):
+    code, out, _ = run(
         capsys,
         "compile",
         "cli_models:tiny",
@@ -107,11 +107,32 @@ def test_compile_dump_dir_has_graph_after_each_pass(capsys, tmp_path):
         "--dump-dir",
         str(tmp_path / "dump"),
     )
-    assert code == 0
-    names = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert names == ["00-captured.py", "01-FoldBatchNorm.json", "01-FoldBatchNorm.py"]
-    assert "batch_norm" in (tmp_path / "dump" / "00-captured.py").read_text()
-    assert "batch_norm" not in (tmp_path / "dump" / "01-FoldBatchNorm.py").read_text()
+    assert code == 0 and "index.html" in out
+    dump = tmp_path / "dump"
+    names = sorted(p.name for p in dump.iterdir())
+    assert names == [
+        "00-captured.pt2",
+        "00-captured.py",
+        "00-captured.svg",
+        "01-FoldBatchNorm.json",
+        "01-FoldBatchNorm.pt2",
+        "01-FoldBatchNorm.py",
+        "01-FoldBatchNorm.svg",
+        "index.html",
+    ]
+    assert "batch_norm" in (dump / "00-captured.py").read_text()
+    assert "batch_norm" not in (dump / "01-FoldBatchNorm.py").read_text()
+    assert "features.1" in (dump / "00-captured.svg").read_text()
+    assert "features.1" not in (dump / "01-FoldBatchNorm.svg").read_text()  # BN folded away
+    index = (dump / "index.html").read_text()
+    # the walk-through: both stages, and the fold's diff (the BatchNorm layers removed)
+    assert "00-captured" in index and "01-FoldBatchNorm" in index
+    assert index.count("<svg") == 2 and "removed" in index and "features.4" in index
+    # the dumped Programs diff on the command line
+    code, out, _ = run(
+        capsys, "diff", str(dump / "00-captured.pt2"), str(dump / "01-FoldBatchNorm.pt2")
+    )
+    assert code == 0 and "2 removed" in out
 
 
 def test_inspect_prints_layer_table(capsys):
@@ -120,6 +141,39 @@ def test_inspect_prints_layer_table(capsys):
     assert "features.3" in out and "conv2d" in out and "head" in out and "total" in out
     # the largest conv comes first when sorted by MACs
     assert out.index("features.3") < out.index("features.0")
+
+
+def test_inspect_quant_of_a_compiled_folder(capsys, tmp_path):
+    code, _, _ = run(
+        capsys,
+        "compile",
+        "cli_models:tiny",
+        "-p",
+        "fold-bn",
+        "-p",
+        "pot:search='mse',weight_bits=4,act_bits=6",
+        "-o",
+        str(tmp_path / "q"),
+    )
+    assert code == 0
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    reported = {
+        layer["module"]: layer for layer in manifest["report"]["passes"][1]["report"]["layers"]
+    }
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "q"), "--quant", "--json")
+    assert code == 0
+    rows = {row["module"]: row for row in json.loads(out)["quant"]}
+    assert set(rows) == set(reported) == {"features.0", "features.3", "head"}
+    for module, row in rows.items():
+        # read off the graph's quantize/dequantize nodes, as the pass reported them
+        assert row["weight_bits"] == 4 and row["weight_code_bits"] <= 4
+        assert row["input_bits"] == 6
+        assert row["input_exp"] == reported[module]["input_exp"]
+        assert list(row["weight_exp"]) == reported[module]["weight_exp"]
+        assert row["input_signed"] == (reported[module]["input"] == "signed")
+        assert row["weight_sqnr_db"] == reported[module]["weight_snr_db"]
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "q"), "--quant")
+    assert code == 0 and "Quantized layers" in out and "uint6" in out and "(report)" in out
 
 
 def test_inspect_channels_shows_what_can_be_pruned(capsys):
@@ -154,6 +208,26 @@ def test_inspect_and_compile_a_saved_program(capsys, tmp_path):
         (["compile", "cli_models:tiny", "--backend", "tpu"], "BackendError", "choose one of"),
         (["compile", "cli_models:tiny", "--opset", "7"], "BackendError", "opset"),
         (["inspect", "cli_models:tiny", "--input-shape", "1,3,16"], "CaptureError", "torch.export"),
+        (["inspect", "nowhere.onnx"], "ArtifactError", "no such ONNX file"),
+        (["inspect", "nowhere.pt2"], "ModelNotFoundError", "no such file"),
+        (["diff", "nowhere.pt2", "cli_models:tiny"], "ModelNotFoundError", "no such file"),
+        (["profile", "nowhere.onnx"], "ArtifactError", "no such ONNX file"),
+        (
+            ["inspect", "cli_models:tiny", "--svg", "x.svg", "--color", "flops"],
+            "RenderError",
+            "unknown metric 'flops'",
+        ),
+        (
+            ["inspect", "cli_models:tiny", "--svg", "x.svg", "--color", "latency"],
+            "RenderError",
+            "edgefx profile",
+        ),
+        (["profile", "cli_models:tiny"], "ProfileError", "no ONNX model to profile"),
+        (
+            ["diff", "cli_models:tiny", "cli_models:mobilenet_v2"],
+            "DiffError",
+            "look like different models",
+        ),
     ],
 )
 def test_errors_are_one_clean_message(capsys, argv, error, words):
@@ -161,6 +235,15 @@ def test_errors_are_one_clean_message(capsys, argv, error, words):
     assert code == 2
     assert error in err and words in err
     assert "Traceback" not in err and len(err.splitlines()) <= 12
+
+
+def test_unreadable_onnx_is_one_clean_message(capsys, tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    for argv in (["inspect", str(bad)], ["profile", str(bad)], ["diff", str(bad), str(bad)]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "ArtifactError" in err and "cannot read ONNX model" in err
+        assert "Traceback" not in err and len(err.splitlines()) <= 12
 
 
 def test_bad_shape_is_an_argparse_error(capsys):
