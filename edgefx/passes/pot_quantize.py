@@ -50,10 +50,21 @@ aten = torch.ops.aten
 _quantize = torch.ops.edgefx.quantize_pot.default
 _dequantize = torch.ops.edgefx.dequantize_pot.default
 
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONVS = {
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.conv3d.default,
+    # padding="same" / "valid" (a string) is captured as the .padding overload
+    aten.conv1d.padding,
+    aten.conv2d.padding,
+    aten.conv3d.padding,
+}
 _LINEAR = aten.linear.default
 # ops with weights that PotQuantize leaves in float (and says so in its report)
 _NOT_QUANTIZED = {
+    aten.embedding.default: "embedding lookup is not quantized",
+    aten.baddbmm.default: "matrix product with a constant is not quantized (only linear)",
+    aten.einsum.default: "einsum with a constant is not quantized (only linear)",
     aten.convolution.default: "general convolution (transposed or unusual) is not quantized",
     aten.conv_transpose1d.default: "transposed convolution is not quantized",
     aten.conv_transpose2d.input: "transposed convolution is not quantized",
@@ -77,8 +88,22 @@ _NONNEGATIVE = {
     aten._softmax.default,
     aten.abs.default,
 }
+_NONNEGATIVE |= {aten.exp.default, aten.sqrt.default, aten.rsqrt.default, aten.relu6.default}
 _SIGN_KEEPING = {
     *POOLS,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.expand.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.unbind.int,
+    aten.sum.dim_IntList,
+    aten.amax.default,
+    aten.max_pool1d.default,
+    aten.max_pool3d.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.upsample_bilinear2d.vec,
     aten._adaptive_avg_pool2d.default,
     aten.mean.dim,
     aten.reshape.default,
@@ -249,18 +274,16 @@ class PotQuantize(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in _NOT_QUANTIZED and any(
-                attr_tensor(gm, a) is not None for a in node.args
-            ):
-                skipped.append(
-                    {
-                        "module": module_path(node) or node.name,
-                        "op": str(node.target),
-                        "reason": _NOT_QUANTIZED[node.target],
-                    }
-                )
-                continue
             if node.target not in (*_CONVS, _LINEAR):
+                reason = _left_in_float(gm, node)
+                if reason:
+                    skipped.append(
+                        {
+                            "module": module_path(node) or node.name,
+                            "op": str(node.target),
+                            "reason": reason,
+                        }
+                    )
                 continue
             module = module_path(node) or node.name
             weight = attr_tensor(gm, node.args[1])
@@ -308,6 +331,25 @@ class PotQuantize(Pass):
             [((_fake_quant(rows, e, self.weight_bits, True) - rows) ** 2).sum(dim=1) for e in exps]
         )
         return exps.gather(0, errors.argmin(dim=0, keepdim=True))[0]
+
+
+def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a weighted op other than conv/linear stays float, or None when ``node`` reads no
+    constant weight. Ops are matched by name too, so that an overload nobody listed (say a
+    new conv variant) is reported rather than silently left in float."""
+    constants = [
+        a
+        for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        if isinstance(a, fx.Node) and attr_tensor(gm, a) is not None
+    ]
+    if not constants:
+        return None
+    if node.target in _NOT_QUANTIZED:
+        return _NOT_QUANTIZED[node.target]
+    name = str(node.target).split(".")[1] if "." in str(node.target) else str(node.target)
+    if any(word in name for word in ("conv", "linear", "mm", "matmul", "einsum", "embedding")):
+        return f"{name} with a constant weight is not quantized (only conv and linear)"
+    return None
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -365,21 +407,45 @@ def _fake_quant(x: torch.Tensor, exp: torch.Tensor, bits: int, signed: bool) -> 
 
 
 def _nonnegative(node: fx.Node, depth: int = 0) -> bool:
-    """True when ``node``'s value is >= 0 by construction (not just on the calibration data)."""
-    if depth > 32 or node.op != "call_function":
+    """True when ``node``'s value is >= 0 by construction (not just on the calibration data).
+
+    Conservative: an op not known to keep the sign makes its output signed. ``add``/``sub``
+    read their ``alpha`` (``add(a, b, alpha=-1)`` is ``a - b``), scalars count by their sign.
+    """
+    if depth > 64 or node.op != "call_function":
         return False
-    args = node.args
-    if node.target in _NONNEGATIVE:
+    args, kwargs = node.args, node.kwargs
+    target = node.target
+
+    def nonneg(value: Any) -> bool:
+        if isinstance(value, fx.Node):
+            return _nonnegative(value, depth + 1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+    def scalar(value: Any) -> float | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else None
+
+    if target in _NONNEGATIVE:
         return True
-    if node.target in (aten.hardtanh.default, aten.clamp.default):
-        return len(args) > 1 and isinstance(args[1], (int, float)) and args[1] >= 0
-    if node.target is operator.getitem:
-        return isinstance(args[0], fx.Node) and _nonnegative(args[0], depth + 1)
-    if node.target in _SIGN_KEEPING:
-        return isinstance(args[0], fx.Node) and _nonnegative(args[0], depth + 1)
-    if node.target in (aten.cat.default, aten.add.Tensor, aten.mul.Tensor):
-        inputs = args[0] if node.target is aten.cat.default else args[:2]
-        return all(isinstance(a, fx.Node) and _nonnegative(a, depth + 1) for a in inputs)
+    if target in (aten.hardtanh.default, aten.clamp.default):
+        low = args[1] if len(args) > 1 else kwargs.get("min", kwargs.get("min_val"))
+        return scalar(low) is not None and scalar(low) >= 0
+    if target is operator.getitem or target in _SIGN_KEEPING:
+        return nonneg(args[0])
+    if target is aten.cat.default:
+        return all(nonneg(a) for a in args[0])
+    if target in (aten.add.Tensor, aten.add.Scalar):
+        alpha = scalar(args[2] if len(args) > 2 else kwargs.get("alpha", 1))
+        return alpha is not None and alpha >= 0 and nonneg(args[0]) and nonneg(args[1])
+    if target in (aten.sub.Tensor, aten.sub.Scalar):
+        # a - alpha * b is >= 0 for sure only when the subtracted constant is <= 0
+        alpha = scalar(args[2] if len(args) > 2 else kwargs.get("alpha", 1))
+        b = scalar(args[1])
+        return alpha is not None and b is not None and alpha * b <= 0 and nonneg(args[0])
+    if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+        # (a product or ratio of two negatives is >= 0 too, but that is not worth tracking)
+        return nonneg(args[0]) and nonneg(args[1])
     return False
 
 
@@ -574,7 +640,20 @@ class _QuantizedGraph:
                 NumericError.between([layer.weight], [self._dequantized_weight(layer)]).snr_db, 2
             ),
             "bias": layer.bias is not None,
+            "fan_in": layer.weight[0].numel(),
+            # bits of the largest accumulator any input could produce: float32 (24-bit
+            # significand) computes the layer exactly whenever its partial sums stay below
+            # 2**24 steps, guaranteed for every input only when this is <= 24
+            "worst_case_acc_bits": self._worst_case_acc_bits(layer),
         }
+
+    def _worst_case_acc_bits(self, layer: _Layer) -> int:
+        low, high = qrange(self.act_bits, self.activations[layer.input].signed)
+        codes = self._weight_codes(layer)
+        worst = layer.weight[0].numel() * max(-low, high) * int(codes.abs().max())
+        if layer.bias is not None:
+            worst += int(self._bias_codes(layer)[0].abs().max())
+        return max(1, worst).bit_length()
 
     def _dequantized_weight(self, layer: _Layer) -> torch.Tensor:
         return dequantize_pot(self._weight_codes(layer), layer.weight_exp, 0)

@@ -9,9 +9,11 @@ import onnx
 import pytest
 import torch
 from prune_models import Couplings, randomize
+from torch import nn
 
 import edgefx
 from edgefx import PassError
+from edgefx.analysis.numerics import NumericError
 from edgefx.frontend import capture
 from edgefx.ops.pot import qrange
 from edgefx.passes import FoldBatchNorm, PassManager, PotQuantize
@@ -46,8 +48,8 @@ def quantized(folded):
     }
 
 
-def values(program: edgefx.Program, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every node's value when ``program`` runs on ``x``."""
+def values(program: edgefx.Program, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's value when ``program`` runs on ``inputs``."""
     seen: dict[str, torch.Tensor] = {}
 
     class Recorder(torch.fx.Interpreter):
@@ -56,7 +58,7 @@ def values(program: edgefx.Program, x: torch.Tensor) -> dict[str, torch.Tensor]:
             return out
 
     with torch.no_grad():
-        Recorder(program.graph_module).run(x)
+        Recorder(program.graph_module).run(*inputs)
     return seen
 
 
@@ -85,28 +87,78 @@ def test_every_layer_reads_power_of_two_codes(quantized):
     assert quantized["mse"].after.params == quantized["mse"].before.params > 0
 
 
+def assert_integer_accumulation(program: edgefx.Program, *inputs: torch.Tensor) -> list[float]:
+    """Assert that every quantized layer's float output equals the integer accumulation of
+    its codes (computed in float64, exact below 2**53) times 2**(input + weight exponent);
+    return, per layer, the largest sum of |x code * w code| + |b code| over its outputs: the
+    bound on every partial sum, which must stay below 2**24 for float32 to be exact."""
+    seen = values(program, *inputs)
+    bounds = []
+    for node in program.graph_module.graph.nodes:
+        if node.op != "call_function" or not all(
+            isinstance(a, torch.fx.Node) and a.target is DEQUANTIZE for a in node.args[:2]
+        ):
+            continue
+        x_dq, w_dq = node.args[:2]
+        b_dq = node.args[2] if len(node.args) > 2 else None
+        x_codes, w_codes = (seen[dq.args[0].name].double() for dq in (x_dq, w_dq))
+        b_codes = None if b_dq is None else seen[b_dq.args[0].name].double()
+        exp = seen[x_dq.args[1].name] + seen[w_dq.args[1].name]
+        if b_dq is not None:
+            assert torch.equal(seen[b_dq.args[1].name], exp)
+        rest = tuple(node.args[3:])
+        acc = node.target(x_codes, w_codes, b_codes, *rest)
+        magnitude = node.target(
+            x_codes.abs(), w_codes.abs(), None if b_codes is None else b_codes.abs(), *rest
+        )
+        scale = torch.ldexp(torch.ones(exp.shape, dtype=torch.float64), exp)
+        if node.target is not aten.linear.default:  # per output channel, dim 1
+            scale = scale.reshape(-1, *[1] * (acc.dim() - 2))
+        assert torch.equal(acc, acc.round())  # integer accumulator
+        assert torch.equal(seen[node.name].double(), acc * scale), node.name
+        bounds.append(float(magnitude.max()))
+    return bounds
+
+
 def test_qdq_graph_computes_exact_integer_arithmetic(quantized):
     """Each layer's float output equals the integer accumulation of its codes
     (int64, exact) times 2**(input + weight exponent): the graph QDQToShift turns into
     integer kernels computes integer arithmetic already, and no float rounding creeps in."""
     program = quantized["joint"].program
-    x = batches(1, 3, seed=5)[0]
-    seen = values(program, x)
-    gm = program.graph_module
-    for node in layer_nodes(program):
-        x_dq, w_dq, b_dq = node.args[:3]
-        x_codes = seen[x_dq.args[0].name].double()
-        w_codes = gm.get_buffer(w_dq.args[0].target).double()
-        b_codes = gm.get_buffer(b_dq.args[0].target).double()
-        exp = gm.get_buffer(b_dq.args[1].target)
-        if node.target is aten.conv2d.default:
-            acc = torch.nn.functional.conv2d(x_codes, w_codes, b_codes, *node.args[3:])
-            scale = torch.ldexp(torch.ones(exp.shape, dtype=torch.float64), exp).reshape(-1, 1, 1)
-        else:
-            acc = torch.nn.functional.linear(x_codes, w_codes, b_codes)
-            scale = torch.ldexp(torch.ones(exp.shape, dtype=torch.float64), exp)
-        assert torch.equal(acc, acc.round())  # integer accumulator
-        assert torch.equal(seen[node.name].double(), acc * scale), node.name
+    bounds = assert_integer_accumulation(program, batches(1, 3, seed=5)[0])
+    assert len(bounds) == 11
+
+
+class WideConvs(nn.Module):
+    """Two 512 -> 512 3x3 convs: fan-in 4,608, as in resnet's and VGG's last stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(512, 512, 3, padding=1)
+        self.conv2 = nn.Conv2d(512, 512, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_eight_bit_layers_with_fan_in_4608_are_exact_integer_arithmetic():
+    """At W8A8 and fan-in 4,608 the worst case (4,608 * 255 * 128 ~ 2**27) exceeds float32's
+    24-bit significand, so exactness rests on the actual partial sums staying below 2**24
+    (the bound the module docstring states): check both, on inputs the calibration never
+    saw, for the signed image input and the unsigned ReLU output."""
+    torch.manual_seed(0)
+    model = WideConvs().eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(2, 512, 6, 6, generator=gen)]
+    program = capture(model, (calib[0],))
+    result = PotQuantize(calib, search="mse")(program)
+    assert [e["input"] for e in result.report["layers"]] == ["signed", "unsigned"]
+    assert all(e["fan_in"] == 4608 for e in result.report["layers"])
+    assert all(e["worst_case_acc_bits"] > 24 for e in result.report["layers"])
+    x = torch.randn(2, 512, 6, 6, generator=gen) * 1.5  # larger than calibration: clips
+    bounds = assert_integer_accumulation(result.program, x)
+    assert len(bounds) == 2 and all(b < 2**24 for b in bounds), bounds
+    assert max(bounds) > 2**16  # the accumulators really are wide
 
 
 def test_minmax_clips_nothing_and_wastes_no_bit(folded, quantized):
@@ -334,3 +386,109 @@ def test_layers_it_cannot_quantize_are_reported():
     assert [e["module"] for e in result.report["layers"]] == ["conv"]
     (skipped,) = result.report["skipped"]
     assert skipped["module"] == "up" and "transposed convolution" in skipped["reason"]
+
+
+class LayerVariants(nn.Module):
+    """A conv with padding="same" (captured as aten.conv2d.padding), a conv without bias, a
+    conv1d over flattened positions and a linear on 3-D token inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Conv2d(3, 8, 3, padding="same")
+        self.nobias = nn.Conv2d(8, 8, 3, bias=False)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.tokens = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.nobias(torch.relu(self.same(x)))
+        t = self.conv1d(y.flatten(2))  # [N, 8, positions]
+        return self.tokens(t.transpose(1, 2))  # [N, positions, 6]
+
+
+def test_conv_variants_and_token_linears_are_quantized_exactly():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    calib = [torch.randn(4, 3, 10, 10, generator=gen)]
+    program = capture(LayerVariants().eval(), (calib[0][:2],))
+    targets = {n.target for n in program.graph_module.graph.nodes}
+    assert aten.conv2d.padding in targets and aten.conv1d.default in targets
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib, search="mse")], backend="onnx")
+    (result,) = compiled.report.passes
+    layers = {e["module"]: e for e in result.report["layers"]}
+    assert set(layers) == {"same", "nobias", "conv1d", "tokens"}
+    assert not result.report["skipped"]
+    assert layers["nobias"]["bias"] is False and layers["nobias"]["input"] == "unsigned"
+    assert result.error.snr_db > 30
+    bounds = assert_integer_accumulation(result.program, torch.randn(3, 3, 10, 10, generator=gen))
+    assert len(bounds) == 4
+    assert compiled.report.backend_check.max_abs == 0.0
+
+
+class ConstantProducts(nn.Module):
+    """Weighted ops PotQuantize does not quantize: a matmul with a constant, an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(8, 4))
+        self.table = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x.abs().sum(-1) * 3).long().clamp(0, 9)
+        return self.fc(x @ self.proj) + self.table(ids)
+
+
+def test_every_weighted_op_left_in_float_is_reported():
+    program = capture(ConstantProducts().eval(), (torch.randn(2, 5, 8),))
+    result = PotQuantize(search="minmax")(program)
+    assert [e["module"] for e in result.report["layers"]] == ["fc"]
+    skipped = {e["op"]: e["reason"] for e in result.report["skipped"]}
+    assert set(skipped) == {"aten.matmul.default", "aten.embedding.default"}, skipped
+    assert "only linear" in skipped["aten.matmul.default"]
+
+
+class Signs(nn.Module):
+    """Sign-flipping ops between ReLUs and the layers reading them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        names = ("sub_alpha", "sub", "neg", "mul_neg", "add", "scaled", "clamped")
+        self.heads = nn.ModuleDict({name: nn.Conv2d(4, 4, 1) for name in names})
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a, b = torch.relu(self.a(x)), torch.relu(self.b(x))
+        inputs = {
+            "sub_alpha": torch.add(a, b, alpha=-1),
+            "sub": a - b,
+            "neg": -a,
+            "mul_neg": a * -0.5,
+            "add": a + b,
+            "scaled": a * 2.0 + 1.0,
+            "clamped": torch.clamp(self.b(x) - 1.0, min=0.0),
+        }
+        return [self.heads[name](value) for name, value in inputs.items()]
+
+
+def test_sign_inference_follows_alpha_sub_and_negation():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(8, 3, 6, 6, generator=gen)]
+    program = capture(Signs().eval(), (calib[0][:2],))
+    result = PotQuantize(calib, search="mse")(program)
+    signs = {e["module"]: e["input"] for e in result.report["layers"]}
+    assert {k.removeprefix("heads."): v for k, v in signs.items() if k.startswith("heads")} == {
+        "sub_alpha": "signed",
+        "sub": "signed",
+        "neg": "signed",
+        "mul_neg": "signed",
+        "add": "unsigned",
+        "scaled": "unsigned",
+        "clamped": "unsigned",
+    }
+    # nothing negative clamped away: every output close to float at 8 bits
+    out = result.program(calib[0])
+    ref = program(calib[0])
+    for y, r in zip(out, ref, strict=True):
+        assert NumericError.between([r], [y]).snr_db > 30
