@@ -13,6 +13,18 @@ Every convolution and linear layer with constant weights gets
 This is the quantize/dequantize ("QDQ") form: it runs in float, and QDQToShift later turns
 each DQ -> conv -> Q chain into integer arithmetic whose requantization is a bit-shift.
 
+Exactness bound: a layer's float32 output equals its integer accumulation
+``sum(q_x * q_w) + q_b`` times ``2**(e_x + e_w)`` exactly as long as every partial sum stays
+below 2**24 in magnitude (float32 has a 24-bit significand; products of codes and powers of
+two are exact, and an integer sum below 2**24 needs no rounding whatever the summation
+order). For any input this is guaranteed when ``fan_in * max|q_x| * max|q_w| + max|q_b|
+<= 2**24``: at W8A8 (|q_x| <= 255 unsigned, |q_w| <= 128) that is a fan-in of at most 513
+(1,024 with signed inputs), so a 3x3 conv over 512 channels (fan-in 4,608, worst case about
+2**27) is exact only because real partial sums stay far below the worst case (the tests
+check both at that size). Each layer's report entry gives ``worst_case_acc_bits``; where it
+exceeds 24, exactness depends on the data, and an integer kernel (int32 accumulator) is the
+reference.
+
 Exponents are chosen from calibration data. ``search="minmax"`` takes the smallest exponent
 that clips nothing; ``"mse"`` picks, per tensor (per channel for weights), the exponent among
 that one and the next smaller ones minimising the squared rounding + clipping error;
@@ -36,6 +48,7 @@ from edgefx.analysis.numerics import NumericError
 from edgefx.errors import EdgefxError, PassError
 from edgefx.ops.pot import MAX_BITS, MIN_BITS, dequantize_pot, qrange, quantize_pot
 from edgefx.passes.base import Pass
+from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.rewrite import (
     add_buffer,
     attr_tensor,
@@ -160,6 +173,11 @@ class PotQuantize(Pass):
             (the first ones), since it runs the network twice per quantizer and sweep.
         sweeps: rounds of the joint search.
         exclude: module paths (prefixes) left in float, e.g. ``["fc"]``.
+        fold_batchnorm: fold every BatchNorm that follows a conv into it first (as
+            ``FoldBatchNorm`` does), so that it is quantized with the conv instead of
+            staying a float island between the conv's dequantize and the next quantize
+            (where onnxruntime fuses it into the weights its own way; see
+            ``compiler.QUANTIZED_CHECK_BITS``). Order with ``FoldBatchNorm`` does not matter.
     """
 
     name = "PotQuantize"
@@ -175,6 +193,7 @@ class PotQuantize(Pass):
         search_samples: int = 16,
         sweeps: int = 2,
         exclude: Sequence[str] = (),
+        fold_batchnorm: bool = True,
     ) -> None:
         for label, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
@@ -195,6 +214,9 @@ class PotQuantize(Pass):
         if not (isinstance(sweeps, int) and sweeps >= 0):
             raise PassError(f"sweeps must be an integer >= 0, got {sweeps!r}")
         check_module_paths("exclude", exclude, example='["conv1", "fc"]')
+        if not isinstance(fold_batchnorm, bool):
+            raise PassError(f"fold_batchnorm must be True or False, got {fold_batchnorm!r}")
+        self.fold_batchnorm = fold_batchnorm
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.search = search
@@ -214,10 +236,21 @@ class PotQuantize(Pass):
     # ------------------------------------------------------------------ the pass
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         batches = self._batches(program)
+        folded = 0
+        if self.fold_batchnorm:
+            folded_program, fold_report = FoldBatchNorm().run(program)
+            if fold_report["folded"]:
+                program, folded = folded_program, fold_report["folded"]
         gm = program.copy_graph()
         layers, skipped = self._layers(gm)
         if not layers:
-            report = {"layers": [], "skipped": skipped, "quantizers": 0}
+            report = {
+                "layers": [],
+                "skipped": skipped,
+                "quantizers": 0,
+                "batchnorm_folded": folded,
+                "float_islands": _float_islands(gm, set()),
+            }
             return program.with_graph(gm, repr(self)), report
         activations = self._activations(layers)
         with torch.no_grad():
@@ -253,6 +286,10 @@ class PotQuantize(Pass):
             },
             "layers": [quantized.describe(layer) for layer in layers],
             "skipped": skipped,
+            "batchnorm_folded": folded,
+            # ops computed in float between a dequantize and the next quantize: a backend may
+            # round them differently (see compiler.QUANTIZED_CHECK_BITS)
+            "float_islands": _float_islands(gm, {layer.node for layer in layers}),
         }
         return program.with_graph(gm, repr(self)), report
 
@@ -350,6 +387,51 @@ def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if any(word in name for word in ("conv", "linear", "mm", "matmul", "einsum", "embedding")):
         return f"{name} with a constant weight is not quantized (only conv and linear)"
     return None
+
+
+# ops whose float result is exact (no rounding): data movement, ReLU-like clamps, max
+_NO_ROUNDING = {
+    *_SIGN_KEEPING,
+    operator.getitem,
+    aten.relu.default,
+    aten.hardtanh.default,
+    aten.clamp.default,
+    aten.relu6.default,
+    aten.abs.default,
+    aten.neg.default,
+    aten.cat.default,
+    aten.sym_size.int,
+    aten.max_pool2d.default,
+    aten.max_pool1d.default,
+    aten.max_pool3d.default,
+    aten.amax.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+    aten.unflatten.int,
+    aten.t.default,
+    aten.expand.default,
+}
+_ROUNDING_POOLS = {aten.mean.dim, aten.sum.dim_IntList, aten._adaptive_avg_pool2d.default} | {
+    p for p in POOLS if "avg" in str(p)
+}
+
+
+def _float_islands(gm: fx.GraphModule, layers: set[fx.Node]) -> list[dict[str, Any]]:
+    """The float ops left between quantizers, by op: count and the first modules."""
+    islands: dict[str, dict[str, Any]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in layers or node.target in (_quantize, _dequantize):
+            continue
+        if node.target in _NO_ROUNDING and node.target not in _ROUNDING_POOLS:
+            continue
+        name = str(node.target).removeprefix("aten.").removesuffix(".default")
+        entry = islands.setdefault(name, {"op": name, "count": 0, "modules": []})
+        entry["count"] += 1
+        module = module_path(node) or node.name
+        if len(entry["modules"]) < 3 and module not in entry["modules"]:
+            entry["modules"].append(module)
+    return sorted(islands.values(), key=lambda e: -e["count"])
 
 
 # ---------------------------------------------------------------------------- calibration

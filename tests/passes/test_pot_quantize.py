@@ -492,3 +492,70 @@ def test_sign_inference_follows_alpha_sub_and_negation():
     ref = program(calib[0])
     for y, r in zip(out, ref, strict=True):
         assert NumericError.between([r], [y]).snr_db > 30
+
+
+def test_batchnorm_is_folded_inside_so_pass_order_does_not_matter(small_program, small_folded):
+    calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(6))]
+    alone = PotQuantize(calib, search="mse")(small_program)
+    after_fold = PotQuantize(calib, search="mse")(small_folded[0])
+    assert alone.report["batchnorm_folded"] == 2 and after_fold.report["batchnorm_folded"] == 0
+    assert alone.report["layers"] == after_fold.report["layers"]
+    islands = {e["op"] for e in alone.report["float_islands"]}
+    assert not any("batch_norm" in op for op in islands), islands
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(alone.program(x), after_fold.program(x))
+    # without the fold, the BatchNorms stay float islands between dequantize and quantize
+    kept = PotQuantize(calib, search="mse", fold_batchnorm=False)(small_program)
+    assert kept.report["batchnorm_folded"] == 0
+    islands = {e["op"]: e for e in kept.report["float_islands"]}
+    bn = next(e for op, e in islands.items() if "batch_norm" in op)
+    assert bn["count"] == 2 and bn["modules"] == ["bn1", "bn2"]
+
+
+def test_resnet18_without_fold_batchnorm_quantizes_and_lowers_exactly(resnet18):
+    """The issue's first case: PotQuantize alone on a model whose BatchNorms were not folded.
+    onnxruntime fused each float BatchNorm into its conv's constant-folded dequantized weights
+    (its ORT_ENABLE_ALL level), flipping rounding steps downstream; folded inside the pass,
+    there is nothing left to fuse differently."""
+    _, _, program = resnet18
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(4, 3, 32, 32, generator=gen)]
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib, search="mse")], backend="onnx")
+    (result,) = compiled.report.passes
+    assert result.report["batchnorm_folded"] == 20 and not result.report["skipped"]
+    assert compiled.report.backend_check.max_abs == 0.0
+    assert compiled.report.quantized_check["equal"] == 1.0
+
+
+def test_quantized_check_counts_steps():
+    from edgefx.compiler import quantized_agreement
+
+    ref = torch.linspace(-0.99, 0.99, 1000)
+    step = 2.0**-7  # the 8-bit power-of-two grid covering [-0.99, 0.99]
+    flipped = ref.clone()
+    flipped[::200] += step  # 5 elements one step off
+    check = quantized_agreement([ref], [flipped])
+    assert check["step"] == step and check["equal"] == pytest.approx(0.995)
+    assert check["beyond_one_step"] == 0.0 and check["max_steps"] == pytest.approx(1.0)
+    shifted = ref * 1.1  # a wrong scale: most elements many steps off
+    check = quantized_agreement([ref], [shifted])
+    assert check["beyond_one_step"] > 0.5 and check["snr_db"] < 30
+
+
+def test_quantized_check_still_fails_a_wrong_lowering(folded, monkeypatch):
+    """A dequantize lowered with the wrong exponent for activations (axis 1) must fail
+    compile()'s check, rounding flips or not."""
+    from edgefx.ops import pot
+
+    def wrong_dequantize(q, exponent, axis: int):
+        zero = pot.op.CastLike(pot.op.Sub(exponent, exponent), q)
+        scale = pot._onnx_scale(exponent)
+        if axis == 1:  # activations read with twice their scale
+            scale = pot.op.Mul(scale, pot.op.Constant(value_float=2.0))
+        return pot.op.DequantizeLinear(q, scale, zero, axis=axis)
+
+    translations = dict(pot.ONNX_TRANSLATIONS)
+    translations[DEQUANTIZE] = wrong_dequantize
+    monkeypatch.setattr(pot, "ONNX_TRANSLATIONS", translations)
+    with pytest.raises(edgefx.BackendError, match="disagrees with the quantized Program"):
+        edgefx.compile(folded, passes=[PotQuantize(batches(1), search="minmax")], backend="onnx")
