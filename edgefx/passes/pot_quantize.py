@@ -608,13 +608,31 @@ class _QuantizedGraph:
             for new in (q, dq):
                 new.meta["nn_module_stack"] = dict(source.meta.get("nn_module_stack", {}))
             dequantized[source] = dq
+        # a weight read by several layers (a module called twice) is stored and dequantized
+        # once: its layers share codes and exponents, and the search moves them together
+        self.weight_groups: dict[str, list[_Layer]] = {}
+        self.group_of: dict[fx.Node, str] = {}
+        shared: dict[str, fx.Node] = {}
         for layer in layers:
             hint = str(layer.node.args[1].target)
+            group = self.weight_groups.setdefault(hint, [])
+            group.append(layer)
+            self.group_of[layer.node] = hint
+            if hint in shared:
+                layer.weight_exp = group[0].weight_exp
+                self.weight_buffers[layer.node] = self.weight_buffers[group[0].node]
+                args = list(layer.node.args)
+                args[0], args[1] = dequantized[layer.input], shared[hint]
+                if layer.bias is not None:
+                    args[2] = self._bias_node(layer)
+                layer.node.args = tuple(args)
+                continue
             codes = add_buffer(gm, f"{hint}_q", self._weight_codes(layer), before=layer.node)
             exp = add_buffer(gm, f"{hint}_exp", layer.weight_exp, before=layer.node)
             self.weight_buffers[layer.node] = (str(codes.target), str(exp.target))
             with graph.inserting_before(layer.node):
                 weight = graph.call_function(_dequantize, (codes, exp, 0))
+            shared[hint] = weight
             weight.meta["nn_module_stack"] = dict(layer.node.meta.get("nn_module_stack", {}))
             args = list(layer.node.args)
             args[0], args[1] = dequantized[layer.input], weight
@@ -669,7 +687,9 @@ class _QuantizedGraph:
         runner = _ResumableRun(self.gm, batches, refs)
         start = best = runner.full()
         moves = 0
-        knobs = [("act", a) for a in self.activations] + [("weight", w) for w in self.layers]
+        knobs = [("act", a) for a in self.activations] + [
+            ("weight", group[0]) for group in self.weight_groups.values()
+        ]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
         for _ in range(sweeps):
             improved = False
@@ -688,7 +708,7 @@ class _QuantizedGraph:
 
     def _buffers_of(self, kind: str, key: Any) -> set[str]:
         """The buffers a move of this quantizer rewrites."""
-        layers = [w for w in self.layers if w.input is key] if kind == "act" else [key]
+        layers = [w for w in self.layers if w.input is key] if kind == "act" else self._group(key)
         names = {self.act_buffers[key]} if kind == "act" else set(self.weight_buffers[key.node])
         for layer in layers:
             names.update(self.bias_buffers.get(layer.node, ()))
@@ -702,12 +722,18 @@ class _QuantizedGraph:
                 if layer.input is key:
                     self._refresh_bias(layer)
             return
-        layer: _Layer = key
-        layer.weight_exp = layer.weight_exp + delta
-        codes, exp = self.weight_buffers[layer.node]
-        self._buffer(exp).copy_(layer.weight_exp)
-        self._buffer(codes).copy_(self._weight_codes(layer))
-        self._refresh_bias(layer)
+        group = self._group(key)
+        moved = key.weight_exp + delta
+        for layer in group:
+            layer.weight_exp = moved
+        codes, exp = self.weight_buffers[key.node]
+        self._buffer(exp).copy_(key.weight_exp)
+        self._buffer(codes).copy_(self._weight_codes(key))
+        for layer in group:
+            self._refresh_bias(layer)
+
+    def _group(self, layer: _Layer) -> list[_Layer]:
+        return self.weight_groups[self.group_of[layer.node]]
 
     def describe(self, layer: _Layer) -> dict[str, Any]:
         act = self.activations[layer.input]

@@ -3,9 +3,11 @@ three searches as documented, lowered to ONNX bit-exactly, and bad requests refu
 
 from __future__ import annotations
 
+import collections
 import math
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from prune_models import Couplings, randomize
@@ -252,7 +254,7 @@ def test_program_with_quantizers_saves_and_loads(quantized, tmp_path):
     assert torch.equal(loaded(x), program(x))
 
 
-def test_fused_onnxruntime_kernels_are_an_option(folded):
+def test_fused_onnxruntime_kernels_are_an_option(folded, tmp_path):
     """onnxruntime's own int8 kernels (QLinearConv, ...) are opt-in and not held to exactness."""
     quantize = PotQuantize(batches(1), search="minmax")
     compiled = edgefx.compile(
@@ -264,6 +266,24 @@ def test_fused_onnxruntime_kernels_are_an_option(folded):
     )
     assert compiled.report.backend_info["fuse_qdq"] is True
     assert compiled.report.backend_check.snr_db > 20
+    # onnxruntime really replaced DQ -> Conv/Gemm -> Q by its int8 kernels: look at the graph
+    # it optimised (and only with the option: the default keeps Conv/Gemm in float)
+    fused_ops = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul"}
+    for fuse, expect in ((True, True), (False, False)):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(tmp_path / f"optimized_{fuse}.onnx")
+        if not fuse:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        ort.InferenceSession(
+            compiled.artifact.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        ops = collections.Counter(
+            n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
+        )
+        found = {op: ops[op] for op in fused_ops if ops[op]}
+        assert bool(found) is expect, (fuse, dict(ops))
+    # (onnxruntime fuses only the layers its QDQ selectors accept: 3 of the 11 here)
 
 
 def test_calibration_accepts_loader_style_batches(folded):
@@ -559,3 +579,64 @@ def test_quantized_check_still_fails_a_wrong_lowering(folded, monkeypatch):
     monkeypatch.setattr(pot, "ONNX_TRANSLATIONS", translations)
     with pytest.raises(edgefx.BackendError, match="disagrees with the quantized Program"):
         edgefx.compile(folded, passes=[PotQuantize(batches(1), search="minmax")], backend="onnx")
+
+
+def test_four_bit_weights_are_packed_two_a_byte_in_onnx(resnet18_folded):
+    """At W4 the ONNX weights are INT4 initializers (opset 21 DequantizeLinear): the file's
+    initializers are about half their W8 size, and the outputs still match exactly."""
+    folded, _ = resnet18_folded
+    calib = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))]
+    sizes, kinds = {}, {}
+    for bits in (8, 4):
+        compiled = edgefx.compile(
+            folded, passes=[PotQuantize(calib, weight_bits=bits, search="minmax")], backend="onnx"
+        )
+        assert compiled.report.backend_check.max_abs == 0.0
+        model = compiled.artifact.model
+        sizes[bits] = sum(t.ByteSize() for t in model.graph.initializer)
+        kinds[bits] = collections.Counter(
+            onnx.TensorProto.DataType.Name(t.data_type)
+            for t in model.graph.initializer
+            if len(t.dims) >= 2
+        )
+    assert kinds[8]["INT8"] == 21 and not kinds[8]["INT4"]  # 20 convs + fc
+    assert kinds[4]["INT4"] == 21 and not kinds[4]["INT8"]
+    assert 0.45 < sizes[4] / sizes[8] < 0.55, sizes
+
+
+class SharedConv(nn.Module):
+    """One conv module called twice: its weight is read by two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x))
+        return self.shared(torch.relu(self.shared(y)))
+
+
+def test_a_weight_shared_by_two_layers_is_stored_once():
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))]
+    program = capture(SharedConv().eval(), (calib[0][:2],))
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib)], backend="onnx")
+    (result,) = compiled.report.passes
+    entries = [e for e in result.report["layers"] if e["module"] == "shared"]
+    assert len(entries) == 2 and entries[0]["weight_exp"] == entries[1]["weight_exp"]
+    gm = result.program.graph_module
+    codes = [b for name, b in gm.named_buffers() if b.dtype == torch.int8]
+    assert sorted(c.shape[0] * c[0].numel() for c in codes) == [3 * 9 * 8, 8 * 9 * 8]
+    weights = [
+        t for t in compiled.artifact.model.graph.initializer if tuple(t.dims) == (8, 8, 3, 3)
+    ]
+    assert len(weights) == 1 and weights[0].data_type == onnx.TensorProto.INT8
+    assert compiled.report.backend_check.max_abs == 0.0
+    assert_integer_accumulation(result.program, calib[0])
+
+
+def test_calibration_batch_with_wrong_channels_is_refused(folded):
+    with pytest.raises(PassError, match=r"calibration batch 0 does not fit") as info:
+        PotQuantize([torch.randn(4, 5, 16, 16)])(folded)
+    assert "calib yields the model's inputs" in str(info.value)
