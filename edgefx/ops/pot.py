@@ -154,20 +154,27 @@ def pack_int4_weights(model: onnx.ModelProto) -> int:
                 break
             zeros.append(zero)
         else:
-            tensor.CopyFrom(
-                onnx.helper.make_tensor(
-                    name, onnx.TensorProto.INT4, codes.shape, codes.flatten().tolist()
-                )
-            )
+            tensor.CopyFrom(_int4_tensor(name, codes))
             for node, zero in zip(users, zeros, strict=True):
                 zero_name = f"{name}_zero_int4"
                 if zero_name not in initializers:
                     shape = list(zero.dims)
-                    new = onnx.helper.make_tensor(
-                        zero_name, onnx.TensorProto.INT4, shape, [0] * int(np.prod(shape))
-                    )
+                    new = _int4_tensor(zero_name, np.zeros(shape, dtype=np.int8))
                     model.graph.initializer.append(new)
                     initializers[zero_name] = new
                 node.input[2] = zero_name
             packed += 1
     return packed
+
+
+def _int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer in raw bytes, two codes a byte, the first in the low nibble (as
+    the ONNX spec lays them out)."""
+    flat = codes.astype(np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, dtype=np.int8)])
+    nibbles = flat.view(np.uint8) & 0x0F
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    return onnx.helper.make_tensor(
+        name, onnx.TensorProto.INT4, list(codes.shape), packed.tobytes(), raw=True
+    )
