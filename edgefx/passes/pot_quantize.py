@@ -41,6 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import fx
 
 from edgefx.analysis.graph import POOLS
@@ -691,19 +699,32 @@ class _QuantizedGraph:
             ("weight", group[0]) for group in self.weight_groups.values()
         ]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
-        for _ in range(sweeps):
-            improved = False
-            for kind, key in knobs:
-                for delta in (1, -1):
-                    self._shift(kind, key, delta)
-                    err, envs = runner.trial(starts[id(key)])
-                    if err < best:
-                        best, improved, moves = err, True, moves + 1
-                        runner.accept(envs)
-                        break
-                    self._shift(kind, key, -delta)
-            if not improved:
-                break
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("PotQuantize joint search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("quantizers  error {task.fields[error]:.3g}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("search", total=sweeps * len(knobs), error=start)
+            for _ in range(sweeps):
+                improved = False
+                for kind, key in knobs:
+                    for delta in (1, -1):
+                        self._shift(kind, key, delta)
+                        err, envs = runner.trial(starts[id(key)])
+                        if err < best:
+                            best, improved, moves = err, True, moves + 1
+                            runner.accept(envs)
+                            break
+                        self._shift(kind, key, -delta)
+                    progress.update(task, advance=1, error=best)
+                if not improved:
+                    break
         return start, best, moves
 
     def _buffers_of(self, kind: str, key: Any) -> set[str]:
