@@ -35,6 +35,7 @@ while the network's output error on the calibration data falls.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +187,11 @@ class PotQuantize(Pass):
             staying a float island between the conv's dequantize and the next quantize
             (where onnxruntime fuses it into the weights its own way; see
             ``compiler.QUANTIZED_CHECK_BITS``). Order with ``FoldBatchNorm`` does not matter.
+        attention: quantize the two activation products of attention, q.k^T and attn.v:
+            each ``scaled_dot_product_attention`` without a mask is written out as
+            matmul -> scale -> softmax -> matmul, and both operands of each matmul are
+            quantized (q, k and v signed, the softmax output unsigned), so each product is
+            an integer accumulation too. The scale and softmax stay float islands.
     """
 
     name = "PotQuantize"
@@ -202,6 +208,7 @@ class PotQuantize(Pass):
         sweeps: int = 2,
         exclude: Sequence[str] = (),
         fold_batchnorm: bool = True,
+        attention: bool = True,
     ) -> None:
         for label, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
@@ -225,6 +232,9 @@ class PotQuantize(Pass):
         if not isinstance(fold_batchnorm, bool):
             raise PassError(f"fold_batchnorm must be True or False, got {fold_batchnorm!r}")
         self.fold_batchnorm = fold_batchnorm
+        if not isinstance(attention, bool):
+            raise PassError(f"attention must be True or False, got {attention!r}")
+        self.attention = attention
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.search = search
@@ -250,8 +260,10 @@ class PotQuantize(Pass):
             if fold_report["folded"]:
                 program, folded = folded_program, fold_report["folded"]
         gm = program.copy_graph()
+        matmuls, attention_skipped = _decompose_attention(gm) if self.attention else ([], [])
         layers, skipped = self._layers(gm)
-        if not layers:
+        skipped += attention_skipped
+        if not layers and not matmuls:
             report = {
                 "layers": [],
                 "skipped": skipped,
@@ -260,7 +272,8 @@ class PotQuantize(Pass):
                 "float_islands": _float_islands(gm, set()),
             }
             return program.with_graph(gm, repr(self)), report
-        activations = self._activations(layers)
+        activations = self._activations(layers, matmuls)
+        matmul_inputs = {node: tuple(node.args[:2]) for node in matmuls}
         with torch.no_grad():
             references = _calibrate(gm, activations, batches)
             for act in activations.values():
@@ -268,7 +281,9 @@ class PotQuantize(Pass):
                 act.sample.clear()
             for layer in layers:
                 layer.weight_exp = self._weight_exponents(layer.weight)
-            quantized = _QuantizedGraph(gm, layers, activations, self.weight_bits, self.act_bits)
+            quantized = _QuantizedGraph(
+                gm, layers, activations, self.weight_bits, self.act_bits, matmuls
+            )
             search, refs = _first_samples(batches, references, self.search_samples)
             if self.search == "joint":
                 start_error, final_error, steps = quantized.coordinate_descent(
@@ -293,11 +308,24 @@ class PotQuantize(Pass):
                 "joint_steps": steps,
             },
             "layers": [quantized.describe(layer) for layer in layers],
+            # activation x activation products (attention): both operands quantized
+            "matmuls": [
+                {
+                    "module": module_path(node) or node.name,
+                    "node": node.name,
+                    "input_exps": [activations[a].exp for a in matmul_inputs[node]],
+                    "inputs": [
+                        "signed" if activations[a].signed else "unsigned"
+                        for a in matmul_inputs[node]
+                    ],
+                }
+                for node in matmuls
+            ],
             "skipped": skipped,
             "batchnorm_folded": folded,
             # ops computed in float between a dequantize and the next quantize: a backend may
             # round them differently (see compiler.QUANTIZED_CHECK_BITS)
-            "float_islands": _float_islands(gm, {layer.node for layer in layers}),
+            "float_islands": _float_islands(gm, {layer.node for layer in layers} | set(matmuls)),
         }
         return program.with_graph(gm, repr(self)), report
 
@@ -347,11 +375,14 @@ class PotQuantize(Pass):
             layers.append(_Layer(node, module, weight.detach().float(), bias, node.args[0]))
         return layers, skipped
 
-    def _activations(self, layers: list[_Layer]) -> dict[fx.Node, _Activation]:
+    def _activations(
+        self, layers: list[_Layer], matmuls: list[fx.Node]
+    ) -> dict[fx.Node, _Activation]:
         acts: dict[fx.Node, _Activation] = {}
-        for layer in layers:
-            if layer.input not in acts:
-                acts[layer.input] = _Activation(layer.input, signed=not _nonnegative(layer.input))
+        sources = [layer.input for layer in layers] + [a for n in matmuls for a in n.args[:2]]
+        for source in sources:
+            if source not in acts:
+                acts[source] = _Activation(source, signed=not _nonnegative(source))
         return acts
 
     def _act_exponent(self, act: _Activation) -> int:
@@ -376,6 +407,50 @@ class PotQuantize(Pass):
             [((_fake_quant(rows, e, self.weight_bits, True) - rows) ** 2).sum(dim=1) for e in exps]
         )
         return exps.gather(0, errors.argmin(dim=0, keepdim=True))[0]
+
+
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[str, str]]]:
+    """Write every unmasked ``scaled_dot_product_attention`` out as
+    ``matmul(softmax(matmul(q, k^T) * scale), v)`` (in place); return the matmuls, and the
+    attentions left whole (masked, causal, dropout, grouped-query) with the reason."""
+    matmuls, skipped = [], []
+    for node in list(gm.graph.find_nodes(op="call_function", target=_SDPA)):
+        q, k, v = node.args[:3]
+        options = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:], strict=False))
+        options.update(node.kwargs)
+        reason = None
+        if options.get("attn_mask") is not None or options.get("is_causal"):
+            reason = "masked or causal attention is not quantized"
+        elif options.get("dropout_p", 0.0) or options.get("enable_gqa"):
+            reason = "attention with dropout or grouped queries is not quantized"
+        elif "val" not in q.meta:
+            reason = "attention without shape information is not quantized"
+        if reason:
+            skipped.append(
+                {"module": module_path(node) or node.name, "op": str(_SDPA), "reason": reason}
+            )
+            continue
+        scale = options.get("scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(int(q.meta["val"].shape[-1]))
+        graph = gm.graph
+        with graph.inserting_before(node):
+            k_t = graph.call_function(aten.transpose.int, (k, -2, -1))
+            scores = graph.call_function(aten.matmul.default, (q, k_t))
+            scaled = graph.call_function(aten.mul.Tensor, (scores, scale))
+            attn = graph.call_function(aten._softmax.default, (scaled, -1, False))
+            out = graph.call_function(aten.matmul.default, (attn, v))
+        for new in (k_t, scores, scaled, attn, out):
+            new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        matmuls += [scores, out]
+    if matmuls:
+        gm.recompile()
+    return matmuls, skipped
 
 
 def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -594,6 +669,7 @@ class _QuantizedGraph:
         activations: dict[fx.Node, _Activation],
         weight_bits: int,
         act_bits: int,
+        matmuls: Sequence[fx.Node] = (),
     ) -> None:
         self.gm, self.layers, self.activations = gm, layers, activations
         self.weight_bits, self.act_bits = weight_bits, act_bits
@@ -616,6 +692,8 @@ class _QuantizedGraph:
             for new in (q, dq):
                 new.meta["nn_module_stack"] = dict(source.meta.get("nn_module_stack", {}))
             dequantized[source] = dq
+        for node in matmuls:
+            node.args = (dequantized[node.args[0]], dequantized[node.args[1]], *node.args[2:])
         # a weight read by several layers (a module called twice) is stored and dequantized
         # once: its layers share codes and exponents, and the search moves them together
         self.weight_groups: dict[str, list[_Layer]] = {}

@@ -108,13 +108,17 @@ def assert_integer_accumulation(program: edgefx.Program, *inputs: torch.Tensor) 
         exp = seen[x_dq.args[1].name] + seen[w_dq.args[1].name]
         if b_dq is not None:
             assert torch.equal(seen[b_dq.args[1].name], exp)
-        rest = tuple(node.args[3:])
-        acc = node.target(x_codes, w_codes, b_codes, *rest)
-        magnitude = node.target(
-            x_codes.abs(), w_codes.abs(), None if b_codes is None else b_codes.abs(), *rest
-        )
+        if node.target is aten.matmul.default:  # activation x activation (attention)
+            acc = torch.matmul(x_codes, w_codes)
+            magnitude = torch.matmul(x_codes.abs(), w_codes.abs())
+        else:
+            rest = tuple(node.args[3:])
+            acc = node.target(x_codes, w_codes, b_codes, *rest)
+            magnitude = node.target(
+                x_codes.abs(), w_codes.abs(), None if b_codes is None else b_codes.abs(), *rest
+            )
         scale = torch.ldexp(torch.ones(exp.shape, dtype=torch.float64), exp)
-        if node.target is not aten.linear.default:  # per output channel, dim 1
+        if node.target not in (aten.linear.default, aten.matmul.default):  # per channel, dim 1
             scale = scale.reshape(-1, *[1] * (acc.dim() - 2))
         assert torch.equal(acc, acc.round())  # integer accumulator
         assert torch.equal(seen[node.name].double(), acc * scale), node.name
@@ -640,3 +644,120 @@ def test_calibration_batch_with_wrong_channels_is_refused(folded):
     with pytest.raises(PassError, match=r"calibration batch 0 does not fit") as info:
         PotQuantize([torch.randn(4, 5, 16, 16)])(folded)
     assert "calib yields the model's inputs" in str(info.value)
+
+
+def _vit_small(depth: int = 2):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "deit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, num_classes=10
+    ).eval()
+
+
+def test_vision_transformer_attention_products_are_quantized():
+    """DeiT (2 blocks, 32x32): linears and the two attention products (q.k^T, attn.v) run on
+    integer codes; LayerNorm, softmax and GELU stay float islands; ONNX compiles and agrees
+    within compile()'s step check."""
+    gen = torch.Generator().manual_seed(4)
+    calib = [torch.randn(4, 3, 32, 32, generator=gen)]
+    program = capture(_vit_small(), (calib[0][:2],))
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib, search="mse")], backend="onnx")
+    (result,) = compiled.report.passes
+    report = result.report
+    assert len(report["matmuls"]) == 4 and not report["skipped"]
+    # q, k^T and v signed; the softmax output unsigned
+    assert [m["inputs"] for m in report["matmuls"]] == [
+        ["signed", "signed"],
+        ["unsigned", "signed"],
+    ] * 2
+    assert len(report["layers"]) == 1 + 2 * 4 + 1  # patch conv, qkv/proj/fc1/fc2 per block, head
+    islands = {e["op"] for e in report["float_islands"]}
+    assert {"layer_norm", "_softmax", "gelu"} <= islands, islands
+    assert "scaled_dot_product_attention" not in islands
+    assert result.error.snr_db > 20
+    assert compiled.report.quantized_check is not None
+    bounds = assert_integer_accumulation(result.program, torch.randn(2, 3, 32, 32, generator=gen))
+    assert len(bounds) == len(report["layers"]) + 4 and max(bounds) < 2**24
+    onnx_ops = collections.Counter(n.op_type for n in compiled.artifact.model.graph.node)
+    assert onnx_ops["MatMul"] >= 4 and onnx_ops["Softmax"] == 2
+
+
+def test_attention_can_stay_whole():
+    calib = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
+    program = capture(_vit_small(depth=1), (calib[0],))
+    result = PotQuantize(calib, search="minmax", attention=False)(program)
+    assert result.report["matmuls"] == []
+    islands = {e["op"] for e in result.report["float_islands"]}
+    assert "scaled_dot_product_attention" in islands
+
+
+def _timm(name: str, **kwargs):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, num_classes=10, **kwargs)
+
+
+def _torchvision(name: str):
+    torchvision = pytest.importorskip("torchvision")
+    return getattr(torchvision.models, name)(num_classes=10)
+
+
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+    )
+    model = transformers.ViTForImageClassification(config)
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=x).logits
+
+    return Logits()
+
+
+# (factory, input size): the issue's sweep of architectures PotQuantize must handle
+SWEEP = {
+    "mobilenet_v3_small": (lambda: _torchvision("mobilenet_v3_small"), 64),
+    "efficientnet_b0": (lambda: _torchvision("efficientnet_b0"), 64),
+    "regnet_y_400mf": (lambda: _torchvision("regnet_y_400mf"), 64),
+    "convnext_tiny": (lambda: _torchvision("convnext_tiny"), 64),
+    "deit_tiny": (lambda: _timm("deit_tiny_patch16_224", img_size=64), 64),
+    "swin_t": (lambda: _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=2), 64),
+    "vit_b_16": (lambda: _torchvision("vit_b_16"), 224),
+    "hf_vit": (_hf_vit, 32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_sweep_quantizes_at_w8a8_and_compiles_to_onnx(name):
+    """W8A8 PotQuantize (per-tensor search, BN folded inside) then backend="onnx": compile()
+    accepts it (exact, or within the documented step check); the figures are printed."""
+    from conftest import randomize_batchnorm
+
+    factory, size = SWEEP[name]
+    torch.manual_seed(0)
+    model = randomize_batchnorm(factory().eval())
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, size, size, generator=gen)]
+    program = capture(model, (calib[0][:2],))
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib, search="mse")], backend="onnx")
+    (result,) = compiled.report.passes
+    check = compiled.report.quantized_check
+    print(
+        f"{name}: layers {len(result.report['layers'])}, matmuls {len(result.report['matmuls'])}"
+        f", SNR vs float {result.error.snr_db:.1f} dB, onnx equal {check['equal']:.4f}, "
+        f">1 step {check['beyond_one_step']:.2e}, max steps {check['max_steps']:.2f}, "
+        f"onnx SNR {check['snr_db']:.1f} dB"
+    )
+    assert result.report["layers"] and result.error.snr_db > 10
