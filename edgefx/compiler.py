@@ -69,7 +69,9 @@ class CompileReport:
             "build_s": round(self.build_s, 4),
             "backend_check": self.backend_check.to_dict() if self.backend_check else None,
             "backend_info": self.backend_info,
-            "quantized_check": self.quantized_check,
+            "quantized_check": None
+            if self.quantized_check is None
+            else {k: v if math.isfinite(v) else str(v) for k, v in self.quantized_check.items()},
         }
 
     def table(self) -> Table:

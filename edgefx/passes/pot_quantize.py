@@ -97,6 +97,8 @@ _NOT_QUANTIZED = {
     aten.bmm.default: "matrix product with a constant is not quantized (only linear)",
 }
 _SEARCHES = ("minmax", "mse", "joint")
+_OBJECTIVES = ("output", "bn_stats")
+_BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 _CANDIDATES = 4  # "mse" tries the no-clipping exponent and this many smaller ones
 _SAMPLE = 1 << 18  # activation values kept per quantizer for the "mse" search
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -192,6 +194,13 @@ class PotQuantize(Pass):
             matmul -> scale -> softmax -> matmul, and both operands of each matmul are
             quantized (q, k and v signed, the softmax output unsigned), so each product is
             an integer accumulation too. The scale and softmax stay float islands.
+        objective: what the joint search minimises. "output" (default): the squared error of
+            the network's outputs against the float model's, relative to their power, on the
+            search samples. "bn_stats" (RAPQ's reconstruction): for every conv a BatchNorm
+            followed (folded inside this pass), the squared distance of its quantized
+            output's per-channel mean and standard deviation to the BatchNorm's beta and
+            |gamma| (what the BatchNorm's running statistics say they are), relative to
+            those; needs the model's BatchNorms unfolded. ``calib_error`` reports it.
     """
 
     name = "PotQuantize"
@@ -209,6 +218,7 @@ class PotQuantize(Pass):
         exclude: Sequence[str] = (),
         fold_batchnorm: bool = True,
         attention: bool = True,
+        objective: str = "output",
     ) -> None:
         for label, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
@@ -235,6 +245,18 @@ class PotQuantize(Pass):
         if not isinstance(attention, bool):
             raise PassError(f"attention must be True or False, got {attention!r}")
         self.attention = attention
+        if objective not in _OBJECTIVES:
+            raise PassError(
+                f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}",
+                hint='"output": output MSE against the float model; "bn_stats": RAPQ\'s '
+                "BatchNorm-statistics reconstruction",
+            )
+        if objective == "bn_stats" and not fold_batchnorm:
+            raise PassError(
+                "objective='bn_stats' reads the BatchNorms this pass folds: it needs "
+                "fold_batchnorm=True"
+            )
+        self.objective = objective
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.search = search
@@ -255,6 +277,12 @@ class PotQuantize(Pass):
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         batches = self._batches(program)
         folded = 0
+        bn_targets = _bn_targets(program) if self.objective == "bn_stats" else {}
+        if self.objective == "bn_stats" and self.search == "joint" and not bn_targets:
+            raise PassError(
+                f"objective='bn_stats' needs BatchNorms after convs; {program.name} has none",
+                hint="run PotQuantize on the model before FoldBatchNorm (it folds them itself)",
+            )
         if self.fold_batchnorm:
             folded_program, fold_report = FoldBatchNorm().run(program)
             if fold_report["folded"]:
@@ -286,8 +314,9 @@ class PotQuantize(Pass):
             )
             search, refs = _first_samples(batches, references, self.search_samples)
             if self.search == "joint":
+                targets = {n: bn_targets[n.name] for n in gm.graph.nodes if n.name in bn_targets}
                 start_error, final_error, steps = quantized.coordinate_descent(
-                    search, refs, self.sweeps
+                    search, refs, self.sweeps, targets
                 )
             else:
                 start_error = final_error = quantized.error(search, refs)
@@ -764,13 +793,15 @@ class _QuantizedGraph:
         """Output error on the calibration data: squared error over squared reference."""
         return _relative_error([_flat(self.gm(*batch)) for batch in batches], refs)
 
-    def coordinate_descent(self, batches, refs, sweeps: int) -> tuple[float, float, int]:
+    def coordinate_descent(
+        self, batches, refs, sweeps: int, bn_targets: dict[fx.Node, Any] | None = None
+    ) -> tuple[float, float, int]:
         """Move one quantizer's exponent(s) by +-1 at a time while the output error falls;
         return the error before and after, and the number of moves taken.
 
         A move changes only the nodes from its quantizer on: the values of every node before
         it are kept from the last accepted state, and a trial runs the graph from there."""
-        runner = _ResumableRun(self.gm, batches, refs)
+        runner = _ResumableRun(self.gm, batches, refs, bn_targets)
         start = best = runner.full()
         moves = 0
         knobs = [("act", a) for a in self.activations] + [
@@ -875,13 +906,56 @@ def _relative_error(outputs: list[list[torch.Tensor]], refs: list[list[torch.Ten
     return num / den if den else num
 
 
+def _bn_targets(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """conv node name -> (beta, |gamma|) of the BatchNorm reading it: after folding, the
+    conv's output should have that per-channel mean and standard deviation."""
+    gm = program.graph_module
+    targets = {}
+    for bn in gm.graph.find_nodes(op="call_function", target=_BATCH_NORM):
+        conv, gamma_n, beta_n, _mean, var_n = bn.args[:5]
+        if not isinstance(conv, fx.Node) or conv.target not in _CONVS:
+            continue
+        var = attr_tensor(gm, var_n)
+        gamma = attr_tensor(gm, gamma_n) if gamma_n is not None else None
+        beta = attr_tensor(gm, beta_n) if beta_n is not None else None
+        if var is None:
+            continue
+        gamma = torch.ones_like(var) if gamma is None else gamma
+        beta = torch.zeros_like(var) if beta is None else beta
+        targets[conv.name] = (beta.detach().double(), gamma.detach().double().abs())
+    return targets
+
+
+def _bn_statistics_error(
+    envs: list[dict[fx.Node, Any]], targets: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """RAPQ's BatchNorm-statistics objective: per-channel mean and standard deviation of each
+    folded conv's output on the search samples against the BatchNorm's beta and |gamma|."""
+    num = den = 0.0
+    for node, (mean, std) in targets.items():
+        values = torch.cat(
+            [env[node].detach().double().transpose(0, 1).reshape(len(mean), -1) for env in envs],
+            dim=1,
+        )
+        num += float(((values.mean(1) - mean) ** 2 + (values.std(1) - std) ** 2).sum())
+        den += float((mean**2 + std**2).sum())
+    return num / den if den else num
+
+
 class _ResumableRun:
     """Runs the graph on the search batches keeping every node's value, so that a trial can
     resume from the first node a change affects instead of from the inputs. Buffers are
     changed in place, so kept ``get_attr`` values see the change."""
 
-    def __init__(self, gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]], refs) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        batches: list[tuple[torch.Tensor, ...]],
+        refs,
+        bn_targets: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         self.gm, self.batches, self.refs = gm, batches, refs
+        self.bn_targets = bn_targets or {}
         self.nodes = list(gm.graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.envs: list[dict[fx.Node, Any]] = []
@@ -902,6 +976,8 @@ class _ResumableRun:
             interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
             outputs.append(_flat(interpreter.run(*batch, initial_env=kept)))
             envs.append(interpreter.env)
+        if self.bn_targets:
+            return _bn_statistics_error(envs, self.bn_targets), envs
         return _relative_error(outputs, self.refs), envs
 
     def full(self) -> float:

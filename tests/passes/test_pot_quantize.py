@@ -329,6 +329,9 @@ def test_a_model_without_layers_is_reported_unchanged():
         ({"exclude": "fc"}, "exclude must be a list of module paths"),
         ({"sweeps": -1}, "sweeps must be an integer >= 0"),
         ({"search_samples": 0}, "search_samples must be a positive integer"),
+        ({"objective": "kl"}, "objective must be one of output, bn_stats"),
+        ({"objective": "bn_stats", "fold_batchnorm": False}, "needs fold_batchnorm=True"),
+        ({"attention": 1}, "attention must be True or False"),
     ],
 )
 def test_bad_configuration_is_refused_eagerly(kwargs, message):
@@ -761,3 +764,17 @@ def test_sweep_quantizes_at_w8a8_and_compiles_to_onnx(name):
         f"onnx SNR {check['snr_db']:.1f} dB"
     )
     assert result.report["layers"] and result.error.snr_db > 10
+
+
+def test_joint_search_can_reconstruct_batchnorm_statistics(small_program, small_folded):
+    """RAPQ's objective: the folded convs' per-channel output mean/std against the BatchNorms'
+    beta/|gamma|; the search only takes moves that lower it."""
+    calib = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(10))]
+    kwargs = {"weight_bits": 4, "act_bits": 4}
+    result = PotQuantize(calib, objective="bn_stats", **kwargs)(small_program)
+    error = result.report["calib_error"]
+    assert error["joint_steps"] > 0 and error["final"] < error["start"]
+    output = PotQuantize(calib, **kwargs)(small_program).report["calib_error"]
+    assert error["start"] != output["start"]  # a different objective, not the output MSE
+    with pytest.raises(PassError, match="needs BatchNorms after convs"):
+        PotQuantize(calib, objective="bn_stats")(small_folded[0])
