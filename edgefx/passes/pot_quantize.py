@@ -98,6 +98,7 @@ _NOT_QUANTIZED = {
 }
 _SEARCHES = ("minmax", "mse", "joint")
 _OBJECTIVES = ("output", "bn_stats")
+_SCOPES = ("network", "block")
 _BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 _CANDIDATES = 4  # "mse" tries the no-clipping exponent and this many smaller ones
 _SAMPLE = 1 << 18  # activation values kept per quantizer for the "mse" search
@@ -201,6 +202,13 @@ class PotQuantize(Pass):
             output's per-channel mean and standard deviation to the BatchNorm's beta and
             |gamma| (what the BatchNorm's running statistics say they are), relative to
             those; needs the model's BatchNorms unfolded. ``calib_error`` reports it.
+        scope: how far a trial move of the joint search runs. "network" (default): to the
+            outputs, scored on them. "block" (block-wise reconstruction, as BRECQ): only to
+            the end of the block holding the quantizer's first user (the module path up to
+            its first numbered part: ``layer2.1``, ``blocks.3``), scored on that block's
+            output against the float model's; later blocks are recomputed lazily. Trials
+            cost a block instead of the rest of the network; ``calib_error`` still reports
+            the network's output error before and after.
     """
 
     name = "PotQuantize"
@@ -219,6 +227,7 @@ class PotQuantize(Pass):
         fold_batchnorm: bool = True,
         attention: bool = True,
         objective: str = "output",
+        scope: str = "network",
     ) -> None:
         for label, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
@@ -257,6 +266,12 @@ class PotQuantize(Pass):
                 "fold_batchnorm=True"
             )
         self.objective = objective
+        if scope not in _SCOPES:
+            raise PassError(
+                f"scope must be one of {', '.join(_SCOPES)}, got {scope!r}",
+                hint='"network" scores each move on the outputs; "block" on its block\'s output',
+            )
+        self.scope = scope
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.search = search
@@ -302,8 +317,10 @@ class PotQuantize(Pass):
             return program.with_graph(gm, repr(self)), report
         activations = self._activations(layers, matmuls)
         matmul_inputs = {node: tuple(node.args[:2]) for node in matmuls}
+        block_ends = _block_ends(gm) if self.scope == "block" else {}
+        ends = list(dict.fromkeys(block_ends.values()))
         with torch.no_grad():
-            references = _calibrate(gm, activations, batches)
+            references = _calibrate(gm, activations, batches, ends)
             for act in activations.values():
                 act.exp = self._act_exponent(act)
                 act.sample.clear()
@@ -316,10 +333,11 @@ class PotQuantize(Pass):
             if self.search == "joint":
                 targets = {n: bn_targets[n.name] for n in gm.graph.nodes if n.name in bn_targets}
                 start_error, final_error, steps = quantized.coordinate_descent(
-                    search, refs, self.sweeps, targets
+                    search, refs, self.sweeps, targets, block_ends, ends
                 )
             else:
-                start_error = final_error = quantized.error(search, refs)
+                outputs = len(refs[0]) - len(ends)
+                start_error = final_error = quantized.error(search, [r[:outputs] for r in refs])
                 steps = 0
         remove_dead_code(gm)
         report = {
@@ -647,9 +665,11 @@ def _calibrate(
     gm: fx.GraphModule,
     activations: dict[fx.Node, _Activation],
     batches: list[tuple[torch.Tensor, ...]],
+    extra: Sequence[fx.Node] = (),
 ) -> list[list[torch.Tensor]]:
     """Run the float graph on every batch, recording each quantized tensor's range and a
-    sample of its values; return the graph's flat outputs per batch (the reference)."""
+    sample of its values; return the graph's flat outputs per batch (the reference), followed
+    by the values of the ``extra`` nodes."""
     per_batch = max(1, _SAMPLE // len(batches))
 
     class Recorder(fx.Interpreter):
@@ -663,8 +683,12 @@ def _calibrate(
                 act.sample.append(flat[::step].clone())
             return value
 
-    recorder = Recorder(gm)
-    return [_flat(recorder.run(*batch)) for batch in batches]
+    references = []
+    for batch in batches:
+        recorder = Recorder(gm, garbage_collect_values=not extra)
+        outputs = _flat(recorder.run(*batch))
+        references.append(outputs + [recorder.env[n].detach().float() for n in extra])
+    return references
 
 
 def _first_samples(
@@ -794,15 +818,24 @@ class _QuantizedGraph:
         return _relative_error([_flat(self.gm(*batch)) for batch in batches], refs)
 
     def coordinate_descent(
-        self, batches, refs, sweeps: int, bn_targets: dict[fx.Node, Any] | None = None
+        self,
+        batches,
+        refs,
+        sweeps: int,
+        bn_targets: dict[fx.Node, Any] | None = None,
+        block_ends: dict[fx.Node, fx.Node] | None = None,
+        ends: Sequence[fx.Node] = (),
     ) -> tuple[float, float, int]:
         """Move one quantizer's exponent(s) by +-1 at a time while the output error falls;
         return the error before and after, and the number of moves taken.
 
         A move changes only the nodes from its quantizer on: the values of every node before
         it are kept from the last accepted state, and a trial runs the graph from there."""
-        runner = _ResumableRun(self.gm, batches, refs, bn_targets)
+        outputs = len(refs[0]) - len(ends)
+        end_refs = {end: [r[outputs + i] for r in refs] for i, end in enumerate(ends)}
+        runner = _ResumableRun(self.gm, batches, [r[:outputs] for r in refs], bn_targets)
         start = best = runner.full()
+        block_ends = block_ends or {}
         moves = 0
         knobs = [("act", a) for a in self.activations] + [
             ("weight", group[0]) for group in self.weight_groups.values()
@@ -823,17 +856,37 @@ class _QuantizedGraph:
             for _ in range(sweeps):
                 improved = False
                 for kind, key in knobs:
+                    first = runner.nodes[starts[id(key)]]
+                    end = block_ends.get(first)
+                    if end is not None and runner.position[end] < starts[id(key)]:
+                        end = None
+                    # block-wise: score the move on its block's output; else on the outputs
+                    if end is not None:
+                        baseline = runner.window(first, end, end_refs[end])[0]
+                    elif block_ends:  # block-wise moves changed the outputs: measure afresh
+                        best, envs = runner.trial(starts[id(key)])
+                        runner.accept(envs)
+                        baseline = best
+                    else:
+                        baseline = best
                     for delta in (1, -1):
                         self._shift(kind, key, delta)
-                        err, envs = runner.trial(starts[id(key)])
-                        if err < best:
-                            best, improved, moves = err, True, moves + 1
-                            runner.accept(envs)
+                        if end is None:
+                            err, envs = runner.trial(starts[id(key)])
+                        else:
+                            err, envs = runner.window(first, end, end_refs[end])
+                        if err < baseline:
+                            improved, moves = True, moves + 1
+                            if end is None:
+                                best = err
+                            runner.accept(envs, None if end is None else runner.position[end] + 1)
                             break
                         self._shift(kind, key, -delta)
                     progress.update(task, advance=1, error=best)
                 if not improved:
                     break
+        if block_ends:  # the network's error after the block-wise moves
+            best = runner.full()
         return start, best, moves
 
     def _buffers_of(self, kind: str, key: Any) -> set[str]:
@@ -906,6 +959,25 @@ def _relative_error(outputs: list[list[torch.Tensor]], refs: list[list[torch.Ten
     return num / den if den else num
 
 
+def _block_ends(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """node -> the last tensor node of its block: the module path up to its first numbered
+    part (``layer2.1``, ``blocks.3``, ``features.4``). Nodes outside numbered blocks are not
+    in the map."""
+    block_of: dict[fx.Node, str] = {}
+    last: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        parts = (module_path(node) or "").split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None or node.op != "call_function":
+            continue
+        block = ".".join(parts[: index + 1])
+        block_of[node] = block
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            last[block] = node
+    return {node: last[block] for node, block in block_of.items() if block in last}
+
+
 def _bn_targets(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """conv node name -> (beta, |gamma|) of the BatchNorm reading it: after folding, the
     conv's output should have that per-channel mean and standard deviation."""
@@ -959,6 +1031,7 @@ class _ResumableRun:
         self.nodes = list(gm.graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.envs: list[dict[fx.Node, Any]] = []
+        self.stale = 0  # nodes from this position on hold values from before a moved quantizer
 
     def first_user(self, buffers: set[str]) -> int:
         users = [
@@ -982,10 +1055,32 @@ class _ResumableRun:
 
     def full(self) -> float:
         error, self.envs = self._run(0)
+        self.stale = len(self.nodes)
         return error
 
     def trial(self, start: int) -> tuple[float, list[dict[fx.Node, Any]]]:
-        return self._run(start)
+        return self._run(min(start, self.stale))
 
-    def accept(self, envs: list[dict[fx.Node, Any]]) -> None:
+    def window(
+        self, first: fx.Node, end: fx.Node, refs: list[torch.Tensor]
+    ) -> tuple[float, list[dict[fx.Node, Any]]]:
+        """Run from ``first`` (or the first stale node before it) to ``end`` only; the error
+        of ``end``'s value against ``refs``. Nodes after ``end`` keep stale values."""
+        start = min(self.position[first], self.stale)
+        stop = self.position[end] + 1
+        outputs, envs = [], []
+        for i in range(len(self.batches)):
+            interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
+            interpreter.env = dict(self.envs[i])
+            for node in self.nodes[start:stop]:
+                interpreter.env[node] = interpreter.run_node(node)
+            outputs.append([interpreter.env[end].detach().float()])
+            envs.append(interpreter.env)
+        n = [len(o[0]) for o in outputs]
+        refs = [[r[:k]] for r, k in zip(refs, n, strict=True)]
+        return _relative_error(outputs, refs), envs
+
+    def accept(self, envs: list[dict[fx.Node, Any]], stale_from: int | None = None) -> None:
+        """Keep a trial's values; nodes from ``stale_from`` on were not recomputed."""
         self.envs = envs
+        self.stale = len(self.nodes) if stale_from is None else stale_from
