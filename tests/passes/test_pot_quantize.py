@@ -778,3 +778,33 @@ def test_joint_search_can_reconstruct_batchnorm_statistics(small_program, small_
     assert error["start"] != output["start"]  # a different objective, not the output MSE
     with pytest.raises(PassError, match="needs BatchNorms after convs"):
         PotQuantize(calib, objective="bn_stats")(small_folded[0])
+
+
+def test_block_wise_trials_compute_the_block_output_a_full_run_computes(quantized, folded):
+    """scope="block": a trial runs from the move's first user to the end of its block only;
+    that block output equals what a full run gives, and the search still reports the
+    network's error before and after."""
+    from edgefx.passes.pot_quantize import _block_ends, _ResumableRun
+
+    program = quantized["mse"].program
+    gm = program.copy_graph()
+    calib = [batches(1, 3, seed=4)[0]]
+    with torch.no_grad():
+        refs = [[program.graph_module(*calib)]]
+        runner = _ResumableRun(gm, [tuple(calib)], refs)
+        runner.full()
+        layer = layer_nodes(program)[4]
+        exp_name = layer.args[1].args[1].target
+        start = runner.first_user({exp_name})
+        first = runner.nodes[start]
+        end = _block_ends(gm)[first]
+        assert runner.position[end] < len(runner.nodes) - 2  # a block, not the network
+        gm.get_buffer(exp_name).add_(1)
+        fresh = _ResumableRun(gm, [tuple(calib)], refs)
+        fresh.full()
+        want = fresh.envs[0][end]
+        _, envs = runner.window(first, end, [torch.zeros_like(want)])
+        assert torch.equal(envs[0][end], want)
+    result = PotQuantize(batches(2), weight_bits=4, act_bits=4, scope="block")(folded)
+    error = result.report["calib_error"]
+    assert error["joint_steps"] > 0 and math.isfinite(error["final"])
