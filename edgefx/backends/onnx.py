@@ -25,6 +25,7 @@ import torch
 from edgefx.backends.base import Artifact, Backend
 from edgefx.errors import ArtifactError, BackendError, first_line
 from edgefx.ops import onnx_translations
+from edgefx.ops.pot import pack_int4_weights
 from edgefx.program import BATCH, Program, quiet_torch_logs
 
 MODEL_FILE = "model.onnx"
@@ -225,8 +226,9 @@ class OnnxArtifact(Artifact):
 
 class OnnxBackend(Backend):
     """Options: ``opset`` (default 21; up to onnx's latest via the version converter);
-    ``fuse_qdq`` lets onnxruntime run quantized layers with its own int8 kernels (faster,
-    but not bit-exact: see ``_cpu_session``)."""
+    ``fuse_qdq`` lets onnxruntime run quantized layers with its own int8 kernels (not
+    bit-exact: see ``_cpu_session``; and not faster on the 2-core x86 machine of
+    ``benchmarks/results/quantize.md``, where they were slower than Q/DQ as written)."""
 
     name = "onnx"
 
@@ -284,6 +286,7 @@ class OnnxBackend(Backend):
         _name_batch_dim(model, program)
         try:
             model = _clean(model)
+            pack_int4_weights(model)  # weights of <= 4 bits: two codes a byte (lossless)
             if self.opset != EXPORT_OPSET:
                 model = onnx.version_converter.convert_version(model, self.opset)
         except Exception as exc:

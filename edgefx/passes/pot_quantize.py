@@ -13,6 +13,18 @@ Every convolution and linear layer with constant weights gets
 This is the quantize/dequantize ("QDQ") form: it runs in float, and QDQToShift later turns
 each DQ -> conv -> Q chain into integer arithmetic whose requantization is a bit-shift.
 
+Exactness bound: a layer's float32 output equals its integer accumulation
+``sum(q_x * q_w) + q_b`` times ``2**(e_x + e_w)`` exactly as long as every partial sum stays
+below 2**24 in magnitude (float32 has a 24-bit significand; products of codes and powers of
+two are exact, and an integer sum below 2**24 needs no rounding whatever the summation
+order). For any input this is guaranteed when ``fan_in * max|q_x| * max|q_w| + max|q_b|
+<= 2**24``: at W8A8 (|q_x| <= 255 unsigned, |q_w| <= 128) that is a fan-in of at most 513
+(1,024 with signed inputs), so a 3x3 conv over 512 channels (fan-in 4,608, worst case about
+2**27) is exact only because real partial sums stay far below the worst case (the tests
+check both at that size). Each layer's report entry gives ``worst_case_acc_bits``; where it
+exceeds 24, exactness depends on the data, and an integer kernel (int32 accumulator) is the
+reference.
+
 Exponents are chosen from calibration data. ``search="minmax"`` takes the smallest exponent
 that clips nothing; ``"mse"`` picks, per tensor (per channel for weights), the exponent among
 that one and the next smaller ones minimising the squared rounding + clipping error;
@@ -23,12 +35,21 @@ while the network's output error on the calibration data falls.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import fx
 
 from edgefx.analysis.graph import POOLS
@@ -36,6 +57,7 @@ from edgefx.analysis.numerics import NumericError
 from edgefx.errors import EdgefxError, PassError
 from edgefx.ops.pot import MAX_BITS, MIN_BITS, dequantize_pot, qrange, quantize_pot
 from edgefx.passes.base import Pass
+from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.rewrite import (
     add_buffer,
     attr_tensor,
@@ -50,10 +72,21 @@ aten = torch.ops.aten
 _quantize = torch.ops.edgefx.quantize_pot.default
 _dequantize = torch.ops.edgefx.dequantize_pot.default
 
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONVS = {
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.conv3d.default,
+    # padding="same" / "valid" (a string) is captured as the .padding overload
+    aten.conv1d.padding,
+    aten.conv2d.padding,
+    aten.conv3d.padding,
+}
 _LINEAR = aten.linear.default
 # ops with weights that PotQuantize leaves in float (and says so in its report)
 _NOT_QUANTIZED = {
+    aten.embedding.default: "embedding lookup is not quantized",
+    aten.baddbmm.default: "matrix product with a constant is not quantized (only linear)",
+    aten.einsum.default: "einsum with a constant is not quantized (only linear)",
     aten.convolution.default: "general convolution (transposed or unusual) is not quantized",
     aten.conv_transpose1d.default: "transposed convolution is not quantized",
     aten.conv_transpose2d.input: "transposed convolution is not quantized",
@@ -64,6 +97,9 @@ _NOT_QUANTIZED = {
     aten.bmm.default: "matrix product with a constant is not quantized (only linear)",
 }
 _SEARCHES = ("minmax", "mse", "joint")
+_OBJECTIVES = ("output", "bn_stats")
+_SCOPES = ("network", "block")
+_BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 _CANDIDATES = 4  # "mse" tries the no-clipping exponent and this many smaller ones
 _SAMPLE = 1 << 18  # activation values kept per quantizer for the "mse" search
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -77,8 +113,22 @@ _NONNEGATIVE = {
     aten._softmax.default,
     aten.abs.default,
 }
+_NONNEGATIVE |= {aten.exp.default, aten.sqrt.default, aten.rsqrt.default, aten.relu6.default}
 _SIGN_KEEPING = {
     *POOLS,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.expand.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.unbind.int,
+    aten.sum.dim_IntList,
+    aten.amax.default,
+    aten.max_pool1d.default,
+    aten.max_pool3d.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.upsample_bilinear2d.vec,
     aten._adaptive_avg_pool2d.default,
     aten.mean.dim,
     aten.reshape.default,
@@ -135,6 +185,30 @@ class PotQuantize(Pass):
             (the first ones), since it runs the network twice per quantizer and sweep.
         sweeps: rounds of the joint search.
         exclude: module paths (prefixes) left in float, e.g. ``["fc"]``.
+        fold_batchnorm: fold every BatchNorm that follows a conv into it first (as
+            ``FoldBatchNorm`` does), so that it is quantized with the conv instead of
+            staying a float island between the conv's dequantize and the next quantize
+            (where onnxruntime fuses it into the weights its own way; see
+            ``compiler.QUANTIZED_CHECK_BITS``). Order with ``FoldBatchNorm`` does not matter.
+        attention: quantize the two activation products of attention, q.k^T and attn.v:
+            each ``scaled_dot_product_attention`` without a mask is written out as
+            matmul -> scale -> softmax -> matmul, and both operands of each matmul are
+            quantized (q, k and v signed, the softmax output unsigned), so each product is
+            an integer accumulation too. The scale and softmax stay float islands.
+        objective: what the joint search minimises. "output" (default): the squared error of
+            the network's outputs against the float model's, relative to their power, on the
+            search samples. "bn_stats" (RAPQ's reconstruction): for every conv a BatchNorm
+            followed (folded inside this pass), the squared distance of its quantized
+            output's per-channel mean and standard deviation to the BatchNorm's beta and
+            |gamma| (what the BatchNorm's running statistics say they are), relative to
+            those; needs the model's BatchNorms unfolded. ``calib_error`` reports it.
+        scope: how far a trial move of the joint search runs. "network" (default): to the
+            outputs, scored on them. "block" (block-wise reconstruction, as BRECQ): only to
+            the end of the block holding the quantizer's first user (the module path up to
+            its first numbered part: ``layer2.1``, ``blocks.3``), scored on that block's
+            output against the float model's; later blocks are recomputed lazily. Trials
+            cost a block instead of the rest of the network; ``calib_error`` still reports
+            the network's output error before and after.
     """
 
     name = "PotQuantize"
@@ -150,6 +224,10 @@ class PotQuantize(Pass):
         search_samples: int = 16,
         sweeps: int = 2,
         exclude: Sequence[str] = (),
+        fold_batchnorm: bool = True,
+        attention: bool = True,
+        objective: str = "output",
+        scope: str = "network",
     ) -> None:
         for label, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
@@ -170,6 +248,30 @@ class PotQuantize(Pass):
         if not (isinstance(sweeps, int) and sweeps >= 0):
             raise PassError(f"sweeps must be an integer >= 0, got {sweeps!r}")
         check_module_paths("exclude", exclude, example='["conv1", "fc"]')
+        if not isinstance(fold_batchnorm, bool):
+            raise PassError(f"fold_batchnorm must be True or False, got {fold_batchnorm!r}")
+        self.fold_batchnorm = fold_batchnorm
+        if not isinstance(attention, bool):
+            raise PassError(f"attention must be True or False, got {attention!r}")
+        self.attention = attention
+        if objective not in _OBJECTIVES:
+            raise PassError(
+                f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}",
+                hint='"output": output MSE against the float model; "bn_stats": RAPQ\'s '
+                "BatchNorm-statistics reconstruction",
+            )
+        if objective == "bn_stats" and not fold_batchnorm:
+            raise PassError(
+                "objective='bn_stats' reads the BatchNorms this pass folds: it needs "
+                "fold_batchnorm=True"
+            )
+        self.objective = objective
+        if scope not in _SCOPES:
+            raise PassError(
+                f"scope must be one of {', '.join(_SCOPES)}, got {scope!r}",
+                hint='"network" scores each move on the outputs; "block" on its block\'s output',
+            )
+        self.scope = scope
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.search = search
@@ -189,27 +291,53 @@ class PotQuantize(Pass):
     # ------------------------------------------------------------------ the pass
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         batches = self._batches(program)
+        folded = 0
+        bn_targets = _bn_targets(program) if self.objective == "bn_stats" else {}
+        if self.objective == "bn_stats" and self.search == "joint" and not bn_targets:
+            raise PassError(
+                f"objective='bn_stats' needs BatchNorms after convs; {program.name} has none",
+                hint="run PotQuantize on the model before FoldBatchNorm (it folds them itself)",
+            )
+        if self.fold_batchnorm:
+            folded_program, fold_report = FoldBatchNorm().run(program)
+            if fold_report["folded"]:
+                program, folded = folded_program, fold_report["folded"]
         gm = program.copy_graph()
+        matmuls, attention_skipped = _decompose_attention(gm) if self.attention else ([], [])
         layers, skipped = self._layers(gm)
-        if not layers:
-            report = {"layers": [], "skipped": skipped, "quantizers": 0}
+        skipped += attention_skipped
+        if not layers and not matmuls:
+            report = {
+                "layers": [],
+                "skipped": skipped,
+                "quantizers": 0,
+                "batchnorm_folded": folded,
+                "float_islands": _float_islands(gm, set()),
+            }
             return program.with_graph(gm, repr(self)), report
-        activations = self._activations(layers)
+        activations = self._activations(layers, matmuls)
+        matmul_inputs = {node: tuple(node.args[:2]) for node in matmuls}
+        block_ends = _block_ends(gm) if self.scope == "block" else {}
+        ends = list(dict.fromkeys(block_ends.values()))
         with torch.no_grad():
-            references = _calibrate(gm, activations, batches)
+            references = _calibrate(gm, activations, batches, ends)
             for act in activations.values():
                 act.exp = self._act_exponent(act)
                 act.sample.clear()
             for layer in layers:
                 layer.weight_exp = self._weight_exponents(layer.weight)
-            quantized = _QuantizedGraph(gm, layers, activations, self.weight_bits, self.act_bits)
+            quantized = _QuantizedGraph(
+                gm, layers, activations, self.weight_bits, self.act_bits, matmuls
+            )
             search, refs = _first_samples(batches, references, self.search_samples)
             if self.search == "joint":
+                targets = {n: bn_targets[n.name] for n in gm.graph.nodes if n.name in bn_targets}
                 start_error, final_error, steps = quantized.coordinate_descent(
-                    search, refs, self.sweeps
+                    search, refs, self.sweeps, targets, block_ends, ends
                 )
             else:
-                start_error = final_error = quantized.error(search, refs)
+                outputs = len(refs[0]) - len(ends)
+                start_error = final_error = quantized.error(search, [r[:outputs] for r in refs])
                 steps = 0
         remove_dead_code(gm)
         report = {
@@ -227,7 +355,24 @@ class PotQuantize(Pass):
                 "joint_steps": steps,
             },
             "layers": [quantized.describe(layer) for layer in layers],
+            # activation x activation products (attention): both operands quantized
+            "matmuls": [
+                {
+                    "module": module_path(node) or node.name,
+                    "node": node.name,
+                    "input_exps": [activations[a].exp for a in matmul_inputs[node]],
+                    "inputs": [
+                        "signed" if activations[a].signed else "unsigned"
+                        for a in matmul_inputs[node]
+                    ],
+                }
+                for node in matmuls
+            ],
             "skipped": skipped,
+            "batchnorm_folded": folded,
+            # ops computed in float between a dequantize and the next quantize: a backend may
+            # round them differently (see compiler.QUANTIZED_CHECK_BITS)
+            "float_islands": _float_islands(gm, {layer.node for layer in layers} | set(matmuls)),
         }
         return program.with_graph(gm, repr(self)), report
 
@@ -249,18 +394,16 @@ class PotQuantize(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in _NOT_QUANTIZED and any(
-                attr_tensor(gm, a) is not None for a in node.args
-            ):
-                skipped.append(
-                    {
-                        "module": module_path(node) or node.name,
-                        "op": str(node.target),
-                        "reason": _NOT_QUANTIZED[node.target],
-                    }
-                )
-                continue
             if node.target not in (*_CONVS, _LINEAR):
+                reason = _left_in_float(gm, node)
+                if reason:
+                    skipped.append(
+                        {
+                            "module": module_path(node) or node.name,
+                            "op": str(node.target),
+                            "reason": reason,
+                        }
+                    )
                 continue
             module = module_path(node) or node.name
             weight = attr_tensor(gm, node.args[1])
@@ -279,11 +422,14 @@ class PotQuantize(Pass):
             layers.append(_Layer(node, module, weight.detach().float(), bias, node.args[0]))
         return layers, skipped
 
-    def _activations(self, layers: list[_Layer]) -> dict[fx.Node, _Activation]:
+    def _activations(
+        self, layers: list[_Layer], matmuls: list[fx.Node]
+    ) -> dict[fx.Node, _Activation]:
         acts: dict[fx.Node, _Activation] = {}
-        for layer in layers:
-            if layer.input not in acts:
-                acts[layer.input] = _Activation(layer.input, signed=not _nonnegative(layer.input))
+        sources = [layer.input for layer in layers] + [a for n in matmuls for a in n.args[:2]]
+        for source in sources:
+            if source not in acts:
+                acts[source] = _Activation(source, signed=not _nonnegative(source))
         return acts
 
     def _act_exponent(self, act: _Activation) -> int:
@@ -308,6 +454,114 @@ class PotQuantize(Pass):
             [((_fake_quant(rows, e, self.weight_bits, True) - rows) ** 2).sum(dim=1) for e in exps]
         )
         return exps.gather(0, errors.argmin(dim=0, keepdim=True))[0]
+
+
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[str, str]]]:
+    """Write every unmasked ``scaled_dot_product_attention`` out as
+    ``matmul(softmax(matmul(q, k^T) * scale), v)`` (in place); return the matmuls, and the
+    attentions left whole (masked, causal, dropout, grouped-query) with the reason."""
+    matmuls, skipped = [], []
+    for node in list(gm.graph.find_nodes(op="call_function", target=_SDPA)):
+        q, k, v = node.args[:3]
+        options = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:], strict=False))
+        options.update(node.kwargs)
+        reason = None
+        if options.get("attn_mask") is not None or options.get("is_causal"):
+            reason = "masked or causal attention is not quantized"
+        elif options.get("dropout_p", 0.0) or options.get("enable_gqa"):
+            reason = "attention with dropout or grouped queries is not quantized"
+        elif "val" not in q.meta:
+            reason = "attention without shape information is not quantized"
+        if reason:
+            skipped.append(
+                {"module": module_path(node) or node.name, "op": str(_SDPA), "reason": reason}
+            )
+            continue
+        scale = options.get("scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(int(q.meta["val"].shape[-1]))
+        graph = gm.graph
+        with graph.inserting_before(node):
+            k_t = graph.call_function(aten.transpose.int, (k, -2, -1))
+            scores = graph.call_function(aten.matmul.default, (q, k_t))
+            scaled = graph.call_function(aten.mul.Tensor, (scores, scale))
+            attn = graph.call_function(aten._softmax.default, (scaled, -1, False))
+            out = graph.call_function(aten.matmul.default, (attn, v))
+        for new in (k_t, scores, scaled, attn, out):
+            new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        matmuls += [scores, out]
+    if matmuls:
+        gm.recompile()
+    return matmuls, skipped
+
+
+def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a weighted op other than conv/linear stays float, or None when ``node`` reads no
+    constant weight. Ops are matched by name too, so that an overload nobody listed (say a
+    new conv variant) is reported rather than silently left in float."""
+    constants = [
+        a
+        for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        if isinstance(a, fx.Node) and attr_tensor(gm, a) is not None
+    ]
+    if not constants:
+        return None
+    if node.target in _NOT_QUANTIZED:
+        return _NOT_QUANTIZED[node.target]
+    name = str(node.target).split(".")[1] if "." in str(node.target) else str(node.target)
+    if any(word in name for word in ("conv", "linear", "mm", "matmul", "einsum", "embedding")):
+        return f"{name} with a constant weight is not quantized (only conv and linear)"
+    return None
+
+
+# ops whose float result is exact (no rounding): data movement, ReLU-like clamps, max
+_NO_ROUNDING = {
+    *_SIGN_KEEPING,
+    operator.getitem,
+    aten.relu.default,
+    aten.hardtanh.default,
+    aten.clamp.default,
+    aten.relu6.default,
+    aten.abs.default,
+    aten.neg.default,
+    aten.cat.default,
+    aten.sym_size.int,
+    aten.max_pool2d.default,
+    aten.max_pool1d.default,
+    aten.max_pool3d.default,
+    aten.amax.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+    aten.unflatten.int,
+    aten.t.default,
+    aten.expand.default,
+}
+_ROUNDING_POOLS = {aten.mean.dim, aten.sum.dim_IntList, aten._adaptive_avg_pool2d.default} | {
+    p for p in POOLS if "avg" in str(p)
+}
+
+
+def _float_islands(gm: fx.GraphModule, layers: set[fx.Node]) -> list[dict[str, Any]]:
+    """The float ops left between quantizers, by op: count and the first modules."""
+    islands: dict[str, dict[str, Any]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in layers or node.target in (_quantize, _dequantize):
+            continue
+        if node.target in _NO_ROUNDING and node.target not in _ROUNDING_POOLS:
+            continue
+        name = str(node.target).removeprefix("aten.").removesuffix(".default")
+        entry = islands.setdefault(name, {"op": name, "count": 0, "modules": []})
+        entry["count"] += 1
+        module = module_path(node) or node.name
+        if len(entry["modules"]) < 3 and module not in entry["modules"]:
+            entry["modules"].append(module)
+    return sorted(islands.values(), key=lambda e: -e["count"])
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -365,21 +619,45 @@ def _fake_quant(x: torch.Tensor, exp: torch.Tensor, bits: int, signed: bool) -> 
 
 
 def _nonnegative(node: fx.Node, depth: int = 0) -> bool:
-    """True when ``node``'s value is >= 0 by construction (not just on the calibration data)."""
-    if depth > 32 or node.op != "call_function":
+    """True when ``node``'s value is >= 0 by construction (not just on the calibration data).
+
+    Conservative: an op not known to keep the sign makes its output signed. ``add``/``sub``
+    read their ``alpha`` (``add(a, b, alpha=-1)`` is ``a - b``), scalars count by their sign.
+    """
+    if depth > 64 or node.op != "call_function":
         return False
-    args = node.args
-    if node.target in _NONNEGATIVE:
+    args, kwargs = node.args, node.kwargs
+    target = node.target
+
+    def nonneg(value: Any) -> bool:
+        if isinstance(value, fx.Node):
+            return _nonnegative(value, depth + 1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+    def scalar(value: Any) -> float | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else None
+
+    if target in _NONNEGATIVE:
         return True
-    if node.target in (aten.hardtanh.default, aten.clamp.default):
-        return len(args) > 1 and isinstance(args[1], (int, float)) and args[1] >= 0
-    if node.target is operator.getitem:
-        return isinstance(args[0], fx.Node) and _nonnegative(args[0], depth + 1)
-    if node.target in _SIGN_KEEPING:
-        return isinstance(args[0], fx.Node) and _nonnegative(args[0], depth + 1)
-    if node.target in (aten.cat.default, aten.add.Tensor, aten.mul.Tensor):
-        inputs = args[0] if node.target is aten.cat.default else args[:2]
-        return all(isinstance(a, fx.Node) and _nonnegative(a, depth + 1) for a in inputs)
+    if target in (aten.hardtanh.default, aten.clamp.default):
+        low = args[1] if len(args) > 1 else kwargs.get("min", kwargs.get("min_val"))
+        return scalar(low) is not None and scalar(low) >= 0
+    if target is operator.getitem or target in _SIGN_KEEPING:
+        return nonneg(args[0])
+    if target is aten.cat.default:
+        return all(nonneg(a) for a in args[0])
+    if target in (aten.add.Tensor, aten.add.Scalar):
+        alpha = scalar(args[2] if len(args) > 2 else kwargs.get("alpha", 1))
+        return alpha is not None and alpha >= 0 and nonneg(args[0]) and nonneg(args[1])
+    if target in (aten.sub.Tensor, aten.sub.Scalar):
+        # a - alpha * b is >= 0 for sure only when the subtracted constant is <= 0
+        alpha = scalar(args[2] if len(args) > 2 else kwargs.get("alpha", 1))
+        b = scalar(args[1])
+        return alpha is not None and b is not None and alpha * b <= 0 and nonneg(args[0])
+    if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+        # (a product or ratio of two negatives is >= 0 too, but that is not worth tracking)
+        return nonneg(args[0]) and nonneg(args[1])
     return False
 
 
@@ -387,9 +665,11 @@ def _calibrate(
     gm: fx.GraphModule,
     activations: dict[fx.Node, _Activation],
     batches: list[tuple[torch.Tensor, ...]],
+    extra: Sequence[fx.Node] = (),
 ) -> list[list[torch.Tensor]]:
     """Run the float graph on every batch, recording each quantized tensor's range and a
-    sample of its values; return the graph's flat outputs per batch (the reference)."""
+    sample of its values; return the graph's flat outputs per batch (the reference), followed
+    by the values of the ``extra`` nodes."""
     per_batch = max(1, _SAMPLE // len(batches))
 
     class Recorder(fx.Interpreter):
@@ -403,8 +683,12 @@ def _calibrate(
                 act.sample.append(flat[::step].clone())
             return value
 
-    recorder = Recorder(gm)
-    return [_flat(recorder.run(*batch)) for batch in batches]
+    references = []
+    for batch in batches:
+        recorder = Recorder(gm, garbage_collect_values=not extra)
+        outputs = _flat(recorder.run(*batch))
+        references.append(outputs + [recorder.env[n].detach().float() for n in extra])
+    return references
 
 
 def _first_samples(
@@ -438,6 +722,7 @@ class _QuantizedGraph:
         activations: dict[fx.Node, _Activation],
         weight_bits: int,
         act_bits: int,
+        matmuls: Sequence[fx.Node] = (),
     ) -> None:
         self.gm, self.layers, self.activations = gm, layers, activations
         self.weight_bits, self.act_bits = weight_bits, act_bits
@@ -460,13 +745,33 @@ class _QuantizedGraph:
             for new in (q, dq):
                 new.meta["nn_module_stack"] = dict(source.meta.get("nn_module_stack", {}))
             dequantized[source] = dq
+        for node in matmuls:
+            node.args = (dequantized[node.args[0]], dequantized[node.args[1]], *node.args[2:])
+        # a weight read by several layers (a module called twice) is stored and dequantized
+        # once: its layers share codes and exponents, and the search moves them together
+        self.weight_groups: dict[str, list[_Layer]] = {}
+        self.group_of: dict[fx.Node, str] = {}
+        shared: dict[str, fx.Node] = {}
         for layer in layers:
             hint = str(layer.node.args[1].target)
+            group = self.weight_groups.setdefault(hint, [])
+            group.append(layer)
+            self.group_of[layer.node] = hint
+            if hint in shared:
+                layer.weight_exp = group[0].weight_exp
+                self.weight_buffers[layer.node] = self.weight_buffers[group[0].node]
+                args = list(layer.node.args)
+                args[0], args[1] = dequantized[layer.input], shared[hint]
+                if layer.bias is not None:
+                    args[2] = self._bias_node(layer)
+                layer.node.args = tuple(args)
+                continue
             codes = add_buffer(gm, f"{hint}_q", self._weight_codes(layer), before=layer.node)
             exp = add_buffer(gm, f"{hint}_exp", layer.weight_exp, before=layer.node)
             self.weight_buffers[layer.node] = (str(codes.target), str(exp.target))
             with graph.inserting_before(layer.node):
                 weight = graph.call_function(_dequantize, (codes, exp, 0))
+            shared[hint] = weight
             weight.meta["nn_module_stack"] = dict(layer.node.meta.get("nn_module_stack", {}))
             args = list(layer.node.args)
             args[0], args[1] = dequantized[layer.input], weight
@@ -512,35 +817,81 @@ class _QuantizedGraph:
         """Output error on the calibration data: squared error over squared reference."""
         return _relative_error([_flat(self.gm(*batch)) for batch in batches], refs)
 
-    def coordinate_descent(self, batches, refs, sweeps: int) -> tuple[float, float, int]:
+    def coordinate_descent(
+        self,
+        batches,
+        refs,
+        sweeps: int,
+        bn_targets: dict[fx.Node, Any] | None = None,
+        block_ends: dict[fx.Node, fx.Node] | None = None,
+        ends: Sequence[fx.Node] = (),
+    ) -> tuple[float, float, int]:
         """Move one quantizer's exponent(s) by +-1 at a time while the output error falls;
         return the error before and after, and the number of moves taken.
 
         A move changes only the nodes from its quantizer on: the values of every node before
         it are kept from the last accepted state, and a trial runs the graph from there."""
-        runner = _ResumableRun(self.gm, batches, refs)
+        outputs = len(refs[0]) - len(ends)
+        end_refs = {end: [r[outputs + i] for r in refs] for i, end in enumerate(ends)}
+        runner = _ResumableRun(self.gm, batches, [r[:outputs] for r in refs], bn_targets)
         start = best = runner.full()
+        block_ends = block_ends or {}
         moves = 0
-        knobs = [("act", a) for a in self.activations] + [("weight", w) for w in self.layers]
+        knobs = [("act", a) for a in self.activations] + [
+            ("weight", group[0]) for group in self.weight_groups.values()
+        ]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
-        for _ in range(sweeps):
-            improved = False
-            for kind, key in knobs:
-                for delta in (1, -1):
-                    self._shift(kind, key, delta)
-                    err, envs = runner.trial(starts[id(key)])
-                    if err < best:
-                        best, improved, moves = err, True, moves + 1
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("PotQuantize joint search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("quantizers  error {task.fields[error]:.3g}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("search", total=sweeps * len(knobs), error=start)
+            for _ in range(sweeps):
+                improved = False
+                for kind, key in knobs:
+                    first = runner.nodes[starts[id(key)]]
+                    end = block_ends.get(first)
+                    if end is not None and runner.position[end] < starts[id(key)]:
+                        end = None
+                    # block-wise: score the move on its block's output; else on the outputs
+                    if end is not None:
+                        baseline = runner.window(first, end, end_refs[end])[0]
+                    elif block_ends:  # block-wise moves changed the outputs: measure afresh
+                        best, envs = runner.trial(starts[id(key)])
                         runner.accept(envs)
-                        break
-                    self._shift(kind, key, -delta)
-            if not improved:
-                break
+                        baseline = best
+                    else:
+                        baseline = best
+                    for delta in (1, -1):
+                        self._shift(kind, key, delta)
+                        if end is None:
+                            err, envs = runner.trial(starts[id(key)])
+                        else:
+                            err, envs = runner.window(first, end, end_refs[end])
+                        if err < baseline:
+                            improved, moves = True, moves + 1
+                            if end is None:
+                                best = err
+                            runner.accept(envs, None if end is None else runner.position[end] + 1)
+                            break
+                        self._shift(kind, key, -delta)
+                    progress.update(task, advance=1, error=best)
+                if not improved:
+                    break
+        if block_ends:  # the network's error after the block-wise moves
+            best = runner.full()
         return start, best, moves
 
     def _buffers_of(self, kind: str, key: Any) -> set[str]:
         """The buffers a move of this quantizer rewrites."""
-        layers = [w for w in self.layers if w.input is key] if kind == "act" else [key]
+        layers = [w for w in self.layers if w.input is key] if kind == "act" else self._group(key)
         names = {self.act_buffers[key]} if kind == "act" else set(self.weight_buffers[key.node])
         for layer in layers:
             names.update(self.bias_buffers.get(layer.node, ()))
@@ -554,12 +905,18 @@ class _QuantizedGraph:
                 if layer.input is key:
                     self._refresh_bias(layer)
             return
-        layer: _Layer = key
-        layer.weight_exp = layer.weight_exp + delta
-        codes, exp = self.weight_buffers[layer.node]
-        self._buffer(exp).copy_(layer.weight_exp)
-        self._buffer(codes).copy_(self._weight_codes(layer))
-        self._refresh_bias(layer)
+        group = self._group(key)
+        moved = key.weight_exp + delta
+        for layer in group:
+            layer.weight_exp = moved
+        codes, exp = self.weight_buffers[key.node]
+        self._buffer(exp).copy_(key.weight_exp)
+        self._buffer(codes).copy_(self._weight_codes(key))
+        for layer in group:
+            self._refresh_bias(layer)
+
+    def _group(self, layer: _Layer) -> list[_Layer]:
+        return self.weight_groups[self.group_of[layer.node]]
 
     def describe(self, layer: _Layer) -> dict[str, Any]:
         act = self.activations[layer.input]
@@ -574,7 +931,20 @@ class _QuantizedGraph:
                 NumericError.between([layer.weight], [self._dequantized_weight(layer)]).snr_db, 2
             ),
             "bias": layer.bias is not None,
+            "fan_in": layer.weight[0].numel(),
+            # bits of the largest accumulator any input could produce: float32 (24-bit
+            # significand) computes the layer exactly whenever its partial sums stay below
+            # 2**24 steps, guaranteed for every input only when this is <= 24
+            "worst_case_acc_bits": self._worst_case_acc_bits(layer),
         }
+
+    def _worst_case_acc_bits(self, layer: _Layer) -> int:
+        low, high = qrange(self.act_bits, self.activations[layer.input].signed)
+        codes = self._weight_codes(layer)
+        worst = layer.weight[0].numel() * max(-low, high) * int(codes.abs().max())
+        if layer.bias is not None:
+            worst += int(self._bias_codes(layer)[0].abs().max())
+        return max(1, worst).bit_length()
 
     def _dequantized_weight(self, layer: _Layer) -> torch.Tensor:
         return dequantize_pot(self._weight_codes(layer), layer.weight_exp, 0)
@@ -589,16 +959,79 @@ def _relative_error(outputs: list[list[torch.Tensor]], refs: list[list[torch.Ten
     return num / den if den else num
 
 
+def _block_ends(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """node -> the last tensor node of its block: the module path up to its first numbered
+    part (``layer2.1``, ``blocks.3``, ``features.4``). Nodes outside numbered blocks are not
+    in the map."""
+    block_of: dict[fx.Node, str] = {}
+    last: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        parts = (module_path(node) or "").split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None or node.op != "call_function":
+            continue
+        block = ".".join(parts[: index + 1])
+        block_of[node] = block
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            last[block] = node
+    return {node: last[block] for node, block in block_of.items() if block in last}
+
+
+def _bn_targets(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """conv node name -> (beta, |gamma|) of the BatchNorm reading it: after folding, the
+    conv's output should have that per-channel mean and standard deviation."""
+    gm = program.graph_module
+    targets = {}
+    for bn in gm.graph.find_nodes(op="call_function", target=_BATCH_NORM):
+        conv, gamma_n, beta_n, _mean, var_n = bn.args[:5]
+        if not isinstance(conv, fx.Node) or conv.target not in _CONVS:
+            continue
+        var = attr_tensor(gm, var_n)
+        gamma = attr_tensor(gm, gamma_n) if gamma_n is not None else None
+        beta = attr_tensor(gm, beta_n) if beta_n is not None else None
+        if var is None:
+            continue
+        gamma = torch.ones_like(var) if gamma is None else gamma
+        beta = torch.zeros_like(var) if beta is None else beta
+        targets[conv.name] = (beta.detach().double(), gamma.detach().double().abs())
+    return targets
+
+
+def _bn_statistics_error(
+    envs: list[dict[fx.Node, Any]], targets: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """RAPQ's BatchNorm-statistics objective: per-channel mean and standard deviation of each
+    folded conv's output on the search samples against the BatchNorm's beta and |gamma|."""
+    num = den = 0.0
+    for node, (mean, std) in targets.items():
+        values = torch.cat(
+            [env[node].detach().double().transpose(0, 1).reshape(len(mean), -1) for env in envs],
+            dim=1,
+        )
+        num += float(((values.mean(1) - mean) ** 2 + (values.std(1) - std) ** 2).sum())
+        den += float((mean**2 + std**2).sum())
+    return num / den if den else num
+
+
 class _ResumableRun:
     """Runs the graph on the search batches keeping every node's value, so that a trial can
     resume from the first node a change affects instead of from the inputs. Buffers are
     changed in place, so kept ``get_attr`` values see the change."""
 
-    def __init__(self, gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]], refs) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        batches: list[tuple[torch.Tensor, ...]],
+        refs,
+        bn_targets: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         self.gm, self.batches, self.refs = gm, batches, refs
+        self.bn_targets = bn_targets or {}
         self.nodes = list(gm.graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.envs: list[dict[fx.Node, Any]] = []
+        self.stale = 0  # nodes from this position on hold values from before a moved quantizer
 
     def first_user(self, buffers: set[str]) -> int:
         users = [
@@ -616,14 +1049,38 @@ class _ResumableRun:
             interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
             outputs.append(_flat(interpreter.run(*batch, initial_env=kept)))
             envs.append(interpreter.env)
+        if self.bn_targets:
+            return _bn_statistics_error(envs, self.bn_targets), envs
         return _relative_error(outputs, self.refs), envs
 
     def full(self) -> float:
         error, self.envs = self._run(0)
+        self.stale = len(self.nodes)
         return error
 
     def trial(self, start: int) -> tuple[float, list[dict[fx.Node, Any]]]:
-        return self._run(start)
+        return self._run(min(start, self.stale))
 
-    def accept(self, envs: list[dict[fx.Node, Any]]) -> None:
+    def window(
+        self, first: fx.Node, end: fx.Node, refs: list[torch.Tensor]
+    ) -> tuple[float, list[dict[fx.Node, Any]]]:
+        """Run from ``first`` (or the first stale node before it) to ``end`` only; the error
+        of ``end``'s value against ``refs``. Nodes after ``end`` keep stale values."""
+        start = min(self.position[first], self.stale)
+        stop = self.position[end] + 1
+        outputs, envs = [], []
+        for i in range(len(self.batches)):
+            interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
+            interpreter.env = dict(self.envs[i])
+            for node in self.nodes[start:stop]:
+                interpreter.env[node] = interpreter.run_node(node)
+            outputs.append([interpreter.env[end].detach().float()])
+            envs.append(interpreter.env)
+        n = [len(o[0]) for o in outputs]
+        refs = [[r[:k]] for r, k in zip(refs, n, strict=True)]
+        return _relative_error(outputs, refs), envs
+
+    def accept(self, envs: list[dict[fx.Node, Any]], stale_from: int | None = None) -> None:
+        """Keep a trial's values; nodes from ``stale_from`` on were not recomputed."""
         self.envs = envs
+        self.stale = len(self.nodes) if stale_from is None else stale_from
