@@ -159,12 +159,18 @@ class TvmArtifact(Artifact):
 
             module = tvm.runtime.load_module(str(library))
         except Exception as exc:
-            raise ArtifactError(f"cannot load the TVM library {library}: {first_line(exc)}") from exc
+            raise ArtifactError(
+                f"cannot load the TVM library {library}: {first_line(exc)}"
+            ) from exc
         return cls(target, module=module, library=library, build_info=manifest.get("build"))
 
     def describe(self) -> dict[str, Any]:
-        info = {"target": self.target["name"], "arch": self.target["arch"],
-                "device": self.target["device"], **self.build_info}  # fmt: skip
+        info = {
+            "target": self.target["name"],
+            "arch": self.target["arch"],
+            "device": self.target["device"],
+            **self.build_info,
+        }
         return info
 
     def device_sources(self) -> dict[str, str]:
@@ -210,6 +216,9 @@ class TvmBackend(Backend):
                 f"TVM could not build {program.name} for {self.resolved.name}: {first_line(exc)}",
                 hint="run with --debug for TVM's trace",
             ) from exc
-        info = {"import_s": round(import_s, 3), "tvm_build_s": round(time.perf_counter() - start, 3),
-                "dynamic_batch": program.dynamic_batch}  # fmt: skip
+        info = {
+            "import_s": round(import_s, 3),
+            "tvm_build_s": round(time.perf_counter() - start, 3),
+            "dynamic_batch": program.dynamic_batch,
+        }
         return TvmArtifact(self.resolved.to_dict(), executable=executable, build_info=info)

@@ -87,8 +87,11 @@ def example_inputs(manifest: dict[str, Any], batch: int = 1, seed: int = 0) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run an edgefx TVM deploy folder")
-    parser.add_argument("--dir", default=str(Path(__file__).resolve().parent),
-                        help="the deploy folder (default: this file's)")  # fmt: skip
+    parser.add_argument(
+        "--dir",
+        default=str(Path(__file__).resolve().parent),
+        help="the deploy folder (default: this file's)",
+    )
     parser.add_argument("--inputs", nargs="*", default=None, help=".npy files, one per input")
     parser.add_argument("--batch", type=int, default=1, help="batch of the random inputs")
     parser.add_argument("--out", default=None, help="write the outputs to this .npz file")

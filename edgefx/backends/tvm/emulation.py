@@ -34,11 +34,30 @@ WHEELS = (TVM_PIN, TVM_FFI_PIN, "numpy", "ml_dtypes", "psutil", "typing_extensio
 HOST_PACKAGES = ("qemu-user", "g++-aarch64-linux-gnu")
 # an arm64 Python 3.11 and the libraries its standard library loads
 ARM64_PACKAGES = (
-    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libexpat1",
-    "zlib1g", "libffi8", "libssl3", "libbz2-1.0", "liblzma5", "libstdc++6", "libgcc-s1",
-    "libsqlite3-0", "libncursesw6", "libtinfo6", "libreadline8", "libuuid1", "libdb5.3",
-    "libgdbm6", "libnsl2", "libtirpc3", "libcrypt1", "libzstd1",
-)  # fmt: skip
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "libexpat1",
+    "zlib1g",
+    "libffi8",
+    "libssl3",
+    "libbz2-1.0",
+    "liblzma5",
+    "libstdc++6",
+    "libgcc-s1",
+    "libsqlite3-0",
+    "libncursesw6",
+    "libtinfo6",
+    "libreadline8",
+    "libuuid1",
+    "libdb5.3",
+    "libgdbm6",
+    "libnsl2",
+    "libtirpc3",
+    "libcrypt1",
+    "libzstd1",
+)
 _READY = "ready.json"
 QEMU = "qemu-aarch64"
 
@@ -67,8 +86,11 @@ def _is_root() -> bool:
 
 
 def _install_host_tools() -> None:
-    missing = [p for p, exe in zip(HOST_PACKAGES, (QEMU, "aarch64-linux-gnu-g++"), strict=True)
-               if shutil.which(exe) is None]  # fmt: skip
+    missing = [
+        p
+        for p, exe in zip(HOST_PACKAGES, (QEMU, "aarch64-linux-gnu-g++"), strict=True)
+        if shutil.which(exe) is None
+    ]
     if not missing:
         return
     if not _is_root() or shutil.which("apt-get") is None:
@@ -77,8 +99,10 @@ def _install_host_tools() -> None:
             hint=f"sudo apt-get install -y {' '.join(missing)}",
         )
     _run(["apt-get", "update", "-qq"], "apt-get update")
-    _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-         "installing " + " ".join(missing))  # fmt: skip
+    _run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        "installing " + " ".join(missing),
+    )
 
 
 def _arm64_root(root: Path) -> None:
@@ -93,25 +117,51 @@ def _arm64_root(root: Path) -> None:
         _run(["apt-get", "update", "-qq"], "apt-get update")
     with tempfile.TemporaryDirectory(prefix="edgefx-debs-") as debs:
         try:
-            _run(["apt-get", "download", *(f"{p}:arm64" for p in ARM64_PACKAGES)],
-                 "apt-get download (arm64 Python)", cwd=debs)  # fmt: skip
+            _run(
+                ["apt-get", "download", *(f"{p}:arm64" for p in ARM64_PACKAGES)],
+                "apt-get download (arm64 Python)",
+                cwd=debs,
+            )
         except BackendError:
             if not _is_root():
                 raise
             _run(["apt-get", "update", "-qq"], "apt-get update")
-            _run(["apt-get", "download", *(f"{p}:arm64" for p in ARM64_PACKAGES)],
-                 "apt-get download (arm64 Python)", cwd=debs)  # fmt: skip
+            _run(
+                ["apt-get", "download", *(f"{p}:arm64" for p in ARM64_PACKAGES)],
+                "apt-get download (arm64 Python)",
+                cwd=debs,
+            )
         for deb in sorted(Path(debs).glob("*.deb")):
             _run(["dpkg", "-x", str(deb), str(root)], f"dpkg -x {deb.name}")
 
 
 def _aarch64_site(site: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="edgefx-wheels-") as wheels:
-        platforms = [a for p in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17")
-                     for a in ("--platform", f"{p}_aarch64")]  # fmt: skip
-        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-              "--python-version", "3.11", "--implementation", "cp", *platforms,
-              "-d", wheels, *WHEELS], "pip download (aarch64 wheels)")  # fmt: skip
+        platforms = [
+            a
+            for p in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17")
+            for a in ("--platform", f"{p}_aarch64")
+        ]
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                *platforms,
+                "-d",
+                wheels,
+                *WHEELS,
+            ],
+            "pip download (aarch64 wheels)",
+        )
         for wheel in sorted(Path(wheels).glob("*.whl")):
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(site)
@@ -139,9 +189,12 @@ def prepare(force: bool = False) -> Path:
 
 
 def run_python(
-    script: str | Path, args: Sequence[str] = (), *, cwd: str | Path | None = None,
+    script: str | Path,
+    args: Sequence[str] = (),
+    *,
+    cwd: str | Path | None = None,
     timeout: float = 600,
-) -> subprocess.CompletedProcess:  # fmt: skip
+) -> subprocess.CompletedProcess:
     """Run ``script`` on the emulated arm64 Python (prepared on first use)."""
     folder = prepare()
     root = folder / "root"
@@ -149,10 +202,13 @@ def run_python(
     env.pop("PYTHONHOME", None)
     cmd = [QEMU, "-L", str(root), str(root / "usr" / "bin" / "python3.11"), str(script), *args]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd,
-                              timeout=timeout, check=False)  # fmt: skip
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
-        raise BackendError(f"the emulated aarch64 run of {script} took over {timeout:g} s") from None
+        raise BackendError(
+            f"the emulated aarch64 run of {script} took over {timeout:g} s"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,31 +30,80 @@ class TargetPreset:
 PRESETS: dict[str, TargetPreset] = {
     p.name: p
     for p in (
-        TargetPreset("x86_64", "this x86-64 host (LLVM, -mcpu of this machine's CPU)",
-                     {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, "x86_64"),
-        TargetPreset("aarch64", "generic 64-bit ARM Linux with NEON (any Cortex-A53 or newer)",
-                     {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"]}, "aarch64"),
-        TargetPreset("rpi4", "Raspberry Pi 4 (Cortex-A72, 4 cores, NEON), 64-bit OS",
-                     {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mcpu": "cortex-a72",
-                      "mattr": ["+neon"], "num-cores": 4}, "aarch64"),
-        TargetPreset("rpi5", "Raspberry Pi 5 (Cortex-A76, 4 cores, NEON + dotprod), 64-bit OS",
-                     {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mcpu": "cortex-a76",
-                      "mattr": ["+neon", "+dotprod"], "num-cores": 4}, "aarch64"),
-        TargetPreset("jetson-orin-nano", "NVIDIA Jetson Orin Nano (CUDA sm_87, Cortex-A78AE host)",
-                     {"kind": "cuda", "arch": "sm_87", "max_threads_per_block": 1024,
-                      "max_shared_memory_per_block": 49152, "thread_warp_size": 32,
-                      "host": {**_AARCH64_HOST, "mcpu": "cortex-a78"}}, "aarch64", "cuda"),
-        TargetPreset("mali", "ARM Mali GPU through OpenCL (aarch64 Linux host)",
-                     {"kind": "opencl", "device": "mali", "host": _AARCH64_HOST},
-                     "aarch64", "opencl"),
-        TargetPreset("adreno", "Qualcomm Adreno GPU through OpenCL (aarch64 host; static batch)",
-                     {"kind": "opencl", "device": "adreno", "host": _AARCH64_HOST},
-                     "aarch64", "opencl", static_shapes=True),
-        TargetPreset("cuda", "this host's NVIDIA GPU (CUDA, x86-64 host code)",
-                     {"kind": "cuda", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}},
-                     "x86_64", "cuda"),
+        TargetPreset(
+            "x86_64",
+            "this x86-64 host (LLVM, -mcpu of this machine's CPU)",
+            {"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+            "x86_64",
+        ),
+        TargetPreset(
+            "aarch64",
+            "generic 64-bit ARM Linux with NEON (any Cortex-A53 or newer)",
+            {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"]},
+            "aarch64",
+        ),
+        TargetPreset(
+            "rpi4",
+            "Raspberry Pi 4 (Cortex-A72, 4 cores, NEON), 64-bit OS",
+            {
+                "kind": "llvm",
+                "mtriple": AARCH64_TRIPLE,
+                "mcpu": "cortex-a72",
+                "mattr": ["+neon"],
+                "num-cores": 4,
+            },
+            "aarch64",
+        ),
+        TargetPreset(
+            "rpi5",
+            "Raspberry Pi 5 (Cortex-A76, 4 cores, NEON + dotprod), 64-bit OS",
+            {
+                "kind": "llvm",
+                "mtriple": AARCH64_TRIPLE,
+                "mcpu": "cortex-a76",
+                "mattr": ["+neon", "+dotprod"],
+                "num-cores": 4,
+            },
+            "aarch64",
+        ),
+        TargetPreset(
+            "jetson-orin-nano",
+            "NVIDIA Jetson Orin Nano (CUDA sm_87, Cortex-A78AE host)",
+            {
+                "kind": "cuda",
+                "arch": "sm_87",
+                "max_threads_per_block": 1024,
+                "max_shared_memory_per_block": 49152,
+                "thread_warp_size": 32,
+                "host": {**_AARCH64_HOST, "mcpu": "cortex-a78"},
+            },
+            "aarch64",
+            "cuda",
+        ),
+        TargetPreset(
+            "mali",
+            "ARM Mali GPU through OpenCL (aarch64 Linux host)",
+            {"kind": "opencl", "device": "mali", "host": _AARCH64_HOST},
+            "aarch64",
+            "opencl",
+        ),
+        TargetPreset(
+            "adreno",
+            "Qualcomm Adreno GPU through OpenCL (aarch64 host; static batch)",
+            {"kind": "opencl", "device": "adreno", "host": _AARCH64_HOST},
+            "aarch64",
+            "opencl",
+            static_shapes=True,
+        ),
+        TargetPreset(
+            "cuda",
+            "this host's NVIDIA GPU (CUDA, x86-64 host code)",
+            {"kind": "cuda", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}},
+            "x86_64",
+            "cuda",
+        ),
     )
-}  # fmt: skip
+}
 DEFAULT_TARGET = "x86_64"
 
 
@@ -75,8 +124,13 @@ class ResolvedTarget:
         return CROSS_COMPILER if self.arch == "aarch64" and host_arch() != "aarch64" else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.config, "arch": self.arch,
-                "device": self.device, "tvm": str(self.tvm_target)}  # fmt: skip
+        return {
+            "name": self.name,
+            "config": self.config,
+            "arch": self.arch,
+            "device": self.device,
+            "tvm": str(self.tvm_target),
+        }
 
 
 def host_arch() -> str:
