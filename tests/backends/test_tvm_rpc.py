@@ -15,7 +15,9 @@ from edgefx.backends.tvm import runners
 from edgefx.passes import FoldBatchNorm
 from edgefx.tools import cli
 
-rpc = pytest.importorskip("tvm.rpc")
+pytest.importorskip("tvm")
+from tvm.rpc.server import Server
+from tvm.rpc.tracker import Tracker
 
 
 def _free_port() -> int:
@@ -32,17 +34,19 @@ def host_folder(small_net, x1, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loopback():
-    """A TVM RPC tracker and a server registered with it under key 'x86', on 127.0.0.1."""
+    """On 127.0.0.1: a TVM RPC server, and a tracker with a server registered under 'x86'."""
     port = _free_port()
-    tracker = rpc.tracker.Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)
-    server_port = _free_port()
-    server = rpc.server.Server(
-        "127.0.0.1", port=server_port, port_end=server_port + 1,
+    tracker = Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)
+    port = _free_port()
+    tracked = Server(
+        "127.0.0.1", port=port, port_end=port + 1,
         tracker_addr=("127.0.0.1", tracker.port), key="x86", silent=True,
     )  # fmt: skip
+    port = _free_port()
+    server = Server("127.0.0.1", port=port, port_end=port + 1, silent=True)
     yield tracker, server
-    server.terminate()
-    tracker.terminate()
+    for process in (server, tracked, tracker):
+        process.terminate()
 
 
 def test_rpc_round_trip_matches_a_local_run(host_folder, loopback, tmp_path):

@@ -66,9 +66,17 @@ def run(vm: Any, device: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import tvm
 
     args = [tvm.runtime.tensor(np.ascontiguousarray(x), device) for x in inputs]
-    result = vm["main"](*args)
-    outputs = list(result) if not hasattr(result, "numpy") else [result]
-    return [np.asarray(y.numpy()) for y in outputs]
+    # the stateful calls fetch tuple outputs field by field, which also works over RPC
+    # (a remote tuple cannot be iterated from here)
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    return [np.asarray(y.numpy()) for y in _leaves(vm.get_outputs("main"))]
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
 
 
 def example_inputs(manifest: dict[str, Any], batch: int = 1, seed: int = 0) -> list[np.ndarray]:
