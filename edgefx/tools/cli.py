@@ -69,6 +69,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     passes = [parse_pass(p) for p in args.passes]
     options = {"opset": args.opset} if args.opset is not None else {}
+    if args.tune_trials:
+        options.update(tune_trials=args.tune_trials, work_dir=args.tune_dir)
     resolved = _resolve(args)
     compiled = edgefx.compile(
         resolved.model,
@@ -215,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=None, help="TVM target preset (see `edgefx targets`); tvm only"
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21)")
+    p.add_argument(
+        "--tune-trials", type=int, default=0, help="tvm: MetaSchedule trials (needs --static-batch)"
+    )
+    p.add_argument(
+        "--tune-dir", default=None, help="tvm: tuning database folder, reused across builds"
+    )
     p.add_argument(
         "--tolerance",
         type=float,

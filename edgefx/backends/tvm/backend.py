@@ -8,6 +8,7 @@ check; the deploy folder (``save``) holds the library, manifest.json and a stand
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -171,6 +172,13 @@ class TvmArtifact(Artifact):
             "device": self.target["device"],
             **self.build_info,
         }
+        tuning = info.pop("tuning", None)
+        if tuning:
+            failed = len(tuning["tasks_failed"])
+            info["tuning"] = (
+                f"{tuning['tune_trials']} trials, {tuning['tasks_tuned']} tasks tuned, "
+                f"{tuning['tasks_reused']} from the database, {failed} failed (default schedule)"
+            )
         return info
 
     def device_sources(self) -> dict[str, str]:
@@ -187,14 +195,34 @@ class TvmArtifact(Artifact):
         return sources
 
 
+def default_tuning_dir(target_name: str) -> Path:
+    base = os.environ.get("EDGEFX_CACHE") or Path.home() / ".cache" / "edgefx"
+    return Path(base) / "tuning" / target_name
+
+
 class TvmBackend(Backend):
-    """Options: ``target`` (preset name or TVM target dict; default the x86-64 host)."""
+    """Options: ``target`` (preset name or TVM target dict; default the x86-64 host);
+    ``tune_trials`` (MetaSchedule trials over the whole model, 0 = TVM's default schedules;
+    needs a static batch); ``work_dir`` (the tuning database, reused across builds; default
+    ``~/.cache/edgefx/tuning/<target>``); ``progress`` (a progress bar while tuning)."""
 
     name = "tvm"
 
-    def __init__(self, target: str | dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        target: str | dict[str, Any] | None = None,
+        *,
+        tune_trials: int = 0,
+        work_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(tune_trials, int) or isinstance(tune_trials, bool) or tune_trials < 0:
+            raise BackendError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
         self.resolved: ResolvedTarget = resolve_target(target)
         super().__init__(self.resolved.name)
+        self.tune_trials = tune_trials
+        self.work_dir = Path(work_dir) if work_dir else default_tuning_dir(self.resolved.name)
+        self.progress = progress
 
     def build(self, program: Program) -> TvmArtifact:
         import tvm
@@ -205,18 +233,41 @@ class TvmBackend(Backend):
                 f"{program.name} has a dynamic batch",
                 hint="compile with dynamic_batch=False (CLI: --static-batch)",
             )
+        if self.tune_trials and program.dynamic_batch:
+            raise BackendError(
+                f"MetaSchedule tunes static shapes, and {program.name} has a dynamic batch",
+                hint="compile with dynamic_batch=False (CLI: --static-batch) to tune",
+            )
         start = time.perf_counter()
         mod = to_relax(program)
         import_s = time.perf_counter() - start
+        info: dict[str, Any] = {}
+        target = self.resolved.tvm_target
+        if self.tune_trials:
+            from edgefx.backends.tvm.tuning import tune, tuning_target
+
+            target = tuning_target(target)
+            try:
+                mod, tuning = tune(
+                    mod, target, self.tune_trials, self.work_dir, progress=self.progress
+                )
+            except BackendError:
+                raise
+            except Exception as exc:
+                raise BackendError(
+                    f"MetaSchedule tuning of {program.name} failed: {first_line(exc)}"
+                ) from exc
+            info["tuning"] = tuning.to_dict()
         start = time.perf_counter()
         try:
-            executable = tvm.compile(mod, target=self.resolved.tvm_target)
+            executable = tvm.compile(mod, target=target)
         except Exception as exc:
             raise BackendError(
                 f"TVM could not build {program.name} for {self.resolved.name}: {first_line(exc)}",
                 hint="run with --debug for TVM's trace",
             ) from exc
         info = {
+            **info,
             "import_s": round(import_s, 3),
             "tvm_build_s": round(time.perf_counter() - start, 3),
             "dynamic_batch": program.dynamic_batch,

@@ -104,9 +104,16 @@ def tune(
                 bar.advance(job)
                 continue
             try:
+                # a smaller population than the default 512: a few trials per task need
+                # far fewer candidates, and each costs a schedule replay on 2 cores
+                strategy = ms.search_strategy.EvolutionarySearch(
+                    population_size=max(64, 4 * per_task), init_min_unmeasured=16,
+                    genetic_num_iters=2,
+                )  # fmt: skip
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    [task], work_dir=str(work_dir), num_threads=target.attrs.get("num-cores", 1)
-                )
+                    [task], work_dir=str(work_dir), strategy=strategy,
+                    num_threads=target.attrs.get("num-cores", 1),
+                )  # fmt: skip
                 ms.tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                     max_trials_global=per_task, max_trials_per_task=per_task,
