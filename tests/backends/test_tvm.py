@@ -292,3 +292,34 @@ def test_cli_runs_a_host_folder(small_tvm, tmp_path, capsys):
     folder = small_tvm.save(tmp_path / "host")
     assert cli.main(["run", str(folder), "--batch", "2", "--out", str(tmp_path / "y.npz")]) == 0
     assert "float32[2, 4]" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- tuning
+@pytest.mark.parametrize("trials", [-1, 2.5, True])
+def test_bad_tune_trials_are_refused(small_program, trials):
+    with pytest.raises(BackendError, match="tune_trials must be an integer"):
+        edgefx.compile(small_program, backend="tvm", backend_options={"tune_trials": trials})
+
+
+def test_tuning_asks_for_a_static_batch(small_program, tmp_path):
+    with pytest.raises(BackendError, match="static shapes") as info:
+        edgefx.compile(
+            small_program, backend="tvm",
+            backend_options={"tune_trials": 8, "work_dir": tmp_path},
+        )  # fmt: skip
+    assert "--static-batch" in info.value.hint
+
+
+@pytest.mark.slow
+def test_tuning_task_by_task_records_and_reuses_its_database(small_net, x1, tmp_path):
+    options = {"tune_trials": 16, "work_dir": tmp_path / "db", "progress": False}
+    first = edgefx.compile(small_net, (x1,), backend="tvm", dynamic_batch=False,
+                           backend_options=options)  # fmt: skip
+    tuning = first.artifact.build_info["tuning"]
+    tasks = tuning["tasks_tuned"] + len(tuning["tasks_failed"])
+    assert tasks >= 2 and first.report.backend_check.relative <= REL_TOL
+    second = edgefx.compile(small_net, (x1,), backend="tvm", dynamic_batch=False,
+                            backend_options=options)  # fmt: skip
+    again = second.artifact.build_info["tuning"]
+    assert again["tasks_reused"] == tuning["tasks_tuned"]
+    assert second.report.backend_check.relative <= REL_TOL
