@@ -11,8 +11,10 @@ work dir only applies the database.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,34 @@ def tuning_target(target: Any) -> Any:
     return tvm.target.Target(config)
 
 
+def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack()`` without reading source lines (``code_context`` is None)."""
+    frame, frames = sys._getframe(1), []
+    while frame is not None:
+        code = frame.f_code
+        frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                        None, None))  # fmt: skip
+        frame = frame.f_back
+    return frames
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule's TuneContext does, on first use).
+
+    It parses some 400 TVMScript functions, and TVMScript's ``prim_func`` calls
+    ``inspect.stack()`` for each, which reads the source of every frame on the stack: minutes
+    of CPU on a loaded 2-core machine. Those functions are all defined inside plain functions,
+    where TVMScript only uses the frames themselves (closure variables), so a stack without
+    source lines gives the same result."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original, inspect.stack = inspect.stack, _fast_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
 def _records(database: Any, task: Any) -> int:
     mod = task.dispatched[0]
     if not database.has_workload(mod):
@@ -78,6 +108,7 @@ def tune(
     from tvm.s_tir import meta_schedule as ms
 
     start = time.perf_counter()
+    import_tensor_intrinsics()
     work_dir.mkdir(parents=True, exist_ok=True)
     with target:
         mod = tvm.transform.Sequential(
