@@ -8,10 +8,11 @@ check; the deploy folder (``save``) holds the library, manifest.json and a stand
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,25 @@ from edgefx.program import Program
 
 LIBRARY_FILE = "model.so"
 RUN_SCRIPT = "run.py"
+
+
+@contextlib.contextmanager
+def _quiet_native_warnings() -> Iterator[None]:
+    """Silence stderr at the file-descriptor level: TVM 0.27's VM executable logs a
+    "Warning: Scope Saving/Loaded" line per constant when a library is saved or loaded
+    (hundreds for a CNN). Failures still arrive as Python exceptions."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tvm_versions() -> dict[str, str]:
@@ -121,10 +141,11 @@ class TvmArtifact(Artifact):
             return path
         fcompile = cross_compiler_for(self.target)
         try:
-            if fcompile is None:
-                self.executable.export_library(str(path))
-            else:
-                self.executable.export_library(str(path), fcompile=fcompile)
+            with _quiet_native_warnings():
+                if fcompile is None:
+                    self.executable.export_library(str(path))
+                else:
+                    self.executable.export_library(str(path), fcompile=fcompile)
         except Exception as exc:
             raise BackendError(f"linking the TVM library {path} failed: {first_line(exc)}") from exc
         return path
@@ -158,7 +179,8 @@ class TvmArtifact(Artifact):
         try:
             import tvm
 
-            module = tvm.runtime.load_module(str(library))
+            with _quiet_native_warnings():
+                module = tvm.runtime.load_module(str(library))
         except Exception as exc:
             raise ArtifactError(
                 f"cannot load the TVM library {library}: {first_line(exc)}"

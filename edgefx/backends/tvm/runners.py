@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefx.backends.tvm import deploy_runtime
+from edgefx.backends.tvm.backend import _quiet_native_warnings
 from edgefx.backends.tvm.targets import runs_here_reason
 from edgefx.errors import ArtifactError, BackendError, first_line
 
@@ -43,7 +44,8 @@ def run_local(directory: str | Path, inputs: Sequence[np.ndarray]) -> list[np.nd
             hint="use --rpc host:port (a TVM RPC server on the device)"
             + (" or --emulate" if target["arch"] == "aarch64" else ""),
         )
-    vm, device = deploy_runtime.open_vm(directory)
+    with _quiet_native_warnings():
+        vm, device = deploy_runtime.open_vm(directory)
     return deploy_runtime.run(vm, device, list(inputs))
 
 

@@ -165,6 +165,7 @@ def _device(config: dict[str, Any]) -> str:
 def resolve_target(target: str | dict[str, Any] | None) -> ResolvedTarget:
     """A preset name or a TVM target dict -> ResolvedTarget; BackendError when TVM refuses."""
     import tvm
+    import tvm.target
 
     if target is None:
         target = DEFAULT_TARGET
@@ -213,6 +214,7 @@ def runs_here_reason(arch: str, device: str) -> str | None:
     if device == "cpu":
         return None
     import tvm
+    import tvm.target
 
     dev = tvm.cuda(0) if device == "cuda" else tvm.opencl(0)
     if not dev.exist:
