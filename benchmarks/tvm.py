@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header, latency_ms, write_results
+# this file is named tvm.py: with its folder first on sys.path, `import tvm` would import it
+HERE = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+from common import RESULTS, header, latency_ms, write_results  # noqa: E402
 
-import edgefx
-from edgefx.frontend import capture
-from edgefx.passes import FoldBatchNorm, PassManager
+import edgefx  # noqa: E402
+from edgefx.frontend import capture  # noqa: E402
+from edgefx.passes import FoldBatchNorm, PassManager  # noqa: E402
 
 MODELS = {"resnet18": "resnet18", "mobilenet_v2": "mobilenet_v2",
           "deit_small": "timm:deit_small_patch16_224"}  # fmt: skip
