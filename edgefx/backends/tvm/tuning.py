@@ -97,8 +97,9 @@ def tune(
     work_dir: Path,
     *,
     progress: bool = True,
-    runner: Any = "local",
-    builder: Any = "local",
+    runner: Any = None,
+    builder: Any = None,
+    timeout_s: float = 300,
 ) -> tuple[Any, TuningReport]:
     """Tune the tasks of ``mod`` (a Relax module with static shapes), apply the database;
     -> (module ready for ``tvm.compile``, report)."""
@@ -109,6 +110,10 @@ def tune(
 
     start = time.perf_counter()
     import_tensor_intrinsics()
+    # MetaSchedule's 30 s build/run limits count the start of each worker process (a TVM
+    # import), which a loaded 2-core machine exceeds: every candidate then "fails to build"
+    builder = builder or ms.builder.LocalBuilder(timeout_sec=timeout_s)
+    runner = runner or ms.runner.LocalRunner(timeout_sec=timeout_s)
     work_dir.mkdir(parents=True, exist_ok=True)
     with target:
         mod = tvm.transform.Sequential(
