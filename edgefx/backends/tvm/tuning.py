@@ -111,8 +111,11 @@ def tune(
     start = time.perf_counter()
     import_tensor_intrinsics()
     # MetaSchedule's 30 s build/run limits count the start of each worker process (a TVM
-    # import), which a loaded 2-core machine exceeds: every candidate then "fails to build"
-    builder = builder or ms.builder.LocalBuilder(timeout_sec=timeout_s)
+    # import), which a loaded 2-core machine exceeds: every candidate then "fails to build".
+    # Its build workers import the tensor intrinsics too: the quick import there as well.
+    builder = builder or ms.builder.LocalBuilder(
+        timeout_sec=timeout_s, initializer=import_tensor_intrinsics
+    )
     runner = runner or ms.runner.LocalRunner(timeout_sec=timeout_s)
     work_dir.mkdir(parents=True, exist_ok=True)
     with target:
