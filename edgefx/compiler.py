@@ -51,6 +51,8 @@ class CompileReport:
     passes: list[PassResult] = field(default_factory=list)
     build_s: float = 0.0
     backend_check: NumericError | None = None
+    # why the numeric check did not run (a library for another CPU or an absent GPU)
+    backend_check_skipped: str | None = None
     backend_info: dict[str, Any] = field(default_factory=dict)
     # on a quantized Program: the backend check in quantization steps (see QUANTIZED_*)
     quantized_check: dict[str, float] | None = None
@@ -68,6 +70,7 @@ class CompileReport:
             "passes": [r.to_dict() for r in self.passes],
             "build_s": round(self.build_s, 4),
             "backend_check": self.backend_check.to_dict() if self.backend_check else None,
+            "backend_check_skipped": self.backend_check_skipped,
             "backend_info": self.backend_info,
             "quantized_check": None
             if self.quantized_check is None
@@ -118,6 +121,11 @@ class CompileReport:
                 f"{self.build_s:.2f}",
                 info,
             )
+        elif self.backend_check_skipped:
+            table.add_row(
+                f"backend {self.backend}", "", "", "", "", "", f"{self.build_s:.2f}",
+                f"not checked: {self.backend_check_skipped}",
+            )  # fmt: skip
         return table
 
     def __rich__(self) -> Table:
@@ -283,6 +291,9 @@ def compile(
         artifact = backend_impl.build(program)
     report.build_s = time.perf_counter() - start
     report.backend_info = artifact.describe()
+    report.backend_check_skipped = getattr(artifact, "cannot_run_here", None)
+    if report.backend_check_skipped:
+        return _compiled(artifact, program, report)
     reference = program.run_flat()
     try:
         lowered = artifact.run(program.example_inputs)
@@ -322,6 +333,10 @@ def compile(
             f"output scale, tolerance {tolerance:g})",
             hint="a lowering is wrong; `edgefx compile --dump-dir` shows the lowered graph",
         )
+    return _compiled(artifact, program, report)
+
+
+def _compiled(artifact: Artifact, program: Program, report: CompileReport) -> Compiled:
     return Compiled(
         artifact,
         input_specs=program.input_specs,

@@ -1,4 +1,5 @@
-"""Backends lower a Program to something that runs: ``torch`` (eager) and ``onnx`` (ORT)."""
+"""Backends lower a Program to something that runs: ``torch`` (eager), ``onnx`` (ORT) and
+``tvm`` (Apache TVM Relax, for x86/ARM CPUs and GPUs)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from edgefx.errors import BackendError
 _REGISTRY = {
     "torch": ("edgefx.backends.torch", "TorchBackend", "TorchArtifact"),
     "onnx": ("edgefx.backends.onnx", "OnnxBackend", "OnnxArtifact"),
+    "tvm": ("edgefx.backends.tvm", "TvmBackend", "TvmArtifact"),
 }
 
 BACKENDS = tuple(_REGISTRY)

@@ -178,3 +178,60 @@ def _int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
     return onnx.helper.make_tensor(
         name, onnx.TensorProto.INT4, list(codes.shape), packed.tobytes(), raw=True
     )
+
+
+# ---------------------------------------------------------------------------- TVM lowering
+# Relax ops for TVM's ExportedProgram importer (``custom_convert_map``), called as
+# ``fn(node, importer)``. The same arithmetic as the reference kernels: divide by 2**e (exact),
+# round half to even (tir.nearbyint: Relax's ``round`` lowers to C ``round`` on GPUs, which
+# rounds ties away from zero), clamp, cast. TVM is imported here, not at module level, so
+# that ``import edgefx`` does not need it.
+def _tvm_scale(importer, exponent_node, axis: int, ndim: int):
+    from tvm import relax
+
+    bb = importer.block_builder
+    exponent = importer.env[exponent_node]
+    scale = bb.emit(
+        relax.op.power(relax.const(2.0, "float32"), relax.op.astype(exponent, "float32"))
+    )
+    if exponent_node.meta["val"].dim() == 1:
+        shape = [1] * ndim
+        shape[axis % ndim] = -1
+        scale = bb.emit(relax.op.reshape(scale, shape))
+    return scale
+
+
+def _tvm_quantize_pot(node: torch.fx.Node, importer):
+    from tvm import relax, te
+    from tvm import tirx as tir
+
+    x_node, exponent_node, axis, bits, signed = node.args
+    bb = importer.block_builder
+    ndim = x_node.meta["val"].dim()
+    x = importer.env[x_node]
+    if x_node.meta["val"].dtype != torch.float32:
+        x = bb.emit(relax.op.astype(x, "float32"))
+    scaled = bb.emit(relax.op.divide(x, _tvm_scale(importer, exponent_node, axis, ndim)))
+    rounded = bb.emit_te(
+        lambda t: te.compute(t.shape, lambda *i: tir.nearbyint(t(*i)), name="round_half_even"),
+        scaled,
+    )
+    low, high = qrange(bits, signed)
+    clamped = bb.emit(relax.op.clip(rounded, low, high))
+    return bb.emit(relax.op.astype(clamped, "int8" if signed else "uint8"))
+
+
+def _tvm_dequantize_pot(node: torch.fx.Node, importer):
+    from tvm import relax
+
+    q_node, exponent_node, axis = node.args
+    bb = importer.block_builder
+    ndim = q_node.meta["val"].dim()
+    values = bb.emit(relax.op.astype(importer.env[q_node], "float32"))
+    return bb.emit(relax.op.multiply(values, _tvm_scale(importer, exponent_node, axis, ndim)))
+
+
+TVM_CONVERTERS = {
+    torch.ops.edgefx.quantize_pot.default.__name__: _tvm_quantize_pot,
+    torch.ops.edgefx.dequantize_pot.default.__name__: _tvm_dequantize_pot,
+}

@@ -87,6 +87,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     passes = [parse_pass(p) for p in args.passes]
     options = {"opset": args.opset} if args.opset is not None else {}
+    if args.tune_trials:
+        options.update(tune_trials=args.tune_trials, work_dir=args.tune_dir)
     resolved = _resolve(args)
     if args.dump_dir:  # the stage pictures need the captured Program: capture it here
         resolved = _captured(resolved, args)
@@ -95,6 +97,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         resolved.example_inputs,
         passes=passes,
         backend=args.backend,
+        target=args.target,
         dynamic_batch=not args.static_batch,
         dump_dir=args.dump_dir,
         tolerance=args.tolerance,
@@ -154,6 +157,42 @@ def cmd_passes(_args: argparse.Namespace) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, cls.__name__, "yes" if cls.exact else "no", doc)
     console.print(table)
+    return 0
+
+
+def cmd_targets(_args: argparse.Namespace) -> int:
+    from edgefx.backends.tvm.targets import PRESETS
+
+    table = Table(title="edgefx TVM targets (--backend tvm --target NAME)")
+    for column in ("name", "arch", "device", "what it is"):
+        table.add_column(column)
+    for preset in PRESETS.values():
+        table.add_row(preset.name, preset.arch, preset.device, preset.description)
+    console.print(table)
+    console.print("From Python, a TVM target dict works too: target={'kind': 'llvm', ...}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edgefx.backends.tvm import runners
+
+    if args.inputs:
+        inputs = [np.load(path) for path in args.inputs]
+    else:
+        inputs = runners.inputs_for(args.directory, args.batch)
+    if args.rpc:
+        outputs = runners.run_rpc(args.directory, inputs, args.rpc, args.rpc_key)
+    elif args.emulate:
+        outputs = runners.run_emulated(args.directory, inputs)
+    else:
+        outputs = runners.run_local(args.directory, inputs)
+    for i, y in enumerate(outputs):
+        console.print(f"output {i}: {y.dtype}{list(y.shape)} mean {float(y.mean()):.6g}")
+    if args.out:
+        np.savez(args.out, *outputs)
+        console.print(f"outputs written to {args.out}")
     return 0
 
 
@@ -221,8 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PASS",
         help="pass to run, in order; NAME or NAME:key=value,... (see `edgefx passes`)",
     )
-    p.add_argument("--backend", default="onnx", help="onnx (default) or torch")
+    p.add_argument("--backend", default="onnx", help="onnx (default), tvm or torch")
+    p.add_argument(
+        "--target", default=None, help="TVM target preset (see `edgefx targets`); tvm only"
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21)")
+    p.add_argument(
+        "--tune-trials", type=int, default=0, help="tvm: MetaSchedule trials (needs --static-batch)"
+    )
+    p.add_argument(
+        "--tune-dir", default=None, help="tvm: tuning database folder, reused across builds"
+    )
     p.add_argument(
         "--tolerance",
         type=float,
@@ -290,6 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list the available passes")
     p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("targets", help="list the TVM target presets")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("run", help="run a saved TVM folder: here, over TVM RPC, or emulated")
+    p.add_argument("directory", help="folder written by `edgefx compile --backend tvm -o DIR`")
+    p.add_argument("--rpc", default=None, help="host:port of a TVM RPC server (or tracker)")
+    p.add_argument("--rpc-key", default=None, help="device key when --rpc is a tracker")
+    p.add_argument(
+        "--emulate", action="store_true", help="run an aarch64 folder under qemu-user"
+    )
+    p.add_argument("--inputs", nargs="*", default=None, help=".npy files, one per input")
+    p.add_argument("--batch", type=int, default=1, help="batch of the random inputs")
+    p.add_argument("--out", default=None, help="write the outputs to this .npz file")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("models", help="list built-in model names (containing FILTER)")
     p.add_argument("filter", nargs="?", default="")
