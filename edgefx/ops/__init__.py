@@ -7,12 +7,21 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefx.ops import integer, pot
-from edgefx.ops.integer import conv_int, linear_int, max_pool_int, requant_shift
+from edgefx.ops.integer import (
+    codes_to_float,
+    conv_int,
+    float_to_codes,
+    linear_int,
+    max_pool_int,
+    requant_shift,
+)
 from edgefx.ops.pot import dequantize_pot, quantize_pot
 
 __all__ = [
+    "codes_to_float",
     "conv_int",
     "dequantize_pot",
+    "float_to_codes",
     "linear_int",
     "max_pool_int",
     "onnx_translations",

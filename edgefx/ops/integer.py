@@ -45,7 +45,9 @@ from onnxscript import opset21 as op
 
 __all__ = [
     "INT32",
+    "codes_to_float",
     "conv_int",
+    "float_to_codes",
     "linear_int",
     "max_pool_int",
     "out_dtype",
@@ -104,7 +106,7 @@ def round_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("edgefx::requant_shift", mutates_args=())
 def requant_shift(
     x: torch.Tensor,
-    shift: torch.Tensor,
+    shift: list[int],
     axis: int,
     bits: int,
     signed: bool,
@@ -112,8 +114,12 @@ def requant_shift(
     high: int | None = None,
 ) -> torch.Tensor:
     """Integer codes -> codes at an exponent ``shift`` higher, rounded half up, clamped to
-    ``bits``-bit codes and to [low, high] when given (see the module docstring)."""
-    y = round_shift(x, _along(shift, axis, x.dim()))
+    ``bits``-bit codes and to [low, high] when given (see the module docstring).
+
+    ``shift`` is a compile-time constant: one amount (per tensor) or one per channel along
+    ``axis``; the lowerings emit only the shifts it needs (no left shift if none is < 0)."""
+    amounts = torch.tensor(shift, dtype=torch.int64)
+    y = round_shift(x, _along(amounts if len(shift) > 1 else amounts[0], axis, x.dim()))
     lo, hi = _clamp_range(bits, signed, low, high)
     return y.clamp(lo, hi).to(out_dtype(bits, signed))
 
@@ -193,6 +199,41 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode):
     return torch.empty_like(out, dtype=x.dtype)
 
 
+# ---------------------------------------------------------------------------- float boundaries
+# Where an integer region starts or ends (the model's input and output, float islands), codes
+# meet floats. These two ops compute exactly edgefx::quantize_pot / dequantize_pot (round half
+# to even on the way in), but lower to Mul/Round/Clip/Cast instead of QuantizeLinear /
+# DequantizeLinear: onnxruntime 1.32 has no QuantizeLinear-28 kernel, and the shift graph
+# must be opset 28 for its signed BitShift. Multiplying by 2**-e is exact, like the division
+# QuantizeLinear does.
+@torch.library.custom_op("edgefx::float_to_codes", mutates_args=())
+def float_to_codes(
+    x: torch.Tensor, exponent: torch.Tensor, axis: int, bits: int, signed: bool
+) -> torch.Tensor:
+    """Float -> codes at ``2**exponent``, round half to even (as ``quantize_pot``)."""
+    from edgefx.ops.pot import quantize_pot
+
+    return quantize_pot(x, exponent, axis, bits, signed)
+
+
+@float_to_codes.register_fake
+def _(x, exponent, axis, bits, signed):
+    return torch.empty_like(x, dtype=out_dtype(bits, signed))
+
+
+@torch.library.custom_op("edgefx::codes_to_float", mutates_args=())
+def codes_to_float(q: torch.Tensor, exponent: torch.Tensor, axis: int) -> torch.Tensor:
+    """Codes -> float32 ``q * 2**exponent`` (as ``dequantize_pot``)."""
+    from edgefx.ops.pot import dequantize_pot
+
+    return dequantize_pot(q, exponent, axis)
+
+
+@codes_to_float.register_fake
+def _(q, exponent, axis):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------- ONNX lowering
 _I32 = onnx.TensorProto.INT32
 
@@ -205,17 +246,6 @@ def _onnx_dtype(bits: int, signed: bool) -> int:
 
 def _i32(value: int):
     return op.Constant(value=onnx.helper.make_tensor("c", _I32, [], [int(value)]))
-
-
-def _const_array(value) -> np.ndarray | None:
-    """The constant behind an onnxscript value (an initializer), or None."""
-    const = getattr(value, "const_value", None)
-    if const is None:
-        return None
-    try:
-        return np.asarray(const.numpy())
-    except Exception:
-        return None
 
 
 def _onnx_along(t, axis: int, rank: int | None):
@@ -234,26 +264,23 @@ def _rank(value) -> int | None:
 
 def _onnx_requant_shift(x, shift, axis: int, bits: int, signed: bool, low=None, high=None):
     lo, hi = _clamp_range(bits, signed, low, high)
-    known = _const_array(shift)
-    x32 = op.Cast(x, to=_I32)
-    if known is not None and known.ndim == 1:
-        shift = op.Constant(value=onnx.numpy_helper.from_array(known.astype(np.int32), "shift"))
-    per_channel = known.ndim == 1 if known is not None else _rank(shift) == 1
-    rank = _rank(x)
-    shift32 = op.Cast(shift, to=_I32)
-    if per_channel:
-        shift32 = _onnx_along(shift32, axis, rank)
-    need_left = known is None or bool((known < 0).any())
-    need_right = known is None or bool((known > 0).any())
-    y = x32
-    if need_left:
-        left = op.Max(op.Neg(shift32), _i32(0))
-        y = op.BitShift(y, left, direction="LEFT")
-    if need_right:
-        right = op.Max(shift32, _i32(0))
-        # 2**(r-1) for r >= 1, 0 for r == 0: integer Pow and Div (folded into a constant)
-        offset = op.Div(op.Pow(_i32(2), right), _i32(2))
-        y = op.BitShift(op.Add(y, offset), right, direction="RIGHT")
+    amounts = np.asarray(list(shift), dtype=np.int64)
+    shape = [1] * (_rank(x) or 0)
+    if len(amounts) > 1:
+        shape[axis] = -1
+
+    def const(values: np.ndarray):
+        values = values.astype(np.int32)
+        values = values.reshape(shape) if len(amounts) > 1 else values.reshape(())
+        return op.Constant(value=onnx.numpy_helper.from_array(values, "c"))
+
+    y = op.Cast(x, to=_I32)
+    left, right = np.maximum(-amounts, 0), np.maximum(amounts, 0)
+    if (left > 0).any():
+        y = op.BitShift(y, const(left), direction="LEFT")
+    if (right > 0).any():
+        offset = np.where(right > 0, np.left_shift(1, np.maximum(right - 1, 0)), 0)
+        y = op.BitShift(op.Add(y, const(offset)), const(right), direction="RIGHT")
     if (lo, hi) != INT32:
         y = op.Clip(y, _i32(lo), _i32(hi))
     out = _onnx_dtype(bits, signed)
@@ -283,7 +310,7 @@ def _onnx_linear_int(x, weight, bias):
 
 def _onnx_max_pool_int(x, kernel_size, stride, padding, dilation, ceil_mode: bool):
     def pool(v):
-        return op.MaxPool(
+        out = op.MaxPool(
             v,
             kernel_shape=list(kernel_size),
             strides=list(stride) or list(kernel_size),
@@ -291,6 +318,7 @@ def _onnx_max_pool_int(x, kernel_size, stride, padding, dilation, ceil_mode: boo
             dilations=list(dilation),
             ceil_mode=int(ceil_mode),
         )
+        return out[0] if isinstance(out, (tuple, list)) else out  # (values, indices)
 
     dtype = getattr(x, "dtype", None)
     if dtype is not None and str(dtype).upper().endswith("INT32"):
@@ -300,23 +328,41 @@ def _onnx_max_pool_int(x, kernel_size, stride, padding, dilation, ceil_mode: boo
     return pool(x)
 
 
+def _onnx_pow2(exponent, x, axis: int, negate: bool):
+    """``2**exponent`` (or ``2**-exponent``) as float, broadcasting along ``axis`` of ``x``."""
+    e = op.Cast(exponent, to=onnx.TensorProto.FLOAT)
+    if negate:
+        e = op.Neg(e)
+    scale = op.Pow(op.Constant(value_float=2.0), e)
+    if _rank(exponent) == 1:
+        scale = _onnx_along(scale, axis, _rank(x))
+    return scale
+
+
+def _onnx_float_to_codes(x, exponent, axis: int, bits: int, signed: bool):
+    lo, hi = shift_range(bits, signed)
+    scaled = op.Round(op.Mul(x, _onnx_pow2(exponent, x, axis, negate=True)))  # half to even
+    clipped = op.Clip(
+        scaled, op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi))
+    )
+    return op.Cast(clipped, to=_onnx_dtype(bits, signed))
+
+
+def _onnx_codes_to_float(q, exponent, axis: int):
+    return op.Mul(op.Cast(q, to=onnx.TensorProto.FLOAT), _onnx_pow2(exponent, q, axis, False))
+
+
 ONNX_TRANSLATIONS = {
     torch.ops.edgefx.requant_shift.default: _onnx_requant_shift,
     torch.ops.edgefx.conv_int.default: _onnx_conv_int,
     torch.ops.edgefx.linear_int.default: _onnx_linear_int,
     torch.ops.edgefx.max_pool_int.default: _onnx_max_pool_int,
+    torch.ops.edgefx.float_to_codes.default: _onnx_float_to_codes,
+    torch.ops.edgefx.codes_to_float.default: _onnx_codes_to_float,
 }
 
 
 # ---------------------------------------------------------------------------- TVM lowering
-def _tvm_const_array(expr: Any) -> np.ndarray | None:
-    from tvm import relax
-
-    if isinstance(expr, relax.Constant):
-        return expr.data.numpy()
-    return None
-
-
 def _tvm_args(node: torch.fx.Node, importer: Any) -> list[Any]:
     return [importer.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
 
@@ -333,20 +379,17 @@ def _tvm_requant_shift(node: torch.fx.Node, importer: Any) -> Any:
     high = node.kwargs.get("high", args[6] if len(args) > 6 else None)
     lo, hi = _clamp_range(bits, signed, low, high)
     bb = importer.block_builder
-    rank = len(node.args[0].meta["val"].shape)
-    known = _tvm_const_array(shift)
-    if known is None:
-        raise NotImplementedError("requant_shift: the shift must be a constant for TVM")
-    known = known.astype(np.int64)
-    shape = [1] * rank
-    if known.ndim == 1:
+    amounts = np.asarray(list(shift), dtype=np.int64)
+    shape = [1] * len(node.args[0].meta["val"].shape)
+    if len(amounts) > 1:
         shape[axis] = -1
 
     def const(values: np.ndarray) -> Any:
-        return relax.const(values.astype(np.int32).reshape(shape if values.ndim else ()), "int32")
+        values = values.astype(np.int32)
+        return relax.const(values.reshape(shape) if len(amounts) > 1 else values[0], "int32")
 
     y = bb.emit(relax.op.astype(x, "int32"))
-    left, right = np.maximum(-known, 0), np.maximum(known, 0)
+    left, right = np.maximum(-amounts, 0), np.maximum(amounts, 0)
     if (left > 0).any():
         y = bb.emit(relax.op.left_shift(y, const(left)))
     if (right > 0).any():

@@ -69,6 +69,8 @@ _CONV_INT = torch.ops.edgefx.conv_int.default
 _LINEAR_INT = torch.ops.edgefx.linear_int.default
 _REQUANT = torch.ops.edgefx.requant_shift.default
 _MAX_POOL_INT = torch.ops.edgefx.max_pool_int.default
+_TO_CODES = torch.ops.edgefx.float_to_codes.default
+_TO_FLOAT = torch.ops.edgefx.codes_to_float.default
 
 _FLOAT24 = 1 << 24  # int32 codes go through float32 exactly below this (onnx max pooling)
 _SHAPE_OPS = {
@@ -155,6 +157,7 @@ class QDQToShift(Pass):
                 "QDQToShift()]",
             )
         remove_dead_code(gm)
+        _own_boundaries(gm)
         report = rewriter.report()
         return program.with_graph(gm, repr(self)), report
 
@@ -306,8 +309,7 @@ class _Rewriter:
         """Codes of ``v`` times 2**-shift (shift <= 0 here: left shifts), as int32."""
         if not bool((shift != 0).any()) and v.dtype == torch.int32:
             return v.codes
-        buf = self._const(f"{node.name}_shift", shift.to(torch.int32), node)
-        return self._emit(node, _REQUANT, (v.codes, buf, axis, 32, True))
+        return self._emit(node, _REQUANT, (v.codes, _amounts(shift), axis, 32, True))
 
     def _check_bound(self, node: fx.Node, lo: torch.Tensor, hi: torch.Tensor, what: str) -> None:
         worst = max(float(hi.max()), -float(lo.min()))
@@ -378,8 +380,7 @@ class _Rewriter:
         left = torch.clamp(-shift, min=0)
         scale = torch.ldexp(torch.ones_like(left, dtype=torch.float64), left)
         self._check_bound(node, v.lo * scale, v.hi * scale, f"requantization {node.name}")
-        buf = self._const(f"{node.name}_shift", shift.to(torch.int32), node)
-        args: tuple = (v.codes, buf, shift_axis, bits, signed)
+        args: tuple = (v.codes, _amounts(shift), shift_axis, bits, signed)
         if low is not None or high is not None:
             args = (*args, low, high)
         requant = self._emit(node, _REQUANT, args)
@@ -729,6 +730,17 @@ class _Rewriter:
         return result
 
 
+def _own_boundaries(gm: fx.GraphModule) -> None:
+    """The quantize/dequantize nodes left at the borders of the integer regions become
+    float_to_codes / codes_to_float (same kernels; they lower without QuantizeLinear-28,
+    which onnxruntime lacks, see edgefx.ops.integer)."""
+    swap = {_QUANTIZE: _TO_CODES, _DEQUANTIZE: _TO_FLOAT}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in swap:
+            node.target = swap[node.target]
+    gm.recompile()
+
+
 class _Refuse(Exception):
     """Internal: this node stays float, for the given reason."""
 
@@ -759,6 +771,11 @@ def _op_name(node: fx.Node) -> str:
     target = node.target
     name = getattr(target, "__name__", str(target))
     return name.replace(".default", "")
+
+
+def _amounts(shift: torch.Tensor) -> list[int]:
+    """requant_shift's constant shift list: one amount, or one per channel."""
+    return [int(s) for s in shift.reshape(-1)]
 
 
 def _scalar(t: torch.Tensor | None) -> int | None:
