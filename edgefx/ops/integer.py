@@ -457,7 +457,56 @@ def _tvm_max_pool_int(node: torch.fx.Node, importer: Any) -> Any:
     )
 
 
+def _tvm_pow2(bb: Any, exponent: Any, node: torch.fx.Node, axis: int, negate: bool) -> Any:
+    from tvm import relax
+
+    e = relax.op.astype(exponent, "float32")
+    scale = bb.emit(
+        relax.op.power(relax.const(2.0, "float32"), relax.op.negative(e) if negate else e)
+    )
+    if len(node.args[1].meta["val"].shape) == 1:
+        shape = [1] * len(node.args[0].meta["val"].shape)
+        shape[axis] = -1
+        scale = relax.op.reshape(scale, shape)
+    return scale
+
+
+def _tvm_float_to_codes(node: torch.fx.Node, importer: Any) -> Any:
+    from tvm import relax
+
+    x, exponent, axis, bits, signed = _tvm_args(node, importer)
+    bb = importer.block_builder
+    v = bb.emit(relax.op.multiply(x, _tvm_pow2(bb, exponent, node, axis, negate=True)))
+    # round half to even, spelled out (exactly what QuantizeLinear and torch.round do)
+    low = bb.emit(relax.op.floor(v))
+    frac = bb.emit(relax.op.subtract(v, low))
+    half = relax.const(0.5, "float32")
+    two = relax.const(2.0, "float32")
+    odd = relax.op.subtract(low, relax.op.multiply(two, relax.op.floor(relax.op.divide(low, two))))
+    up = relax.op.where(
+        relax.op.greater(frac, half),
+        relax.const(1.0, "float32"),
+        relax.op.where(relax.op.equal(frac, half), odd, relax.const(0.0, "float32")),
+    )
+    lo, hi = shift_range(bits, signed)
+    rounded = relax.op.clip(relax.op.add(low, up), lo, hi)
+    return bb.emit(relax.op.astype(rounded, _TVM_DTYPES[out_dtype(bits, signed)]))
+
+
+def _tvm_codes_to_float(node: torch.fx.Node, importer: Any) -> Any:
+    from tvm import relax
+
+    q, exponent, axis = _tvm_args(node, importer)
+    bb = importer.block_builder
+    scale = _tvm_pow2(bb, exponent, node, axis, negate=False)
+    return bb.emit(
+        relax.op.multiply(relax.op.astype(q, "float32"), scale)
+    )
+
+
 TVM_CONVERTERS: dict[str, Callable[[torch.fx.Node, Any], Any]] = {
+    "float_to_codes.default": _tvm_float_to_codes,
+    "codes_to_float.default": _tvm_codes_to_float,
     "requant_shift.default": _tvm_requant_shift,
     "conv_int.default": _tvm_conv_int,
     "linear_int.default": _tvm_linear_int,
