@@ -287,20 +287,25 @@ class _Rewriter:
                 return None
             bounds.append(codes)
         lo_codes, hi_codes = bounds
-        if v.exp.dim() == 0:
-            args = (v.codes, _scalar(lo_codes), _scalar(hi_codes))
+        # both bounds given (TVM's importer cannot take an open int bound), one number
+        # where every channel has the same bound (a ReLU's 0)
+        dtype_lo, dtype_hi = _dtype_range(v.dtype)
+        low_arg = torch.full_like(v.lo, dtype_lo) if lo_codes is None else lo_codes
+        high_arg = torch.full_like(v.hi, dtype_hi) if hi_codes is None else hi_codes
+        if v.exp.dim() == 0 or (
+            bool((low_arg == low_arg.reshape(-1)[0]).all())
+            and bool((high_arg == high_arg.reshape(-1)[0]).all())
+        ):
+            args = (v.codes, int(low_arg.reshape(-1)[0]), int(high_arg.reshape(-1)[0]))
             clamped = self._emit(node, aten.clamp.default, args)
         else:
             shape = [1] * _rank(node)
             shape[v.axis] = -1
-            tensors = []
-            for codes in (lo_codes, hi_codes):
-                if codes is None:
-                    tensors.append(None)
-                else:
-                    t = codes.to(torch.int32).reshape(shape)
-                    tensors.append(self._const(f"{node.name}_clamp", t, node))
-            clamped = self._emit(node, aten.clamp.Tensor, (v.codes, *tensors))
+            bound_nodes = [
+                self._const(f"{node.name}_clamp", t.to(torch.int32).reshape(shape), node)
+                for t in (low_arg, high_arg)
+            ]
+            clamped = self._emit(node, aten.clamp.Tensor, (v.codes, *bound_nodes))
         lo = v.lo if lo_codes is None else torch.maximum(v.lo, lo_codes)
         hi = v.hi if hi_codes is None else torch.minimum(v.hi, hi_codes)
         return replace(v, codes=clamped, lo=lo, hi=hi, clamp=(None, None))
@@ -778,8 +783,9 @@ def _amounts(shift: torch.Tensor) -> list[int]:
     return [int(s) for s in shift.reshape(-1)]
 
 
-def _scalar(t: torch.Tensor | None) -> int | None:
-    return None if t is None else int(t)
+def _dtype_range(dtype: torch.dtype) -> tuple[int, int]:
+    info = torch.iinfo(dtype)
+    return info.min, info.max
 
 
 def _per_channel(v: _Int, n: int) -> _Int:
