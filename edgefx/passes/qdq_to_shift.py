@@ -251,11 +251,12 @@ class _Rewriter:
         exp = self._const(f"{value.name}_exp", v.exp.to(torch.int32), value)
         with self.graph.inserting_after(value):
             out = self.graph.call_function(_DEQUANTIZE, (v.codes, exp, v.axis))
-            _copy_meta(value, out)
-            low, high = v.clamp
-            if low is not None or high is not None:
+        _copy_meta(value, out)
+        low, high = v.clamp
+        if low is not None or high is not None:
+            with self.graph.inserting_after(out):
                 out = self.graph.call_function(aten.clamp.default, (out, low, high))
-                _copy_meta(value, out)
+            _copy_meta(value, out)
         self.floats[value] = out
         return out
 
