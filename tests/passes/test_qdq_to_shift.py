@@ -217,7 +217,7 @@ def _float_max_pool(node: onnx.NodeProto, consumers) -> bool:
 
 MODELS = [
     pytest.param("resnet18", (8, 8), id="resnet18-W8A8"),
-    pytest.param("mobilenet_v2", (4, 4), id="mobilenet_v2-W4A4"),
+    pytest.param("mobilenet_v2", (4, 4), id="mobilenet_v2-W4A4", marks=pytest.mark.slow),
     pytest.param("resnet18", (4, 4), id="resnet18-W4A4", marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", (8, 8), id="mobilenet_v2-W8A8", marks=pytest.mark.slow),
 ]
