@@ -320,17 +320,13 @@ class _Rewriter:
     def _check_bound(self, node: fx.Node, lo: torch.Tensor, hi: torch.Tensor, what: str) -> None:
         worst = max(float(hi.max()), -float(lo.min()))
         if worst > INT32[1]:
-            layer = self.ints_layer_name(node)
             raise PassError(
                 f"{what} could overflow int32: worst case |value| {worst:.4g} > 2**31-1",
                 node=node.name,
-                module=layer,
+                module=module_path(node) or None,
                 hint="quantize with fewer weight/activation bits, split the layer, or leave it "
                 "in float (PotQuantize(exclude=[...]) or QDQToShift(exclude=[...]))",
             )
-
-    def ints_layer_name(self, node: fx.Node) -> str:
-        return module_path(node) or node.name
 
     # ------------------------------------------------------------------ handlers
     # each returns None when the node was handled, or the reason it stays float
@@ -654,7 +650,6 @@ class _Rewriter:
             return None
         shape = [int(d) if not isinstance(d, torch.SymInt) else None
                  for d in source.meta["val"].shape]
-        rank = len(shape)
         dims, keepdim = _pooled_dims(node, shape)
         if dims is None:
             return f"{_op_name(node)} is not a global average (a windowed pooling)"
@@ -678,7 +673,6 @@ class _Rewriter:
         shift = count.bit_length() - 1
         self.ints[node] = replace(v, codes=new, exp=v.exp - shift, axis=axis, lo=lo, hi=hi,
                                   dtype=torch.int32, layer=None)
-        del rank
         return None
 
     # ------------------------------------------------------------------ report

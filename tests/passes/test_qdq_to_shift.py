@@ -114,7 +114,7 @@ def test_registered_and_validated():
 
 
 def test_tiny_is_all_integer_with_pooling_as_a_shift(tiny):
-    qdq, shift, report = tiny
+    _, shift, report = tiny
     assert report["islands"] == []
     assert report["integer_layers"] == len(report["layers"]) == 5
     targets = collections.Counter(
@@ -261,8 +261,7 @@ def test_tiny_tvm_is_bit_exact(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,bits", [("resnet18", (8, 8)), ("mobilenet_v2", (4, 4)),
-                                       ("resnet18", (4, 4)), ("mobilenet_v2", (8, 8))])
+@pytest.mark.parametrize("name,bits", [m.values for m in MODELS], ids=[m.id for m in MODELS])
 def test_torchvision_models_run_bit_exactly_on_tvm(name, bits):
     model = randomize(getattr(torchvision.models, name)(), 0)
     _, shift, _ = _quantized(model, 32, bits)
@@ -289,7 +288,7 @@ class _NotPowerOfTwo(nn.Module):
 
 
 def test_non_power_of_two_quantizers_are_refused():
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+    import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
 
     program = capture(_NotPowerOfTwo(), (torch.randn(2, 3, 8, 8),))
     with pytest.raises(PassError, match="powers of two"):
