@@ -17,6 +17,9 @@ codes only and the exponents live in the rewriting pass:
   ``l = max(-shift, 0)``, ``r = max(shift, 0)`` (no offset when ``r == 0``).
   ``quantize_pot`` in the QDQ graph rounds half to even instead, so the two differ by one
   step where ``x / 2**shift`` is exactly halfway between codes and the lower code is even.
+  ``rounding="half_even"`` (one more shift, AND and add per requantization) adds
+  ``2**(r-1) - 1 + (bit r of x)`` instead: ties go to the even code, exactly as in the QDQ
+  graph. A graph uses one rule throughout; the reference, ONNX and TVM agree on both.
 - ``max_pool_int``: max pooling on codes (max commutes with any monotone requantization).
 
 The reference kernels are exact: integer shifts in int64, and the convolution / matrix
@@ -45,6 +48,7 @@ from onnxscript import opset21 as op
 
 __all__ = [
     "INT32",
+    "ROUNDINGS",
     "codes_to_float",
     "conv_int",
     "float_to_codes",
@@ -91,15 +95,24 @@ def _along(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def round_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+ROUNDINGS = ("half_up", "half_even")
+
+
+def round_shift(x: torch.Tensor, shift: torch.Tensor, rounding: str = "half_up") -> torch.Tensor:
     """The rounding rule, on int64: ``floor((x * 2**l + 2**(r-1)) / 2**r)`` (see the module
-    docstring); ``shift`` broadcasts against ``x``."""
+    docstring); ``shift`` broadcasts against ``x``. ``rounding="half_even"`` instead adds
+    ``2**(r-1) - 1 + (bit r of x)``: ties go to the even code, as in ``quantize_pot``."""
     x = x.to(torch.int64)
     shift = shift.to(torch.int64)
     left = torch.clamp(-shift, min=0)
     right = torch.clamp(shift, min=0)
-    offset = torch.where(right > 0, torch.bitwise_left_shift(torch.ones_like(right), right - 1), 0)
-    return torch.bitwise_right_shift(torch.bitwise_left_shift(x, left) + offset, right)
+    x = torch.bitwise_left_shift(x, left)
+    half = torch.bitwise_left_shift(torch.ones_like(right), torch.clamp(right - 1, min=0))
+    offset = torch.where(right > 0, half, 0)
+    if rounding == "half_even":
+        odd = torch.bitwise_and(torch.bitwise_right_shift(x, right), 1)
+        offset = torch.where(right > 0, half - 1 + odd, 0)
+    return torch.bitwise_right_shift(x + offset, right)
 
 
 # ---------------------------------------------------------------------------- requant_shift
@@ -112,20 +125,24 @@ def requant_shift(
     signed: bool,
     low: int | None = None,
     high: int | None = None,
+    rounding: str = "half_up",
 ) -> torch.Tensor:
-    """Integer codes -> codes at an exponent ``shift`` higher, rounded half up, clamped to
-    ``bits``-bit codes and to [low, high] when given (see the module docstring).
+    """Integer codes -> codes at an exponent ``shift`` higher, rounded half up (or half to
+    even with ``rounding="half_even"``), clamped to ``bits``-bit codes and to [low, high] when
+    given (see the module docstring).
 
     ``shift`` is a compile-time constant: one amount (per tensor) or one per channel along
     ``axis``; the lowerings emit only the shifts it needs (no left shift if none is < 0)."""
     amounts = torch.tensor(shift, dtype=torch.int64)
-    y = round_shift(x, _along(amounts if len(shift) > 1 else amounts[0], axis, x.dim()))
+    y = round_shift(
+        x, _along(amounts if len(shift) > 1 else amounts[0], axis, x.dim()), rounding
+    )
     lo, hi = _clamp_range(bits, signed, low, high)
     return y.clamp(lo, hi).to(out_dtype(bits, signed))
 
 
 @requant_shift.register_fake
-def _(x, shift, axis, bits, signed, low=None, high=None):
+def _(x, shift, axis, bits, signed, low=None, high=None, rounding="half_up"):
     return torch.empty_like(x, dtype=out_dtype(bits, signed))
 
 
@@ -262,7 +279,9 @@ def _rank(value) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _onnx_requant_shift(x, shift, axis: int, bits: int, signed: bool, low=None, high=None):
+def _onnx_requant_shift(
+    x, shift, axis: int, bits: int, signed: bool, low=None, high=None, rounding="half_up"
+):
     lo, hi = _clamp_range(bits, signed, low, high)
     amounts = np.asarray(list(shift), dtype=np.int64)
     shape = [1] * (_rank(x) or 0)
@@ -280,6 +299,12 @@ def _onnx_requant_shift(x, shift, axis: int, bits: int, signed: bool, low=None, 
         y = op.BitShift(y, const(left), direction="LEFT")
     if (right > 0).any():
         offset = np.where(right > 0, np.left_shift(1, np.maximum(right - 1, 0)), 0)
+        if rounding == "half_even":  # + 2**(r-1) - 1 + bit r of y
+            odd = op.BitwiseAnd(
+                op.BitShift(y, const(right), direction="RIGHT"), const((right > 0) * 1)
+            )
+            y = op.Add(y, odd)
+            offset = np.where(right > 0, offset - 1, 0)
         y = op.BitShift(op.Add(y, const(offset)), const(right), direction="RIGHT")
     if (lo, hi) != INT32:
         y = op.Clip(y, _i32(lo), _i32(hi))
@@ -377,6 +402,7 @@ def _tvm_requant_shift(node: torch.fx.Node, importer: Any) -> Any:
     x, shift, axis, bits, signed = args[:5]
     low = node.kwargs.get("low", args[5] if len(args) > 5 else None)
     high = node.kwargs.get("high", args[6] if len(args) > 6 else None)
+    rounding = node.kwargs.get("rounding", args[7] if len(args) > 7 else "half_up")
     lo, hi = _clamp_range(bits, signed, low, high)
     bb = importer.block_builder
     amounts = np.asarray(list(shift), dtype=np.int64)
@@ -394,6 +420,12 @@ def _tvm_requant_shift(node: torch.fx.Node, importer: Any) -> Any:
         y = bb.emit(relax.op.left_shift(y, const(left)))
     if (right > 0).any():
         offset = np.where(right > 0, np.left_shift(1, np.maximum(right - 1, 0)), 0)
+        if rounding == "half_even":  # + 2**(r-1) - 1 + bit r of y
+            odd = relax.op.bitwise_and(
+                relax.op.right_shift(y, const(right)), const((right > 0) * 1)
+            )
+            y = bb.emit(relax.op.add(y, odd))
+            offset = np.where(right > 0, offset - 1, 0)
         y = bb.emit(relax.op.right_shift(relax.op.add(y, const(offset)), const(right)))
     if (lo, hi) != INT32:
         y = bb.emit(relax.op.clip(y, lo, hi))

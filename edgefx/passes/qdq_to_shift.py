@@ -49,7 +49,7 @@ import torch
 from torch import fx
 
 from edgefx.errors import PassError
-from edgefx.ops.integer import INT32, out_dtype, shift_range
+from edgefx.ops.integer import INT32, ROUNDINGS, out_dtype, shift_range
 from edgefx.ops.pot import qrange
 from edgefx.passes.base import Pass
 from edgefx.passes.rewrite import (
@@ -121,25 +121,36 @@ class QDQToShift(Pass):
 
     Args:
         exclude: module paths (prefixes) whose conv/linear layers stay float islands.
+        rounding: "half_up" (default: add 2**(s-1), shift) or "half_even" (three more integer
+            ops per requantization; ties go to the even code as in the QDQ graph, so the
+            integer graph then equals the QDQ graph wherever its float sums were exact).
 
-    The rewritten graph rounds half up where the QDQ graph rounds half to even; outputs may
-    differ from the QDQ Program by one step on ties (the pass is not declared exact).
+    With "half_up" the rewritten graph may differ from the QDQ Program by one step on ties,
+    and that difference propagates (the pass is not declared exact).
     Export with ``backend_options={"opset": 28}``: the requantization uses ONNX BitShift on
     signed int32, which exists from opset 28 on.
     """
 
     name = "QDQToShift"
 
-    def __init__(self, *, exclude: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *, exclude: list[str] | tuple[str, ...] = (), rounding: str = "half_up"
+    ) -> None:
         check_module_paths("exclude", exclude, example='["fc"]')
+        if rounding not in ROUNDINGS:
+            raise PassError(
+                f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}",
+                hint='"half_up" is cheapest; "half_even" matches the QDQ graph on ties',
+            )
         self.exclude = tuple(exclude)
+        self.rounding = rounding
 
     def __repr__(self) -> str:
-        return f"QDQToShift(exclude={list(self.exclude)})"
+        return f"QDQToShift(exclude={list(self.exclude)}, rounding={self.rounding!r})"
 
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         gm = program.copy_graph()
-        rewriter = _Rewriter(gm, self.exclude)
+        rewriter = _Rewriter(gm, self.exclude, self.rounding)
         rewriter.run()
         if not rewriter.layers:
             foreign = rewriter.foreign_quantizers
@@ -163,8 +174,9 @@ class QDQToShift(Pass):
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, exclude: tuple[str, ...]) -> None:
+    def __init__(self, gm: fx.GraphModule, exclude: tuple[str, ...], rounding: str) -> None:
         self.gm = gm
+        self.rounding = rounding
         self.graph = gm.graph
         self.exclude = exclude
         self.ints: dict[fx.Node, _Int] = {}
@@ -376,14 +388,16 @@ class _Rewriter:
         if (lo_real is not None or hi_real is not None) and exp.dim() != 0:
             return "a ReLU/clamp before a per-channel quantize"
         if lo_real is not None:
-            low = _requant_bound(lo_real, exp)
+            low = _requant_bound(lo_real, exp, self.rounding)
         if hi_real is not None:
-            high = _requant_bound(hi_real, exp)
+            high = _requant_bound(hi_real, exp, self.rounding)
         left = torch.clamp(-shift, min=0)
         scale = torch.ldexp(torch.ones_like(left, dtype=torch.float64), left)
         self._check_bound(node, v.lo * scale, v.hi * scale, f"requantization {node.name}")
         args: tuple = (v.codes, _amounts(shift), shift_axis, bits, signed)
-        if low is not None or high is not None:
+        if self.rounding != "half_up":
+            args = (*args, low, high, self.rounding)
+        elif low is not None or high is not None:
             args = (*args, low, high)
         requant = self._emit(node, _REQUANT, args)
         node.replace_all_uses_with(requant)
@@ -679,7 +693,11 @@ class _Rewriter:
     def report(self) -> dict[str, Any]:
         integer = self._integer_layers()
         return {
-            "rounding": "half up: floor((x + 2**(s-1)) / 2**s); the QDQ graph rounds half to even",
+            "rounding": (
+                "half up: floor((x + 2**(s-1)) / 2**s); the QDQ graph rounds half to even"
+                if self.rounding == "half_up"
+                else "half to even, as the QDQ graph"
+            ),
             "layers": [
                 {
                     "node": layer.node,
@@ -798,11 +816,12 @@ def _requant_range(node: fx.Node) -> tuple[int, int]:
     return (lo if low is None else max(lo, low)), (hi if high is None else min(hi, high))
 
 
-def _requant_bound(real: float, exp: torch.Tensor) -> int:
-    """A real clamp bound as a code at exponent ``exp``, by the integer graph's rounding rule
-    (round half up): requantization is monotone, so requant(clamp(v, a, b)) equals
+def _requant_bound(real: float, exp: torch.Tensor, rounding: str) -> int:
+    """A real clamp bound as a code at exponent ``exp``, by the graph's rounding rule:
+    requantization is monotone, so requant(clamp(v, a, b)) equals
     clamp(requant(v), requant(a), requant(b))."""
-    return math.floor(real * 2.0 ** -int(exp) + 0.5)
+    scaled = real * 2.0 ** -int(exp)
+    return round(scaled) if rounding == "half_even" else math.floor(scaled + 0.5)
 
 
 def _shift_span(requants: list[dict[str, Any]]) -> list[int] | None:

@@ -37,6 +37,19 @@ def test_round_shift_is_floor_of_x_over_2s_plus_half():
         assert yi == (exact + Fraction(1, 2)).__floor__()
 
 
+def test_half_even_rounding_sends_ties_to_the_even_code():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(-(1 << 16), 1 << 16, (3000,), generator=gen)
+    shift = torch.randint(-2, 6, (3000,), generator=gen)
+    got = round_shift(x, shift, "half_even").tolist()
+    for xi, si, yi in zip(x.tolist(), shift.tolist(), got, strict=True):
+        assert yi == round(Fraction(xi) / Fraction(2) ** si)  # Fraction rounds half to even
+    ties = torch.tensor([-5, -3, -1, 1, 3, 5], dtype=torch.int32)
+    assert ops.requant_shift(ties, [1], 0, 8, True, None, None, "half_even").tolist() == [
+        -2, -2, 0, 0, 2, 2
+    ]
+
+
 def test_per_channel_shifts_along_an_axis():
     x = torch.arange(-12, 12, dtype=torch.int32).reshape(2, 3, 4)
     y = ops.requant_shift(x, [0, 1, -1], 1, 32, True)
@@ -85,11 +98,12 @@ class _AllOps(torch.nn.Module):
         pooled = ops.max_pool_int(acc, [3, 3], [2, 2], [1, 1], [1, 1], False)
         mixed = ops.requant_shift(pooled, [3, 2, 1, 0, -1, 4], 1, 32, True)
         small = ops.requant_shift(mixed, [2], 1, 8, False, 0, 100)
+        even = ops.requant_shift(mixed, [2, 1, 3, 0, 1, 2], 1, 6, True, None, None, "half_even")
         small_pool = ops.max_pool_int(small, [2, 2], [2, 2], [0, 0], [1, 1], True)
         summed = small_pool.to(torch.int32).sum(dim=(2, 3))
         u8 = ops.requant_shift(summed, [1], 1, 8, False)
         out = ops.linear_int(u8, self.fw, self.fb)
-        return ops.codes_to_float(acc, self.out_exp, 1), small_pool, out
+        return ops.codes_to_float(acc, self.out_exp, 1), small_pool, out, even
 
 
 def _inputs() -> torch.Tensor:

@@ -17,7 +17,6 @@ from torch import nn
 
 import edgefx
 import edgefx.ops
-import edgefx.ops.integer as integer_ops
 from edgefx import PassError
 from edgefx.frontend import capture
 from edgefx.passes import PASSES, FoldBatchNorm, PassManager, PotQuantize, QDQToShift
@@ -51,20 +50,8 @@ class Tiny(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _half_even(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """The QDQ graph's rounding (half to even) with shifts, to prove the rewrite otherwise
-    exact."""
-    x, shift = x.to(torch.int64), shift.to(torch.int64)
-    x = torch.bitwise_left_shift(x, torch.clamp(-shift, min=0))
-    right = torch.clamp(shift, min=0)
-    q = torch.bitwise_right_shift(x, right)
-    rem = x - torch.bitwise_left_shift(q, right)
-    half = torch.where(right > 0, torch.bitwise_left_shift(torch.ones_like(right),
-                                                           torch.clamp(right - 1, min=0)), 0)
-    return q + ((right > 0) & ((rem > half) | ((rem == half) & (q % 2 == 1)))).to(torch.int64)
-
-
-def _quantized(model: nn.Module, size: int, bits: tuple[int, int], seed: int = 0):
+def _quantized(model: nn.Module, size: int, bits: tuple[int, int], seed: int = 0,
+               rounding: str = "half_up"):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2, 3, size, size, generator=gen)
@@ -73,7 +60,7 @@ def _quantized(model: nn.Module, size: int, bits: tuple[int, int], seed: int = 0
     passes = [FoldBatchNorm(), PotQuantize(calib, weight_bits=bits[0], act_bits=bits[1],
                                            search="minmax")]
     qdq, _ = PassManager(passes, progress=False).run(program)
-    shift, results = PassManager([QDQToShift()], progress=False).run(qdq)
+    shift, results = PassManager([QDQToShift(rounding=rounding)], progress=False).run(qdq)
     return qdq, shift, results[0].report
 
 
@@ -111,6 +98,8 @@ def test_registered_and_validated():
     assert PASSES["shift"] is QDQToShift
     with pytest.raises(PassError, match="exclude"):
         QDQToShift(exclude="fc")
+    with pytest.raises(PassError, match="rounding"):
+        QDQToShift(rounding="nearest")
 
 
 def test_tiny_is_all_integer_with_pooling_as_a_shift(tiny):
@@ -129,7 +118,9 @@ def test_tiny_is_all_integer_with_pooling_as_a_shift(tiny):
 
 
 @pytest.mark.parametrize("case", ["tiny", "couplings"])
-def test_rewrite_equals_the_qdq_graph_but_for_tie_rounding(case, tiny, monkeypatch):
+def test_rewrite_equals_the_qdq_graph_but_for_tie_rounding(case, tiny):
+    """With half-to-even requantization the integer graph IS the QDQ graph (every element);
+    with the default half-up rounding it differs, on ties only."""
     if case == "tiny":
         qdq, shift, _ = tiny
         x = _fresh(8, 64)
@@ -137,14 +128,19 @@ def test_rewrite_equals_the_qdq_graph_but_for_tie_rounding(case, tiny, monkeypat
         qdq, shift, report = _quantized(randomize(Couplings(), 3), 16, (4, 4))
         assert report["islands"]  # the SE gate's sigmoid * x stays float
         x = _fresh(16, 16)
+    even = QDQToShift(rounding="half_even")(qdq)
+    assert "half to even" in even.report["rounding"]
     want = qdq.run_flat([x])
-    half_up = shift.run_flat([x])
-    monkeypatch.setattr(integer_ops, "round_shift", _half_even)
-    half_even = shift.run_flat([x])
-    for w, e in zip(want, half_even, strict=True):
+    for w, e in zip(want, even.program.run_flat([x]), strict=True):
         assert torch.equal(w, e)
-    # and half up does round some ties differently (else the test above proves nothing new)
+    half_up = shift.run_flat([x])
     assert any(not torch.equal(w, u) for w, u in zip(want, half_up, strict=True))
+
+
+def test_half_even_graph_is_bit_exact_on_onnxruntime_and_tvm(tiny):
+    even = QDQToShift(rounding="half_even")(tiny[0]).program
+    _assert_onnx_bit_exact(even, 8)
+    _assert_tvm_bit_exact(even, 8)
 
 
 def test_island_where_the_average_is_not_over_a_power_of_two():
