@@ -712,6 +712,9 @@ class _Rewriter:
                 }
                 for layer in self.layers
             ],
+            # ONNX BitShift on signed int32 exists from opset 28 on: export with
+            # backend_options={"opset": 28} (at 21, onnxruntime refuses the model)
+            "onnx_opset_required": 28,
             "requants": self.requants,
             "aligned": self.aligned,
             "islands": self.islands,
