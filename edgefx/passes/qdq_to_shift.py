@@ -314,11 +314,14 @@ class _Rewriter:
         else:
             shape = [1] * _rank(node)
             shape[v.axis] = -1
-            bound_nodes = [
-                self._const(f"{node.name}_clamp", t.to(torch.int32).reshape(shape), node)
-                for t in (low_arg, high_arg)
-            ]
-            clamped = self._emit(node, aten.clamp.Tensor, (v.codes, *bound_nodes))
+            # maximum/minimum rather than clamp.Tensor: TVM's importer ends clamp.Tensor
+            # with an infinite clip, which int tensors cannot take
+            clamped = v.codes
+            for codes, op in ((lo_codes, aten.maximum.default), (hi_codes, aten.minimum.default)):
+                if codes is not None:
+                    bound = self._const(f"{node.name}_clamp",
+                                        codes.to(torch.int32).reshape(shape), node)
+                    clamped = self._emit(node, op, (clamped, bound))
         lo = v.lo if lo_codes is None else torch.maximum(v.lo, lo_codes)
         hi = v.hi if hi_codes is None else torch.minimum(v.hi, hi_codes)
         return replace(v, codes=clamped, lo=lo, hi=hi, clamp=(None, None))
