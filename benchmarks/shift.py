@@ -261,14 +261,8 @@ def _maybe(value: float | None) -> str:
     return "not run" if value is None else f"{value:.2f}"
 
 
-def _markdown(data: dict[str, Any]) -> str:
+def _model_tables(data: dict[str, Any]) -> list[str]:
     lines = [
-        "# QDQToShift: integer bit-shift graph vs float and QDQ",
-        "",
-        f"Command: `{data['command']}`  ",
-        f"Machine: {data['machine']} (a loaded, shared 2-core machine: absolute figures are "
-        f"noisy, ratios taken in one run), {data['date']}. onnxruntime with 1 intra-op thread; "
-        "TVM untuned (`tvm.compile(target='llvm')`, no schedules). W8A8, minmax exponents.",
         "",
         "| model | batch | float ms | qdq ms | ort-int8 ms | shift-ort ms | shift-tvm ms "
         "| shift-ort / float |",
@@ -291,19 +285,43 @@ def _markdown(data: dict[str, Any]) -> str:
             f"{r['differ_fraction']:.4%} of {r['requant_elements']} | {r['max_step_diff']} | "
             f"{r['top1_differ_fraction']:.1%} | {'; '.join(row['islands']) or 'none'} |"
         )
+    errors = [f"{row['model']}: {row['tvm_error']}" for row in data["rows"] if "tvm_error" in row]
+    if errors:
+        lines += ["", "TVM failed: " + "; ".join(errors)]
+    return lines
+
+
+def _digits_table(data: dict[str, Any]) -> list[str]:
+    lines = ["", "Real data: scikit-learn `load_digits` (8x8 digits), a 2-conv CNN trained in "
+             "this run, PotQuantize search='mse' calibrated on the training split, top-1 % on "
+             "the held-out quarter (integer = the shift Program run by torch, half-up rounding; "
+             "integer-ort = the same on onnxruntime):", "",
+             "| bits | test images | float | fake-quant (QDQ) | integer | integer-ort "
+             "| integer, rounding=half_even | integer layers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["digits"]:
+        lines.append(
+            f"| {r['bits']} | {r['test_images']} | {r['float_top1']:.2f} | "
+            f"{r['qdq_top1']:.2f} | {r['integer_top1']:.2f} | {r['integer_ort_top1']:.2f} "
+            f"| {_maybe(r.get('integer_half_even_top1'))} | {r['integer_layers']} |"
+        )
+    return lines
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    lines = [
+        "# QDQToShift: integer bit-shift graph vs float and QDQ",
+        "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {data['machine']} (a loaded, shared 2-core machine: absolute figures are "
+        f"noisy, ratios taken in one run), {data['date']}. onnxruntime with 1 intra-op thread; "
+        "TVM untuned (`tvm.compile(target='llvm')`, no schedules). Models: W8A8, minmax "
+        "exponents, random weights.",
+    ]
+    if data["rows"]:
+        lines += _model_tables(data)
     if data.get("digits"):
-        lines += ["", "Real data: scikit-learn `load_digits` (8x8 digits), a 2-conv CNN trained "
-                  "in this run, top-1 % on the held-out quarter (integer = the shift Program "
-                  "run by torch; integer-ort = the same on onnxruntime):", "",
-                  "| bits | test images | float | fake-quant (QDQ) | integer | integer-ort "
-                  "| integer, rounding=half_even | integer layers |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in data["digits"]:
-            lines.append(
-                f"| {r['bits']} | {r['test_images']} | {r['float_top1']:.2f} | "
-                f"{r['qdq_top1']:.2f} | {r['integer_top1']:.2f} | {r['integer_ort_top1']:.2f} "
-                f"| {_maybe(r.get('integer_half_even_top1'))} | {r['integer_layers']} |"
-            )
+        lines += _digits_table(data)
     return "\n".join(lines) + "\n"
 
 
