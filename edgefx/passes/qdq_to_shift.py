@@ -744,7 +744,7 @@ class _Rewriter:
                 if n in seen or n in layer_nodes or n.op == "output":
                     continue
                 seen.add(n)
-                if n.target is _DEQUANTIZE:
+                if n.target in (_DEQUANTIZE, _TO_FLOAT):  # a float island or an output
                     if only_outputs(n):
                         continue
                     ok = False

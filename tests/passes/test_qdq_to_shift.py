@@ -148,7 +148,10 @@ def test_island_where_the_average_is_not_over_a_power_of_two():
     reasons = [i["reason"] for i in report["islands"]]
     assert reasons == ["average over 36 positions, not a power of two"]
     assert report["islands"][0]["op"] == "adaptive_avg_pool2d"
-    assert _assert_onnx_bit_exact(shift, 12)
+    integer = {layer["module"]: layer["integer"] for layer in report["layers"]}
+    assert integer == {"stem.0": True, "a.0": True, "b": True, "c.0": False, "fc": True}
+    compiled = _assert_onnx_bit_exact(shift, 12)
+    assert _assert_no_float_between_integer_layers(compiled, report) == 4
 
 
 def test_tiny_onnx_is_bit_exact_and_integer_between_layers(tiny):
