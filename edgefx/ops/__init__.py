@@ -4,19 +4,47 @@ kernel, its fake (shape) kernel and its lowerings; importing this package regist
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from edgefx.ops import pot
+from edgefx.ops import integer, pot
+from edgefx.ops.integer import (
+    codes_to_float,
+    conv_int,
+    float_to_codes,
+    linear_int,
+    max_pool_int,
+    requant_shift,
+)
 from edgefx.ops.pot import dequantize_pot, quantize_pot
 
-__all__ = ["dequantize_pot", "onnx_translations", "quantize_pot", "tvm_converters"]
+__all__ = [
+    "codes_to_float",
+    "conv_int",
+    "dequantize_pot",
+    "float_to_codes",
+    "linear_int",
+    "max_pool_int",
+    "onnx_translations",
+    "quantize_pot",
+    "requant_shift",
+    "tvm_converters",
+]
+
+_OP_FILES = (pot, integer)
 
 
 def onnx_translations() -> dict[Callable, Callable]:
     """torch op -> onnxscript function, for ``torch.onnx.export(custom_translation_table=)``."""
-    return dict(pot.ONNX_TRANSLATIONS)
+    table: dict[Callable, Callable] = {}
+    for module in _OP_FILES:
+        table.update(getattr(module, "ONNX_TRANSLATIONS", {}))
+    return table
 
 
-def tvm_converters() -> dict[str, Callable]:
-    """op overload ``__name__`` -> Relax converter ``fn(node, importer)``, for TVM's
-    ``from_exported_program(custom_convert_map=)``."""
-    return dict(pot.TVM_CONVERTERS)
+def tvm_converters() -> dict[str, Callable[[Any, Any], Any]]:
+    """TVM importer key (``op_overload.__name__``) -> converter ``fn(node, importer)``, for
+    ``tvm.relax.frontend.torch.from_exported_program(custom_convert_map=)``."""
+    table: dict[str, Callable[[Any, Any], Any]] = {}
+    for module in _OP_FILES:
+        table.update(getattr(module, "TVM_CONVERTERS", {}))
+    return table

@@ -6,6 +6,7 @@ from edgefx.passes.dead_code import DeadCodeElimination
 from edgefx.passes.fine_tune import FineTune
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.pot_quantize import PotQuantize
+from edgefx.passes.qdq_to_shift import QDQToShift
 
 PASSES: dict[str, type[Pass]] = {
     "prune": ChannelPrune,
@@ -13,6 +14,7 @@ PASSES: dict[str, type[Pass]] = {
     "dce": DeadCodeElimination,
     "pot": PotQuantize,
     "finetune": FineTune,
+    "shift": QDQToShift,
 }
 
 __all__ = [
@@ -27,5 +29,6 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PotQuantize",
+    "QDQToShift",
     "check_passes",
 ]
