@@ -5,12 +5,14 @@ from edgefx.passes.channel_prune import ChannelPrune
 from edgefx.passes.dead_code import DeadCodeElimination
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.pot_quantize import PotQuantize
+from edgefx.passes.token_gate import TokenGate
 
 PASSES: dict[str, type[Pass]] = {
     "prune": ChannelPrune,
     "fold-bn": FoldBatchNorm,
     "dce": DeadCodeElimination,
     "pot": PotQuantize,
+    "gate": TokenGate,
 }
 
 __all__ = [
@@ -24,5 +26,6 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PotQuantize",
+    "TokenGate",
     "check_passes",
 ]
