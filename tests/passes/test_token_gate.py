@@ -50,23 +50,48 @@ def _reference_topk(model, x: torch.Tensor, gates: list[int], counts: list[int])
             out = F.scaled_dot_product_attention(q, k, v)
             h = h + blk.ls1(attn.proj(out.transpose(1, 2).reshape(b, n, c)))
             if i in gates:
-                row = torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) * attn.scale, -1)[:, :, 0]
-                norms = out.flatten(2).norm(dim=-1)
-                weights = norms / norms.sum(-1, keepdim=True)
-                scores = (row * weights[..., None]).sum(1)[:, prefix:]
-                keep = counts[gates.index(i)]
-                idx = scores.topk(keep, dim=1).indices.sort(dim=1).values
-                kept = h[:, prefix:].gather(1, idx[..., None].expand(-1, -1, c))
-                h = torch.cat([h[:, :prefix], kept], 1)
+                h = _reference_gate(h, q, k, out, attn.scale, prefix, counts[gates.index(i)])
             h = h + blk.ls2(blk.mlp(blk.norm2(h)))
         return model.forward_head(model.norm(h))
+
+
+def _reference_gate(h, q, k, out, scale, prefix, keep):
+    row = torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) * scale, -1)[:, :, 0]
+    norms = out.flatten(2).norm(dim=-1)
+    weights = norms / norms.sum(-1, keepdim=True)
+    scores = (row * weights[..., None]).sum(1)[:, prefix:]
+    idx = scores.topk(keep, dim=1).indices.sort(dim=1).values
+    kept = h[:, prefix:].gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+    return torch.cat([h[:, :prefix], kept], 1)
+
+
+def _reference_torchvision(model, x, gates, counts):
+    """The same gating on torchvision's VisionTransformer (nn.MultiheadAttention) in eager."""
+    with torch.no_grad():
+        h = model._process_input(x)
+        h = torch.cat([model.class_token.expand(x.shape[0], -1, -1), h], 1)
+        h = h + model.encoder.pos_embedding
+        for i, layer in enumerate(model.encoder.layers):
+            y = layer.ln_1(h)
+            mha = layer.self_attention
+            b, t, c = y.shape
+            heads = mha.num_heads
+            qkv = F.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
+            q, k, v = (z.reshape(b, t, heads, c // heads).transpose(1, 2) for z in qkv)
+            out = F.scaled_dot_product_attention(q, k, v)
+            h = h + mha.out_proj(out.transpose(1, 2).reshape(b, t, c))
+            if i in gates:
+                scale = (c // heads) ** -0.5
+                h = _reference_gate(h, q, k, out, scale, 1, counts[gates.index(i)])
+            h = h + layer.mlp(layer.ln_2(h))
+        return model.heads(model.encoder.ln(h)[:, 0])
 
 
 # ----------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda: timm_vit("deit_small_patch16_224"), id="deit_small-32px"),
+        pytest.param(lambda: timm_vit("deit_small_patch16_224", depth=4), id="deit_small-4blocks"),
         pytest.param(lambda: timm_vit("vit_base_patch16_224", depth=4), id="vit_base-4blocks"),
         pytest.param(lambda: unfused(timm_vit("vit_base_patch16_224", depth=4)), id="unfused"),
         pytest.param(lambda: torchvision_vit(), id="torchvision-vit"),
@@ -169,6 +194,18 @@ def test_topk_compiles_to_onnx_and_matches(deit64):
     torch.testing.assert_close(compiled(x), program(x), atol=1e-4, rtol=1e-4)
 
 
+def test_torchvision_topk_matches_an_eager_reference():
+    model = torchvision_vit()
+    program = capture(model, images(1))
+    result = TokenGate(keep=0.5)(program)
+    assert result.report["patch_tokens_kept"] == [8, 4, 2]
+    x = images(3)
+    expected = _reference_torchvision(model, x, [0, 1, 2], [8, 4, 2])
+    torch.testing.assert_close(result.program(x), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(program(x), expected, atol=1e-3)
+
+
+@pytest.mark.slow
 def test_torchvision_topk_compiles_to_onnx():
     program = capture(torchvision_vit(), images(1))
     compiled = edgefx.compile(program, passes=[TokenGate(keep=0.5)], backend="onnx", progress=False)
@@ -229,6 +266,7 @@ def test_threshold_minus_inf_keeps_everything(deit64):
     assert all(k["min"] == 17 for k in result.report["tokens_kept"])
 
 
+@pytest.mark.slow
 def test_threshold_compiles_to_onnx(deit64):
     compiled = edgefx.compile(
         deit64[1],
@@ -283,6 +321,6 @@ def test_cli_gate(capsys, monkeypatch):
 
     monkeypatch.syspath_prepend(str(MODELS))
     assert (
-        main(["compile", "vit_models:tiny_deit", "-p", "gate:keep=0.5", "--backend", "onnx"]) == 0
+        main(["compile", "vit_models:tiny_deit", "-p", "gate:keep=0.5", "--backend", "torch"]) == 0
     )
     assert "TokenGate" in capsys.readouterr().out
