@@ -391,13 +391,19 @@ def analysis_batch(example_inputs: Sequence[torch.Tensor], dynamic_batch: bool) 
 
 
 def find_blocks(
-    gm: GraphModule, example_inputs: Sequence[torch.Tensor], batch: int | None = None
+    gm: GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    batch: int | None = None,
+    *,
+    values: dict[Node, Any] | None = None,
 ) -> ViTStructure:
     """The pre-norm transformer blocks of ``gm`` in order, with the prefix tokens.
 
+    ``values``: :func:`concrete_values` of ``gm`` at ``batch`` if the caller has them.
     Raises UnsupportedModelError naming the first attention that is not part of a readable
     block, or saying there is no attention at all."""
-    values = concrete_values(gm, example_inputs, batch)
+    if values is None:
+        values = concrete_values(gm, example_inputs, batch)
     cores = [
         n
         for n in gm.graph.nodes

@@ -74,16 +74,28 @@ def _scores(
     scale: float,
     uses_cls: bool,
     prefix: int,
+    alive: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(batch, patch tokens) scores: head-importance weighted CLS (or mean) attention."""
-    if probs is not None:  # explicit softmax attention: the row is already computed
-        rows = probs[:, :, 0, :] if uses_cls else probs.mean(2)
-    elif uses_cls:
-        logits = torch.matmul(q[:, :, :1, :], k.transpose(-2, -1)) * scale
-        rows = torch.softmax(logits, dim=-1)[:, :, 0, :]
+    """(batch, patch tokens) scores: head-importance weighted CLS (or mean) attention.
+
+    ``alive`` (threshold mode, (batch, tokens) bool): tokens dropped by earlier gates are
+    masked out of the recomputed row, of the head norms and of the mean over queries, so the
+    scores are those of the masked attention the block itself computes."""
+    if probs is None:
+        queries = q[:, :, :1, :] if uses_cls else q
+        logits = torch.matmul(queries, k.transpose(-2, -1)) * scale
+        if alive is not None:
+            logits = logits + attention_bias(alive, logits.dtype)
+        probs = torch.softmax(logits, dim=-1)
+    if uses_cls:
+        rows = probs[:, :, 0, :]
+    elif alive is None:
+        rows = probs.mean(2)
     else:
-        logits = torch.matmul(q, k.transpose(-2, -1)) * scale
-        rows = torch.softmax(logits, dim=-1).mean(2)
+        live = alive[:, None, :, None].to(probs.dtype)
+        rows = (probs * live).sum(2) / live.sum(2)
+    if alive is not None:
+        head_out = head_out * alive[:, None, :, None].to(head_out.dtype)
     norms = torch.linalg.vector_norm(head_out, dim=(2, 3))  # (batch, heads)
     weights = norms / norms.sum(-1, keepdim=True)
     scores = (rows * weights.unsqueeze(-1)).sum(1)  # (batch, tokens)
@@ -138,7 +150,9 @@ def threshold_mask(
     """(batch, tokens) bool: which tokens live on after this gate, per image. A patch token
     lives if it was alive and its score reaches ``threshold``; prefix tokens always live.
     Dead tokens' scores are not renormalised away: their attention is already 0."""
-    scores = _scores(q, k, head_out, probs, scale=scale, uses_cls=uses_cls, prefix=prefix)
+    scores = _scores(
+        q, k, head_out, probs, scale=scale, uses_cls=uses_cls, prefix=prefix, alive=alive
+    )
     batch = scores.shape[0]
     keep = torch.cat(
         [torch.ones(batch, prefix, dtype=torch.bool, device=scores.device), scores >= threshold],
@@ -174,8 +188,9 @@ class TokenGate(Pass):
             fewer). Default: AS-ViT's 4/7/10 of 12 scaled to the depth.
         macs: instead of ``keep``, a fraction of the model's MACs in (0, 1]: one keep rate
             for every gate is found so that the measured MACs of the gated graph meet it.
-        calib: calibration inputs (tensors or (x, y) batches) to report the kept tokens on
-            (threshold mode: to set thresholds for ``macs``).
+        calib: ``mode="threshold"``: images (tensors or (x, y) batches) the kept-token counts
+            are reported on (mean/min/max per gate). Top-k counts are static, so the MACs
+            budget needs no data; a ``calib`` given there is not used (the report says so).
         fuse: merge the dropped tokens of each gate into one token (EViT).
         threshold: ``mode="threshold"``: one score threshold or one per gate; a token is kept
             while its score >= threshold (scores sum to 1 over the tokens). ``-inf`` keeps all.
@@ -209,15 +224,16 @@ class TokenGate(Pass):
         else:
             if keep is not None:
                 raise PassError("keep= is for mode='topk'", hint="use threshold= or macs=")
-            if (threshold is None) == (macs is None):
+            if macs is not None:
                 raise PassError(
-                    "mode='threshold' needs exactly one of threshold= or macs= (with calib=)",
-                    hint="e.g. TokenGate(mode='threshold', threshold=0.005)",
+                    "mode='threshold' cannot meet a MACs budget: dropped tokens are masked, not "
+                    "removed, so the MACs of the static graph do not fall",
+                    hint="use TokenGate(macs=...) (top-k) for a budget, or give threshold=",
                 )
-            if macs is not None and calib is None:
+            if threshold is None:
                 raise PassError(
-                    "mode='threshold' with macs= needs calib= to set thresholds on",
-                    hint="pass a few batches of images: calib=[x1, x2]",
+                    "mode='threshold' needs threshold= (one score threshold or one per gate)",
+                    hint="e.g. TokenGate(mode='threshold', threshold=0.005)",
                 )
         if keep is not None:
             _check_keep(keep)
@@ -277,7 +293,8 @@ class TokenGate(Pass):
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         gm = program.graph_module
         batch = analysis_batch(program.example_inputs, program.dynamic_batch)
-        vit = find_blocks(gm, program.example_inputs, batch)
+        values = concrete_values(gm, program.example_inputs, batch)
+        vit = find_blocks(gm, program.example_inputs, batch, values=values)
         gates = self._gate_blocks(vit)
         base_macs = graph_cost(gm, program.example_inputs).total_macs
         report: dict[str, Any] = {
@@ -294,7 +311,7 @@ class TokenGate(Pass):
             "attention": sorted({vit.blocks[g].kind for g in gates}),
         }
         if self.mode == "topk":
-            gated, counts, rate = self._topk(program, vit, gates, base_macs, batch)
+            gated, counts, rate = self._topk(program, vit, gates, base_macs, values)
             report.update(
                 {
                     "keep_rate": rate,
@@ -316,6 +333,8 @@ class TokenGate(Pass):
             report["macs_note"] = (
                 "masked tokens are still computed: MACs do not fall in threshold mode"
             )
+        if self.mode == "topk" and self.calib is not None:
+            report["calib"] = "not used: top-k keeps a static number of tokens per gate"
         if self.mode == "threshold":
             report["tokens_kept"] = self._kept
             report["tokens_kept_on"] = "calib" if self.calib is not None else "example inputs"
@@ -366,10 +385,9 @@ class TokenGate(Pass):
         vit: ViTStructure,
         gates: list[int],
         base_macs: int,
-        batch: int | None,
+        values: dict[fx.Node, Any],
     ) -> tuple[Program, list[int], float | None]:
         gm0 = program.graph_module
-        values = concrete_values(gm0, program.example_inputs, batch)
         first = node_by_name(gm0)[vit.blocks[gates[0]].attention_residual]
         tags = {n.name: t for n, t in token_axes(gm0, first, values, vit.tokens).items()}
         if self.macs is None:
@@ -418,18 +436,11 @@ class TokenGate(Pass):
         gates: list[int],
         batch: int | None,
     ) -> tuple[Program, list[float]]:
-        if self.threshold is not None:
-            thresholds = (
-                list(self.threshold)
-                if isinstance(self.threshold, list)
-                else [float(self.threshold)] * len(gates)
-            )
-        else:
-            raise PassError(
-                "mode='threshold' with macs= is not available yet: masked tokens are still "
-                "computed, so no threshold changes the MACs of the static graph",
-                hint="use mode='topk' with macs=, or give thresholds",
-            )
+        thresholds = (
+            list(self.threshold)
+            if isinstance(self.threshold, list)
+            else [float(self.threshold)] * len(gates)
+        )
         gm = _build_threshold(program, vit, gates, thresholds, batch)
         batches = _calib_batches(self.calib, program.example_inputs)
         self._kept = [_stats(c) for c in threshold_kept(gm, batches)]

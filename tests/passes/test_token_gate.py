@@ -160,7 +160,9 @@ def test_topk_keeps_sdpa_fused_and_has_no_host_sync(gated_half):
     assert torch.ops.aten.scatter_reduce.two not in ops
 
 
-def test_unfused_attention_gates_like_fused(gated_half):
+def test_unfused_attention_gates_like_fused(deit64, gated_half):
+    """Explicit softmax attention (scores read off its probabilities, masks added to its
+    logits) gives what the fused SDPA path (scores recomputed from q_cls and K) gives."""
     program = capture(
         unfused(timm_vit("deit_small_patch16_224", depth=4, img_size=64)), images(1, 64)
     )
@@ -168,6 +170,10 @@ def test_unfused_attention_gates_like_fused(gated_half):
     assert result.report["attention"] == ["softmax"]
     x = images(3, 64)
     torch.testing.assert_close(result.program(x), gated_half.program(x), atol=1e-5, rtol=1e-5)
+    threshold = TokenGate(mode="threshold", threshold=[0.06, 0.1, 0.15])
+    unfused_out = threshold(program).program(x)
+    fused_out = threshold(deit64[1]).program(x)
+    torch.testing.assert_close(unfused_out, fused_out, atol=1e-5, rtol=1e-5)
 
 
 def test_schedule_and_fused_token(deit64):
@@ -294,7 +300,8 @@ def test_threshold_compiles_to_onnx(deit64):
         (dict(mode="dynamic"), "mode must be"),
         (dict(gates=[6, 3]), "strictly increasing"),
         (dict(gates=[3, 6], keep=[0.5]), "1 entries for 2 gates"),
-        (dict(mode="threshold"), "exactly one of threshold= or macs="),
+        (dict(mode="threshold"), "needs threshold="),
+        (dict(mode="threshold", macs=0.65), "cannot meet a MACs budget"),
         (dict(mode="threshold", threshold=0.1, fuse=True), "fuse=True is for mode='topk'"),
     ],
 )
