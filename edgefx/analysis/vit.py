@@ -78,6 +78,7 @@ class AttentionBlock:
     value: str
     attention: str  # the SDPA node, or the softmax node (its probabilities)
     head_output: str  # per-head attention output, (batch, heads, tokens, head_dim)
+    see_all_mask: str | None  # a mask the attention takes that hides nothing (HF ViT), if any
     scale: float  # the logits' scale (q k^T * scale)
     heads: int
     head_dim: int
@@ -272,16 +273,22 @@ def _pre_norm_of(branch_start: Node, stream: Node) -> bool:
     )
 
 
-def _read_block(index: int, core: Node, values: dict[Node, Any]) -> AttentionBlock | str:
+def _read_block(
+    index: int, core: Node, values: dict[Node, Any], see_all: frozenset[str] = frozenset()
+) -> AttentionBlock | str:
     if core.target in _SDPA:
         query, key, value = core.args[:3]
         head_output = core
         scale_arg = core.kwargs.get("scale", core.args[6] if len(core.args) > 6 else None)
         mask = core.kwargs.get("attn_mask", core.args[3] if len(core.args) > 3 else None)
-        if mask is not None:
-            return "the attention takes a mask or bias (e.g. relative positions)"
+        if mask is not None and not (isinstance(mask, Node) and mask.name in see_all):
+            return (
+                "the attention takes a mask or bias that hides something (e.g. relative "
+                "positions or padding)"
+            )
         kind = "sdpa"
     else:
+        mask = None
         found = _softmax_attention(core, values)
         if isinstance(found, str):
             return found
@@ -329,6 +336,7 @@ def _read_block(index: int, core: Node, values: dict[Node, Any]) -> AttentionBlo
         value=value.name,
         attention=core.name,
         head_output=head_output.name,
+        see_all_mask=mask.name if core.target in _SDPA and mask is not None else None,
         scale=scale,
         heads=heads,
         head_dim=head_dim,
@@ -414,9 +422,10 @@ def find_blocks(
             "the model has no attention (no scaled_dot_product_attention or softmax)",
             hint="TokenGate works on Vision Transformers (timm ViT/DeiT, torchvision vit_*)",
         )
+    see_all = _see_all_masks(gm, cores, example_inputs)
     blocks: list[AttentionBlock] = []
     for core in cores:
-        found = _read_block(len(blocks), core, values)
+        found = _read_block(len(blocks), core, values, see_all)
         if isinstance(found, str):
             raise UnsupportedModelError(
                 f"cannot read the attention block around this node: {found}",
@@ -445,6 +454,62 @@ def find_blocks(
         uses_cls=prefix > 0,
         notes=notes,
     )
+
+
+def _see_all_masks(
+    gm: GraphModule, cores: list[Node], example_inputs: Sequence[torch.Tensor]
+) -> frozenset[str]:
+    """Names of the attention masks that hide nothing: built from sizes only (not from the
+    input's values) and all True / all 0 (Hugging Face's ViT passes such a mask)."""
+    masks = []
+    for core in cores:
+        if core.target in _SDPA:
+            mask = core.kwargs.get("attn_mask", core.args[3] if len(core.args) > 3 else None)
+            if isinstance(mask, Node):
+                masks.append(mask)
+    if not masks:
+        return frozenset()
+    wanted = set(masks)
+
+    class _Masks(Interpreter):
+        found: dict[str, torch.Tensor] = {}
+
+        def run_node(self, n: Node) -> Any:
+            value = super().run_node(n)
+            if n in wanted:
+                self.found[n.name] = value
+            return value
+
+    recorder = _Masks(gm)
+    recorder.found = {}
+    with torch.no_grad():
+        recorder.run(*example_inputs)
+    see_all = set()
+    for mask in masks:
+        value = recorder.found.get(mask.name)
+        if value is None or _reads_input_values(mask):
+            continue
+        hides = ~value if value.dtype == torch.bool else value != 0
+        if not bool(hides.any()):
+            see_all.add(mask.name)
+    return frozenset(see_all)
+
+
+def _reads_input_values(node: Node) -> bool:
+    """Whether an input's values (not only its sizes, via sym_size) reach ``node``."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        if n.target is aten.sym_size.int:
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
 
 
 def _node(gm: GraphModule, name: str) -> Node:

@@ -527,6 +527,7 @@ def _build_topk(
         after = count + (1 if fuse and count < incoming else 0)
         removed[gate] = vit.patch_tokens - after
         incoming = after
+    _drop_see_all_masks(gm, nodes, vit, gates[0])
     _resize_after_gates(gm, tags, removed)
     if share:
         gm.graph.eliminate_dead_code()  # parameters are shared: delete nothing from them
@@ -534,6 +535,23 @@ def _build_topk(
         remove_dead_code(gm)
     gm.recompile()
     return gm
+
+
+def _drop_see_all_masks(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], vit: ViTStructure, first_gate: int
+) -> None:
+    """After a gate the tokens are fewer than a mask built for all of them: a mask that hides
+    nothing (Hugging Face's ViT) is dropped there, which changes nothing it computes."""
+    for block in vit.blocks[first_gate + 1 :]:
+        if block.see_all_mask is None:
+            continue
+        core = nodes[block.attention]
+        args = list(core.args)
+        kwargs = dict(core.kwargs)
+        if len(args) > 3:
+            args[3] = None
+        kwargs.pop("attn_mask", None)
+        core.args, core.kwargs = tuple(args), kwargs
 
 
 def _resize_after_gates(

@@ -52,3 +52,30 @@ def images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
 def tiny_deit():
     """For the CLI: a 4-block DeiT-Tiny at 32x32."""
     return timm_vit("deit_tiny_patch16_224", depth=4), (images(1),)
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def hf_vit(seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
+    """A small Hugging Face ``ViTForImageClassification`` returning its logits."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+        attn_implementation=attn_implementation,
+    )
+    return _Logits(ViTForImageClassification(config)).eval()

@@ -211,6 +211,21 @@ def test_torchvision_topk_matches_an_eager_reference():
     assert not torch.allclose(program(x), expected, atol=1e-3)
 
 
+def test_hugging_face_vit():
+    """transformers' ViT (SDPA) passes a mask that hides nothing: read as no mask, dropped
+    after the first gate (it is sized for all the tokens)."""
+    pytest.importorskip("transformers")
+    from vit_models import hf_vit
+
+    program = capture(hf_vit(), images(1))
+    x = images(3)
+    assert torch.equal(TokenGate(keep=1.0)(program).program(x), program(x))
+    result = TokenGate(keep=0.5)(program)
+    assert result.report["prefix_sources"] == ["model.vit.embeddings.cls_token"]
+    assert result.report["patch_tokens_kept"] == [8, 4, 2]
+    assert not torch.allclose(result.program(x), program(x), atol=1e-3)
+
+
 @pytest.mark.slow
 def test_torchvision_topk_compiles_to_onnx():
     program = capture(torchvision_vit(), images(1))
