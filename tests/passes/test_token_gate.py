@@ -93,7 +93,11 @@ def _reference_torchvision(model, x, gates, counts):
     [
         pytest.param(lambda: timm_vit("deit_small_patch16_224", depth=4), id="deit_small-4blocks"),
         pytest.param(lambda: timm_vit("vit_base_patch16_224", depth=2), id="vit_base-2blocks"),
-        pytest.param(lambda: unfused(timm_vit("vit_base_patch16_224", depth=2)), id="unfused"),
+        pytest.param(
+            lambda: unfused(timm_vit("vit_base_patch16_224", depth=2)),
+            id="unfused",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(lambda: torchvision_vit(), id="torchvision-vit"),
     ],
 )
