@@ -7,6 +7,7 @@ from edgefx.passes.fine_tune import FineTune
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.pot_quantize import PotQuantize
 from edgefx.passes.qdq_to_shift import QDQToShift
+from edgefx.passes.token_gate import TokenGate
 
 PASSES: dict[str, type[Pass]] = {
     "prune": ChannelPrune,
@@ -15,6 +16,7 @@ PASSES: dict[str, type[Pass]] = {
     "pot": PotQuantize,
     "finetune": FineTune,
     "shift": QDQToShift,
+    "gate": TokenGate,
 }
 
 __all__ = [
@@ -30,5 +32,6 @@ __all__ = [
     "PassResult",
     "PotQuantize",
     "QDQToShift",
+    "TokenGate",
     "check_passes",
 ]

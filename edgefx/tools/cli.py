@@ -132,6 +132,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if program is None:
             raise ArtifactError(f"--channels needs a Program; {target.name} is only ONNX")
         console.print(channel_table(ChannelDependencyGraph(program.graph_module)))
+    if args.blocks:
+        from edgefx.analysis.vit import analysis_batch, find_blocks
+        from edgefx.tools.tables import block_table
+
+        if program is None:
+            raise ArtifactError(f"--blocks needs a Program; {target.name} is only ONNX")
+        batch = analysis_batch(program.example_inputs, program.dynamic_batch)
+        console.print(block_table(find_blocks(program.graph_module, program.example_inputs, batch)))
     return 0
 
 
@@ -301,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels",
         action="store_true",
         help="also show the channel dependency graph: which channels ChannelPrune may remove",
+    )
+    p.add_argument(
+        "--blocks",
+        action="store_true",
+        help="also show the transformer blocks TokenGate found (heads, tokens, prefix tokens)",
     )
     p.add_argument(
         "--quant",

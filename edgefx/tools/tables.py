@@ -8,10 +8,11 @@ from rich.table import Table
 
 from edgefx.analysis.cost import CostReport, NodeCost, human
 from edgefx.analysis.depgraph import ChannelDependencyGraph
+from edgefx.analysis.vit import ViTStructure
 from edgefx.tools.layers import Layer, LayerGraph
 from edgefx.tools.quant import QuantLayer
 
-__all__ = ["channel_table", "cost_table", "human", "layer_table", "quant_table"]
+__all__ = ["block_table", "channel_table", "cost_table", "human", "layer_table", "quant_table"]
 
 CostSort = Literal["graph", "macs", "params"]
 
@@ -228,4 +229,37 @@ def quant_table(rows: list[QuantLayer], title: str = "Quantized layers") -> Tabl
         )
     if not rows:
         table.caption = "no layer reads power-of-two quantized weights (edgefx::dequantize_pot)"
+
+
+def block_table(vit: ViTStructure) -> Table:
+    """One row per transformer block found by edgefx.analysis.vit (what TokenGate gates)."""
+    table = Table(title="Transformer blocks (pre-norm attention + MLP)")
+    for column, justify in (
+        ("#", "right"),
+        ("block", "left"),
+        ("attention", "left"),
+        ("kind", "left"),
+        ("heads x dim", "right"),
+        ("tokens", "right"),
+        ("width", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for b in vit.blocks:
+        table.add_row(
+            str(b.index),
+            b.module,
+            b.attention_module,
+            "fused SDPA" if b.kind == "sdpa" else "explicit softmax",
+            f"{b.heads} x {b.head_dim}",
+            str(b.tokens),
+            str(b.embed_dim),
+        )
+    prefix = (
+        f"{vit.prefix_tokens} prefix token(s) ({', '.join(vit.prefix_sources)}), "
+        f"{vit.patch_tokens} patch tokens; scores: CLS attention row"
+        if vit.uses_cls
+        else f"no prefix tokens, {vit.patch_tokens} patch tokens; scores: mean attention over "
+        "the queries"
+    )
+    table.caption = prefix + "".join(f"; {n}" for n in vit.notes if vit.uses_cls)
     return table

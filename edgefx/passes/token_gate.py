@@ -1,0 +1,722 @@
+"""TokenGate: drop uninformative patch tokens inside a Vision Transformer (AS-ViT / EViT).
+
+At a few blocks (default: like AS-ViT's 4th, 7th and 10th of 12, scaled to the depth) a gate
+scores every patch token by the attention the CLS token pays to it, summed over heads with
+head-importance weights, and keeps the best ones; the blocks after it run on fewer tokens.
+
+    s_j = sum_h w_h * softmax(q_cls K_h^T * scale)[j],    w_h = |O_h| / sum_h' |O_h'|
+
+The CLS row is recomputed from q_cls and K (O(N d) per head), so a fused
+``scaled_dot_product_attention`` stays fused; an explicit-softmax attention gives its row for
+free. O_h is head h's attention output (Frobenius norm per image). Without a CLS token the
+mean attention over the queries is used (O(N^2 d) per head, recomputed; reported).
+
+``mode="topk"``: each gate keeps a static number of patch tokens (``keep`` rate per gate, a
+cumulative per-gate schedule, or found for a MACs budget), in their original order (the top-k
+indices are sorted: a sort of k indices, not an argsort of all scores), prefix tokens (CLS,
+distillation, registers) always kept; with ``fuse=True`` the dropped tokens are merged into
+one extra token weighted by their scores (EViT). Shapes stay static, so the gated graph
+exports to ONNX. No host synchronisation: no ``.item()``, no data-dependent shapes.
+
+``mode="threshold"``: per-gate score thresholds; the number of kept tokens varies per image.
+To keep every image's result independent of its batch mates while shapes stay static, a
+dropped token is not removed: it is zeroed and masked out of every later attention with an
+additive -inf bias (the fused attention takes the bias as its mask). This is exact per image
+and exports with static shapes, but it saves no time: speed needs ``mode="topk"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from edgefx.analysis.cost import graph_cost
+from edgefx.analysis.vit import (
+    AttentionBlock,
+    ViTStructure,
+    analysis_batch,
+    concrete_values,
+    find_blocks,
+    node_by_name,
+    token_axes,
+)
+from edgefx.errors import PassError
+from edgefx.passes.base import Pass
+from edgefx.passes.rewrite import remove_dead_code
+from edgefx.program import Program
+
+aten = torch.ops.aten
+_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+_AS_VIT_GATES = (4, 7, 10)  # AS-ViT gates after these blocks of a 12-block DeiT-S
+_INT_MAX = 9223372036854775807
+
+
+def default_gates(depth: int) -> list[int]:
+    """AS-ViT's gates after blocks 4, 7 and 10 of 12 (1-based), scaled to ``depth``: 0-based
+    block indices whose attention scores the tokens, deduplicated."""
+    gates = sorted({min(depth - 1, max(0, round(depth * p / 12) - 1)) for p in _AS_VIT_GATES})
+    return gates
+
+
+# ----------------------------------------------------------------------------- gate kernels
+def _scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    head_out: torch.Tensor,
+    probs: torch.Tensor | None,
+    *,
+    scale: float,
+    uses_cls: bool,
+    prefix: int,
+    alive: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(batch, patch tokens) scores: head-importance weighted CLS (or mean) attention.
+
+    ``alive`` (threshold mode, (batch, tokens) bool): tokens dropped by earlier gates are
+    masked out of the recomputed row, of the head norms and of the mean over queries, so the
+    scores are those of the masked attention the block itself computes."""
+    if probs is None:
+        queries = q[:, :, :1, :] if uses_cls else q
+        logits = torch.matmul(queries, k.transpose(-2, -1)) * scale
+        if alive is not None:
+            logits = logits + attention_bias(alive, logits.dtype)
+        probs = torch.softmax(logits, dim=-1)
+    if uses_cls:
+        rows = probs[:, :, 0, :]
+    elif alive is None:
+        rows = probs.mean(2)
+    else:
+        live = alive[:, None, :, None].to(probs.dtype)
+        rows = (probs * live).sum(2) / live.sum(2)
+    if alive is not None:
+        head_out = head_out * alive[:, None, :, None].to(head_out.dtype)
+    norms = torch.linalg.vector_norm(head_out, dim=(2, 3))  # (batch, heads)
+    weights = norms / norms.sum(-1, keepdim=True)
+    scores = (rows * weights.unsqueeze(-1)).sum(1)  # (batch, tokens)
+    return scores[:, prefix:]
+
+
+def topk_gate(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    head_out: torch.Tensor,
+    probs: torch.Tensor | None,
+    *,
+    keep: int,
+    prefix: int,
+    scale: float,
+    uses_cls: bool,
+    fuse: bool,
+) -> torch.Tensor:
+    """Keep the prefix tokens and the ``keep`` best-scored patch tokens of ``x`` (batch,
+    tokens, dim) in their original order; with ``fuse`` append the score-weighted mean of the
+    dropped ones."""
+    scores = _scores(q, k, head_out, probs, scale=scale, uses_cls=uses_cls, prefix=prefix)
+    patches = x[:, prefix:]
+    dim = x.shape[-1]
+    best = torch.topk(scores, keep, dim=1).indices
+    # original order: sort the k kept indices (ONNX TopK on k values, not an argsort of all)
+    order = torch.topk(best, keep, dim=1, largest=False).values
+    kept = torch.gather(patches, 1, order.unsqueeze(-1).expand(-1, -1, dim))
+    parts = [x[:, :prefix], kept]
+    dropped = patches.shape[1] - keep
+    if fuse and dropped > 0:
+        low = torch.topk(scores, dropped, dim=1, largest=False)
+        rest = torch.gather(patches, 1, low.indices.unsqueeze(-1).expand(-1, -1, dim))
+        weights = low.values / low.values.sum(1, keepdim=True)
+        parts.append((rest * weights.unsqueeze(-1)).sum(1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+def threshold_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    head_out: torch.Tensor,
+    probs: torch.Tensor | None,
+    alive: torch.Tensor | None,
+    *,
+    threshold: float,
+    prefix: int,
+    scale: float,
+    uses_cls: bool,
+) -> torch.Tensor:
+    """(batch, tokens) bool: which tokens live on after this gate, per image. A patch token
+    lives if it was alive and its score reaches ``threshold``; prefix tokens always live.
+    Dead tokens' scores are not renormalised away: their attention is already 0."""
+    scores = _scores(
+        q, k, head_out, probs, scale=scale, uses_cls=uses_cls, prefix=prefix, alive=alive
+    )
+    batch = scores.shape[0]
+    keep = torch.cat(
+        [torch.ones(batch, prefix, dtype=torch.bool, device=scores.device), scores >= threshold],
+        dim=1,
+    )
+    return keep if alive is None else keep & alive
+
+
+def apply_mask(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Zero the dead tokens of ``x`` (batch, tokens, dim)."""
+    return x * alive.unsqueeze(-1).to(x.dtype)
+
+
+def attention_bias(alive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, 1, tokens) additive bias: 0 for live keys, -inf for dead ones."""
+    zero = torch.zeros((), dtype=dtype, device=alive.device)
+    ninf = torch.full((), float("-inf"), dtype=dtype, device=alive.device)
+    return torch.where(alive, zero, ninf)[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------- the pass
+class TokenGate(Pass):
+    """Drop low-attention patch tokens inside a ViT (AS-ViT/EViT gates; static top-k or
+    per-image thresholds).
+
+    Args:
+        keep: ``mode="topk"``: a rate in (0, 1] every gate keeps of the patch tokens reaching
+            it (EViT's keep rate), or a schedule, one fraction per gate of the *original*
+            patch tokens kept after it (non-increasing, each in (0, 1]). Default 0.7.
+        mode: "topk" (static counts, faster) or "threshold" (per-image counts, masked).
+        gates: 0-based indices of the blocks whose attention scores the tokens; the tokens
+            are dropped right after that block's attention residual (its MLP already runs on
+            fewer). Default: AS-ViT's 4/7/10 of 12 scaled to the depth.
+        macs: instead of ``keep``, a fraction of the model's MACs in (0, 1]: one keep rate
+            for every gate is found so that the measured MACs of the gated graph meet it.
+        calib: ``mode="threshold"``: images (tensors or (x, y) batches) the kept-token counts
+            are reported on (mean/min/max per gate). Top-k counts are static, so the MACs
+            budget needs no data; a ``calib`` given there is not used (the report says so).
+        fuse: merge the dropped tokens of each gate into one token (EViT).
+        threshold: ``mode="threshold"``: one score threshold or one per gate; a token is kept
+            while its score >= threshold (scores sum to 1 over the tokens). ``-inf`` keeps all.
+    """
+
+    name = "TokenGate"
+
+    def __init__(
+        self,
+        keep: float | Sequence[float] | None = None,
+        *,
+        mode: str = "topk",
+        gates: Sequence[int] | None = None,
+        macs: float | None = None,
+        calib: Any = None,
+        fuse: bool = False,
+        threshold: float | Sequence[float] | None = None,
+    ) -> None:
+        if mode not in ("topk", "threshold"):
+            raise PassError(f"mode must be 'topk' or 'threshold', got {mode!r}")
+        if mode == "topk":
+            if threshold is not None:
+                raise PassError("threshold= is for mode='threshold'", hint="use keep= or macs=")
+            if keep is not None and macs is not None:
+                raise PassError(
+                    "TokenGate takes keep= or macs=, not both",
+                    hint="TokenGate(macs=0.65) finds the keep rate for you",
+                )
+            if keep is None and macs is None:
+                keep = 0.7
+        else:
+            if keep is not None:
+                raise PassError("keep= is for mode='topk'", hint="use threshold= or macs=")
+            if macs is not None:
+                raise PassError(
+                    "mode='threshold' cannot meet a MACs budget: dropped tokens are masked, not "
+                    "removed, so the MACs of the static graph do not fall",
+                    hint="use TokenGate(macs=...) (top-k) for a budget, or give threshold=",
+                )
+            if threshold is None:
+                raise PassError(
+                    "mode='threshold' needs threshold= (one score threshold or one per gate)",
+                    hint="e.g. TokenGate(mode='threshold', threshold=0.005)",
+                )
+        if keep is not None:
+            _check_keep(keep)
+        if macs is not None and not (
+            isinstance(macs, (int, float)) and not isinstance(macs, bool) and 0 < macs <= 1
+        ):
+            raise PassError(
+                f"macs must be a fraction of the original MACs in (0, 1], got {macs!r}",
+                hint="TokenGate(macs=0.65) keeps at most 65% of them",
+            )
+        if threshold is not None:
+            values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+            if not values or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and not math.isnan(t)
+                for t in values
+            ):
+                raise PassError(
+                    f"threshold must be a number or a list of numbers, got {threshold!r}"
+                )
+        if gates is not None:
+            if isinstance(gates, (str, bytes)) or not all(
+                isinstance(g, int) and not isinstance(g, bool) for g in gates
+            ):
+                raise PassError(f"gates must be a list of block indices, got {gates!r}")
+            gates = list(gates)
+            if not gates:
+                raise PassError("gates is empty", hint="leave it out for AS-ViT's positions")
+            if sorted(set(gates)) != gates:
+                raise PassError(
+                    f"gates must be strictly increasing block indices, got {gates}",
+                    hint="e.g. gates=[3, 6, 9]",
+                )
+            if isinstance(keep, (list, tuple)) and len(keep) != len(gates):
+                raise PassError(
+                    f"the keep schedule has {len(keep)} entries for {len(gates)} gates",
+                    hint="give one fraction per gate",
+                )
+        if not isinstance(fuse, bool):
+            raise PassError(f"fuse must be True or False, got {fuse!r}")
+        if fuse and mode == "threshold":
+            raise PassError("fuse=True is for mode='topk'")
+        self.keep = list(keep) if isinstance(keep, (list, tuple)) else keep
+        self.mode = mode
+        self.gates = gates
+        self.macs = macs
+        self.calib = calib
+        self.fuse = fuse
+        self.threshold = list(threshold) if isinstance(threshold, (list, tuple)) else threshold
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in vars(self).items() if v is not None and k != "calib"}
+        if self.calib is not None:
+            shown["calib"] = f"<{type(self.calib).__name__}>"
+        return f"TokenGate({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    # --------------------------------------------------------------------- run
+    def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
+        gm = program.graph_module
+        batch = analysis_batch(program.example_inputs, program.dynamic_batch)
+        values = concrete_values(gm, program.example_inputs, batch)
+        vit = find_blocks(gm, program.example_inputs, batch, values=values)
+        gates = self._gate_blocks(vit)
+        base_macs = graph_cost(gm, program.example_inputs).total_macs
+        report: dict[str, Any] = {
+            "mode": self.mode,
+            "gates": [vit.blocks[g].module for g in gates],
+            "gate_blocks": gates,
+            "tokens": vit.tokens,
+            "prefix_tokens": vit.prefix_tokens,
+            "prefix_sources": list(vit.prefix_sources),
+            "scores": "CLS attention row"
+            if vit.uses_cls
+            else "mean attention over queries (no CLS token found)",
+            "notes": list(vit.notes),
+            "attention": sorted({vit.blocks[g].kind for g in gates}),
+        }
+        if self.mode == "topk":
+            gated, counts, rate = self._topk(program, vit, gates, base_macs, values)
+            report.update(
+                {
+                    "keep_rate": rate,
+                    "patch_tokens_kept": counts,
+                    "tokens_after_gates": [vit.prefix_tokens + c for c in counts],
+                    "fused_token": self.fuse,
+                }
+            )
+        else:
+            gated, thresholds = self._threshold(program, vit, gates, batch)
+            report["thresholds"] = thresholds
+        after_macs = graph_cost(gated.graph_module, gated.example_inputs).total_macs
+        report["macs_before"] = base_macs
+        report["macs_after"] = after_macs
+        report["macs_ratio"] = after_macs / base_macs
+        if self.macs is not None:
+            report["macs_requested"] = self.macs
+        if self.mode == "threshold":
+            report["macs_note"] = (
+                "masked tokens are still computed: MACs do not fall in threshold mode"
+            )
+        if self.mode == "topk" and self.calib is not None:
+            report["calib"] = "not used: top-k keeps a static number of tokens per gate"
+        if self.mode == "threshold":
+            report["tokens_kept"] = self._kept
+            report["tokens_kept_on"] = "calib" if self.calib is not None else "example inputs"
+        return gated, report
+
+    def _gate_blocks(self, vit: ViTStructure) -> list[int]:
+        depth = len(vit.blocks)
+        gates = self.gates if self.gates is not None else default_gates(depth)
+        bad = [g for g in gates if not 0 <= g < depth]
+        if bad:
+            raise PassError(
+                f"gate block(s) {bad} out of range: the model has {depth} blocks (0..{depth - 1})",
+                module=vit.blocks[-1].module,
+                hint=f"gates are 0-based block indices; default here: {default_gates(depth)}",
+            )
+        if isinstance(self.keep, list) and len(self.keep) != len(gates):
+            raise PassError(
+                f"the keep schedule has {len(self.keep)} entries for {len(gates)} gates ({gates})",
+                hint="give one fraction per gate, or gates= to match",
+            )
+        if isinstance(self.threshold, list) and len(self.threshold) != len(gates):
+            raise PassError(
+                f"{len(self.threshold)} thresholds for {len(gates)} gates ({gates})",
+                hint="give one threshold per gate, or a single number",
+            )
+        if vit.patch_tokens < 1:
+            raise PassError("the model has no patch tokens to drop")
+        return gates
+
+    # --------------------------------------------------------------------- top-k
+    def _counts(self, vit: ViTStructure, gates: list[int], rate: float | None) -> list[int]:
+        patches = vit.patch_tokens
+        counts: list[int] = []
+        incoming = patches
+        for i, _ in enumerate(gates):
+            if isinstance(self.keep, list):
+                count = max(1, round(self.keep[i] * patches))
+                count = min(count, incoming)
+            else:
+                count = max(1, round((rate if rate is not None else self.keep) * incoming))
+            counts.append(count)
+            incoming = count + (1 if self.fuse and count < incoming else 0)
+        return counts
+
+    def _topk(
+        self,
+        program: Program,
+        vit: ViTStructure,
+        gates: list[int],
+        base_macs: int,
+        values: dict[fx.Node, Any],
+    ) -> tuple[Program, list[int], float | None]:
+        gm0 = program.graph_module
+        first = node_by_name(gm0)[vit.blocks[gates[0]].attention_residual]
+        tags = {n.name: t for n, t in token_axes(gm0, first, values, vit.tokens).items()}
+        if self.macs is None:
+            counts = self._counts(vit, gates, None)
+            gm = _build_topk(program, vit, gates, counts, self.fuse, tags)
+            return program.with_graph(gm, repr(self)).refreshed(), counts, None
+        target = self.macs * base_macs
+
+        def measured(rate: float) -> tuple[int, fx.GraphModule | None, list[int]]:
+            counts = self._counts(vit, gates, rate)
+            # a graph sharing the parameters: only its MACs are read
+            gm = _build_topk(program, vit, gates, counts, self.fuse, tags, share=True)
+            return graph_cost(gm, program.example_inputs).total_macs, None, counts
+
+        low, high = 0.0, 1.0
+        macs, gm, counts = measured(high) if self.macs == 1 else (base_macs + 1, None, [])
+        if macs > target:
+            macs, gm, counts = measured(1e-9)  # one token per gate: the least gates can do
+            if macs > target:
+                raise PassError(
+                    f"a MACs budget of {self.macs:g} cannot be met by dropping tokens at blocks "
+                    f"{gates}: keeping one patch token per gate still needs "
+                    f"{macs / base_macs:.3f} of the MACs",
+                    hint="gate earlier blocks (gates=[...]) or ask for more MACs",
+                )
+            best = (1e-9, gm, counts)
+            for _ in range(9):  # 2**-9 resolves one token in 196 (DeiT at 224)
+                mid = (low + high) / 2
+                macs, gm, counts = measured(mid)
+                if macs <= target:
+                    low, best = mid, (mid, gm, counts)
+                else:
+                    high = mid
+            rate, gm, counts = best
+        else:
+            rate = 1.0
+        gm = _build_topk(program, vit, gates, counts, self.fuse, tags)
+        gated = program.with_graph(gm, repr(self)).refreshed()
+        return gated, counts, rate
+
+    # --------------------------------------------------------------------- threshold
+    def _threshold(
+        self,
+        program: Program,
+        vit: ViTStructure,
+        gates: list[int],
+        batch: int | None,
+    ) -> tuple[Program, list[float]]:
+        thresholds = (
+            list(self.threshold)
+            if isinstance(self.threshold, list)
+            else [float(self.threshold)] * len(gates)
+        )
+        gm = _build_threshold(program, vit, gates, thresholds, batch)
+        batches = _calib_batches(self.calib, program.example_inputs)
+        self._kept = [_stats(c) for c in threshold_kept(gm, batches)]
+        return program.with_graph(gm, repr(self)).refreshed(), thresholds
+
+
+def _check_keep(keep: object) -> None:
+    def is_fraction(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+    if isinstance(keep, (list, tuple)):
+        if not keep:
+            raise PassError("the keep schedule is empty", hint="e.g. keep=[0.7, 0.5, 0.35]")
+        bad = [v for v in keep if not is_fraction(v)]
+        if bad:
+            raise PassError(
+                f"keep fractions must be in (0, 1], got {bad[0]!r} in {list(keep)}",
+                hint="a schedule gives, per gate, the fraction of the patch tokens kept after it",
+            )
+        for i in range(1, len(keep)):
+            if keep[i] > keep[i - 1]:
+                raise PassError(
+                    f"the keep schedule {list(keep)} increases the tokens at gate {i} "
+                    f"({keep[i - 1]} -> {keep[i]}): dropped tokens cannot come back",
+                    hint="fractions are of the original patch tokens: make them non-increasing",
+                )
+    elif not is_fraction(keep):
+        raise PassError(
+            f"keep must be a fraction in (0, 1] or a list of them, got {keep!r}",
+            hint="keep=0.7 keeps 70% of the patch tokens at every gate; keep=1.0 keeps all",
+        )
+
+
+# ----------------------------------------------------------------------------- rewriting
+def _gate_inputs(nodes: dict[str, fx.Node], block: AttentionBlock) -> tuple:
+    probs = nodes[block.attention] if block.kind == "softmax" else None
+    return (
+        nodes[block.query],
+        nodes[block.key],
+        nodes[block.head_output],
+        probs,
+    )
+
+
+def _build_topk(
+    program: Program,
+    vit: ViTStructure,
+    gates: list[int],
+    counts: list[int],
+    fuse: bool,
+    tags_by_name: dict[str, list],
+    *,
+    share: bool = False,
+) -> fx.GraphModule:
+    """A copy of the graph with a top-k gate after each gate block's attention residual, and
+    every later op that spells out the token count resized. ``share``: the copy shares the
+    parameters with ``program`` (for measuring only: nothing may change them)."""
+    if share:
+        gm = fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
+    else:
+        gm = program.copy_graph()
+    nodes = node_by_name(gm)
+    tags = {nodes[name]: t for name, t in tags_by_name.items()}
+    graph = gm.graph
+    removed: dict[fx.Node, int] = {}  # gate node -> tokens removed from the stream so far
+    incoming = vit.patch_tokens
+    for g, count in zip(gates, counts, strict=True):
+        block = vit.blocks[g]
+        residual = nodes[block.attention_residual]
+        with graph.inserting_after(residual):
+            gate = graph.call_function(
+                topk_gate,
+                (residual, *_gate_inputs(nodes, block)),
+                {
+                    "keep": count,
+                    "prefix": vit.prefix_tokens,
+                    "scale": block.scale,
+                    "uses_cls": vit.uses_cls,
+                    "fuse": fuse,
+                },
+            )
+        gate.meta.update({k: v for k, v in residual.meta.items() if k != "val"})
+        residual.replace_all_uses_with(gate, delete_user_cb=lambda user, g=gate: user is not g)
+        after = count + (1 if fuse and count < incoming else 0)
+        removed[gate] = vit.patch_tokens - after
+        incoming = after
+    _drop_see_all_masks(gm, nodes, vit, gates[0])
+    _resize_after_gates(gm, tags, removed)
+    if share:
+        gm.graph.eliminate_dead_code()  # parameters are shared: delete nothing from them
+    else:
+        remove_dead_code(gm)
+    gm.recompile()
+    return gm
+
+
+def _drop_see_all_masks(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], vit: ViTStructure, first_gate: int
+) -> None:
+    """After a gate the tokens are fewer than a mask built for all of them: a mask that hides
+    nothing (Hugging Face's ViT) is dropped there, which changes nothing it computes."""
+    for block in vit.blocks[first_gate + 1 :]:
+        if block.see_all_mask is None:
+            continue
+        core = nodes[block.attention]
+        args = list(core.args)
+        kwargs = dict(core.kwargs)
+        if len(args) > 3:
+            args[3] = None
+        kwargs.pop("attn_mask", None)
+        core.args, core.kwargs = tuple(args), kwargs
+
+
+def _resize_after_gates(
+    gm: fx.GraphModule, tags: dict[fx.Node, list], removed: dict[fx.Node, int]
+) -> None:
+    """Every op after a gate that names the token count (reshape sizes, expand sizes, slice
+    ends) gets the count it will see: the original minus what the gates before it removed."""
+    graph = gm.graph
+    dropped: dict[fx.Node, int] = dict(removed)
+    for node in list(graph.nodes):
+        if node in removed:
+            continue
+        before = max((dropped.get(a, 0) for a in node.all_input_nodes), default=0)
+        if before == 0:
+            continue
+        dropped[node] = before
+        for tag in tags.get(node, []):
+            if node.target in _RESHAPES or node.target is aten.expand.default:
+                sizes = list(node.args[1])
+                old = sizes[tag.axis]
+                if node.target is aten.expand.default or -1 not in sizes:
+                    sizes[tag.axis] = -1
+                elif isinstance(old, int):
+                    sizes[tag.axis] = old // tag.count * (tag.count - before)
+                else:
+                    with graph.inserting_before(node):
+                        per = graph.call_function(operator.floordiv, (old, tag.count))
+                        sizes[tag.axis] = graph.call_function(
+                            operator.mul, (per, tag.count - before)
+                        )
+                node.args = (node.args[0], sizes, *node.args[2:])
+            elif node.target is aten.slice.Tensor and len(node.args) > 3:
+                rank = node.args[0].meta["val"].dim()
+                dim, end = node.args[1] % rank, node.args[3]
+                if (
+                    dim == tag.axis
+                    and isinstance(end, int)
+                    and tag.count * tag.inner <= end < _INT_MAX
+                ):
+                    node.args = (*node.args[:3], _INT_MAX, *node.args[4:])
+
+
+def _build_threshold(
+    program: Program,
+    vit: ViTStructure,
+    gates: list[int],
+    thresholds: list[float],
+    batch: int | None,
+) -> fx.GraphModule:
+    """A copy of the graph where each gate computes a per-image keep mask; dead tokens are
+    zeroed in the stream and masked out of every later attention."""
+    gm = program.copy_graph()
+    nodes = node_by_name(gm)
+    graph = gm.graph
+    alive: fx.Node | None = None
+    gate_of_block: dict[int, tuple[fx.Node, float]] = {
+        g: (None, t) for g, t in zip(gates, thresholds, strict=True)
+    }
+    for block in vit.blocks:
+        if alive is not None:
+            _mask_attention(gm, nodes, block, alive)
+        if block.index not in gate_of_block:
+            continue
+        _, threshold = gate_of_block[block.index]
+        residual = nodes[block.attention_residual]
+        with graph.inserting_after(residual):
+            mask = graph.call_function(
+                threshold_mask,
+                (*_gate_inputs(nodes, block), alive),
+                {
+                    "threshold": float(threshold),
+                    "prefix": vit.prefix_tokens,
+                    "scale": block.scale,
+                    "uses_cls": vit.uses_cls,
+                },
+            )
+        with graph.inserting_after(mask):
+            zeroed = graph.call_function(apply_mask, (residual, mask))
+        for new in (mask, zeroed):
+            new.meta.update({k: v for k, v in residual.meta.items() if k != "val"})
+        residual.replace_all_uses_with(
+            zeroed, delete_user_cb=lambda user, z=zeroed, m=mask: user not in (z, m)
+        )
+        alive = mask
+    gm.recompile()
+    return gm
+
+
+def _mask_attention(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], block: AttentionBlock, alive: fx.Node
+) -> None:
+    graph = gm.graph
+    core = nodes[block.attention]
+    if block.kind == "sdpa":
+        with graph.inserting_before(core):
+            bias = graph.call_function(attention_bias, (alive, torch.float32))
+        bias.meta.update({k: v for k, v in core.meta.items() if k != "val"})
+        kwargs = dict(core.kwargs)
+        args = list(core.args)
+        if len(args) > 3:
+            args[3] = bias
+        else:
+            kwargs["attn_mask"] = bias
+        core.args, core.kwargs = tuple(args), kwargs
+    else:
+        logits = core.args[0]
+        with graph.inserting_before(core):
+            bias = graph.call_function(attention_bias, (alive, torch.float32))
+            biased = graph.call_function(aten.add.Tensor, (logits, bias))
+        for new in (bias, biased):
+            new.meta.update({k: v for k, v in core.meta.items() if k != "val"})
+        core.args = (biased, *core.args[1:])
+
+
+# ----------------------------------------------------------------------------- reporting
+def _calib_batches(calib: Any, fallback: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if calib is None:
+        return [fallback[0]]
+    if isinstance(calib, torch.Tensor):
+        return [calib]
+    batches = []
+    for item in calib:
+        x = item[0] if isinstance(item, (list, tuple)) else item
+        if not isinstance(x, torch.Tensor):
+            raise PassError(
+                f"calibration batches must be tensors or (x, y) pairs, got {type(x).__name__}"
+            )
+        batches.append(x)
+    if not batches:
+        raise PassError("calib is empty", hint="pass a few batches of images")
+    return batches
+
+
+class _MaskRecorder(torch.fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.masks: list[torch.Tensor] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op == "call_function" and n.target is threshold_mask:
+            self.masks.append(value)
+        return value
+
+
+def threshold_kept(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per gate, the number of tokens alive after it for every image of ``batches``, read off
+    a graph built by ``_build_threshold`` (before it is re-exported)."""
+    per_gate: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for x in batches:
+            recorder = _MaskRecorder(gm)
+            recorder.run(x)
+            for i, mask in enumerate(recorder.masks):
+                if len(per_gate) <= i:
+                    per_gate.append([])
+                per_gate[i].append(mask.sum(1))
+    return [torch.cat(counts) for counts in per_gate]
+
+
+def _stats(counts: torch.Tensor) -> dict[str, float]:
+    counts = counts.double()
+    return {
+        "mean": round(float(counts.mean()), 2),
+        "min": int(counts.min()),
+        "max": int(counts.max()),
+        "images": int(counts.numel()),
+    }
