@@ -14,7 +14,7 @@ BatchNorm are ranked by weight magnitude (importance="auto"). The SNR column say
 pruned outputs are from the dense ones before any fine-tuning.
 
     python benchmarks/prune.py --models resnet50,mobilenet_v2,deit_small_patch16_224 \\
-        --budgets 0.75,0.5,0.3 --round-to 1,8 --pass-time resnet50,vit_base_patch16_224
+        --budgets 0.75,0.5,0.3 --round-to 1,8 --pass-time vit_base_patch16_224
 """
 
 from __future__ import annotations
@@ -210,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
         "pass_time": [],
     }
-    for name in [m for m in args.pass_time.split(",") if m]:
-        data["pass_time"].append(pass_time(name))
     for name in args.models.split(","):
         data["rows"].extend(run_model(name, budgets, rounds, args.size, batches, args.repeat))
         write_results(args.out, "prune", data, render(data))  # what is done so far
+    for name in [m for m in args.pass_time.split(",") if m]:
+        data["pass_time"].append(pass_time(name))
+        write_results(args.out, "prune", data, render(data))
     return 0
 
 

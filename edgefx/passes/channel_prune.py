@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,6 +58,11 @@ class ChannelPrune(Pass):
             layer's channels are removed in single units and it has at least ``2 * round_to``
             of them; 1 turns it off. Default: 8 with ``macs=``, 1 with ``threshold=`` (a
             threshold says exactly what to remove).
+        compensate: a removed channel's BatchNorm output is on average its beta, which the
+            next layer kept receiving through the activation: fold ``act(beta)`` times that
+            layer's weights into its bias (conv/linear fed through elementwise ops only).
+            Exact for a constant channel away from the borders; a zero-padded conv sees less
+            of it at the border, so there it is an approximation.
         min_keep: every channel class keeps at least this fraction of its channels (and at
             least one), so no layer disappears.
         exclude: module paths (prefixes) whose channels are never removed, e.g. ``["fc"]``.
@@ -71,6 +77,7 @@ class ChannelPrune(Pass):
         threshold: float | None = None,
         importance: Importance = "auto",
         round_to: int | None = None,
+        compensate: bool = True,
         min_keep: float = 0.1,
         exclude: Sequence[str] = (),
     ) -> None:
@@ -106,6 +113,7 @@ class ChannelPrune(Pass):
         self.threshold = threshold
         self.importance = importance
         self.round_to = round_to
+        self.compensate = bool(compensate)
         self.min_keep = min_keep
         self.exclude = tuple(exclude)
 
@@ -167,6 +175,8 @@ class ChannelPrune(Pass):
             "not_ranked": skipped,
         }
         if removed:
+            if self.compensate:
+                report["compensated"] = _compensate(gm, dep, removed)
             _slim(gm, dep, removed)
             remove_dead_code(gm)
             new = program.with_graph(gm, repr(self)).refreshed()
@@ -463,6 +473,124 @@ def _layer_report(
                 }
             )
     return rows
+
+
+# ---------------------------------------------------------------------- bias compensation
+_ELEMENTWISE = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.relu6.default,
+    aten.hardtanh.default,
+    aten.hardtanh_.default,
+    aten.silu.default,
+    aten.silu_.default,
+    aten.gelu.default,
+    aten.sigmoid.default,
+    aten.hardswish.default,
+    aten.hardswish_.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.clone.default,
+    aten.dropout.default,
+}
+
+
+def _compensate(
+    gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[ChannelGroup]
+) -> int:
+    """Fold what the removed BatchNorm-scaled channels still feed forward into the biases of
+    the conv / linear layers reading them (see ChannelPrune's ``compensate``); returns how
+    many (channel, layer) pairs were folded."""
+    gone: dict[int, list[int]] = defaultdict(list)
+    for group in removed:
+        for cls_id, index in group.channels:
+            gone[cls_id].append(index)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    folded = 0
+    for norm in dep.norms:
+        if norm.class_id not in gone:
+            continue
+        bn = nodes[norm.node]
+        beta = bn.args[2]
+        if not (isinstance(beta, fx.Node) and beta.op == "get_attr"):
+            continue
+        index = torch.tensor(sorted(gone[norm.class_id]))
+        mean_output = _get_constant(gm, beta.target).detach().index_select(0, index)
+        for consumer, chain in _consumers(bn):
+            value = mean_output
+            for op in chain:  # the activations between, applied to the constant
+                value = op.target(value, *op.args[1:], **op.kwargs)
+            if not bool(value.abs().max() > 0):
+                continue
+            weight = _get_constant(gm, consumer.args[1].target).detach()
+            if consumer.target is aten.linear.default:
+                delta = weight.index_select(1, index) @ value
+            else:
+                delta = weight.index_select(1, index).flatten(2).sum(2) @ value
+            _add_to_bias(gm, consumer, delta)
+            folded += len(index)
+    return folded
+
+
+def _consumers(bn: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """(conv or linear reading ``bn``'s output as its input, elementwise ops in between),
+    following only single chains of elementwise ops; anything else is left alone."""
+    out = bn
+    if bn.target is not aten.batch_norm.default:  # the _native_ variants: item 0
+        items = [u for u in bn.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(items) != 1:
+            return []
+        out = items[0]
+    found = []
+    stack = [(out, [])]
+    while stack:
+        node, chain = stack.pop()
+        for user in node.users:
+            if user.target in _ELEMENTWISE and user.args[0] is node:
+                stack.append((user, [*chain, user]))
+            elif _reads_channels(user, node):
+                found.append((user, chain))
+    return found
+
+
+def _reads_channels(layer: fx.Node, value: fx.Node) -> bool:
+    """``layer`` is a conv (one group) or a linear layer over ``value``'s channel dim, with a
+    constant weight."""
+    if not (layer.args and layer.args[0] is value and len(layer.args) > 1):
+        return False
+    weight = layer.args[1]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return False
+    if layer.target is aten.linear.default:
+        return value.meta["val"].dim() == 2  # (batch, channels)
+    return layer.target in _GROUPED and _groups(layer) == 1
+
+
+def _get_constant(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner_path, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
+
+
+def _add_to_bias(gm: fx.GraphModule, layer: fx.Node, delta: torch.Tensor) -> None:
+    bias = layer.args[2] if len(layer.args) > 2 else layer.kwargs.get("bias")
+    if isinstance(bias, fx.Node) and bias.op == "get_attr":
+        with torch.no_grad():
+            _get_constant(gm, bias.target).add_(delta.to(_get_constant(gm, bias.target).dtype))
+        return
+    # no bias yet: one next to the weight
+    owner_path, _, _ = layer.args[1].target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    leaf = "bias" if not hasattr(owner, "bias") else f"bias_{layer.name}"
+    owner.register_parameter(leaf, torch.nn.Parameter(delta.clone(), requires_grad=False))
+    target = f"{owner_path}.{leaf}" if owner_path else leaf
+    with gm.graph.inserting_before(layer):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = delta
+    args = list(layer.args)
+    while len(args) < 3:
+        args.append(None)
+    args[2] = node
+    layer.args = tuple(args)
 
 
 # ---------------------------------------------------------------------- physical slimming

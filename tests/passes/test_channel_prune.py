@@ -250,6 +250,45 @@ def test_round_to_keeps_multiples_and_one_turns_it_off():
     assert ChannelPrune(threshold=0.5).report_round_to == 1
 
 
+class ConstantChannels(torch.nn.Module):
+    """conv -> BN -> ReLU -> conv (``k`` x ``k``, zero padding) -> mean -> linear."""
+
+    def __init__(self, k: int, bias: bool) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.conv = torch.nn.Conv2d(16, 8, k, padding=k // 2, bias=bias)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(torch.relu(self.bn(self.stem(x))))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("k", "bias"), [(1, True), (1, False), (3, True)])
+def test_bias_compensation_folds_what_constant_channels_fed_forward(k, bias):
+    torch.manual_seed(0)
+    model = randomize(ConstantChannels(k, bias))
+    with torch.no_grad():
+        model.bn.weight[[2, 7, 11]] = 0.0  # constant channels: relu(beta) = beta > 0
+        model.bn.bias[[2, 7, 11]] = torch.tensor([0.5, 1.0, 0.8])
+    x = torch.randn(2, 3, 8, 8, generator=GEN)
+    program = capture(model, (x,))
+    with torch.no_grad():
+        expected = model(x)
+    errors = {}
+    for compensate in (True, False):
+        result = ChannelPrune(threshold=1e-6, importance="bn", compensate=compensate)(program)
+        assert result.report["groups_removed"] == 3
+        errors[compensate] = rel_err(result.program(x), expected)
+    assert result.report.get("compensated") is None
+    assert errors[False] > 1e-2  # plain removal loses what the channels fed forward
+    if k == 1:
+        assert errors[True] <= 1e-5  # no padding: the fold is exact
+    else:
+        assert errors[True] < errors[False] / 3  # zero padding: the border sees less of it
+
+
 def test_an_importance_function_returning_the_wrong_shape_is_refused_naming_the_group():
     program = capture(Plain().eval(), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(PassError, match=r"shape \(8,\) for channel group .*conv") as info:
