@@ -175,9 +175,13 @@ class ChannelPrune(Pass):
             "not_ranked": skipped,
         }
         if removed:
-            if self.compensate:
-                report["compensated"] = _compensate(gm, dep, removed)
+            folds = _compensation(gm, dep, removed) if self.compensate else []
             _slim(gm, dep, removed)
+            for layer, delta in folds:
+                _add_to_bias(gm, layer, delta)
+            gm.recompile()
+            if self.compensate:
+                report["compensated_layers"] = len(folds)
             remove_dead_code(gm)
             new = program.with_graph(gm, repr(self)).refreshed()
         else:
@@ -495,18 +499,18 @@ _ELEMENTWISE = {
 }
 
 
-def _compensate(
+def _compensation(
     gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[ChannelGroup]
-) -> int:
-    """Fold what the removed BatchNorm-scaled channels still feed forward into the biases of
-    the conv / linear layers reading them (see ChannelPrune's ``compensate``); returns how
-    many (channel, layer) pairs were folded."""
+) -> list[tuple[fx.Node, torch.Tensor]]:
+    """What the removed BatchNorm-scaled channels still feed forward, per conv / linear layer
+    reading them (see ChannelPrune's ``compensate``), computed with the unslimmed weights and
+    cut to the layer's kept outputs: (layer, amount to add to its bias)."""
     gone: dict[int, list[int]] = defaultdict(list)
     for group in removed:
         for cls_id, index in group.channels:
             gone[cls_id].append(index)
     nodes = {n.name: n for n in gm.graph.nodes}
-    folded = 0
+    folds = []
     for norm in dep.norms:
         if norm.class_id not in gone:
             continue
@@ -527,9 +531,12 @@ def _compensate(
                 delta = weight.index_select(1, index) @ value
             else:
                 delta = weight.index_select(1, index).flatten(2).sum(2) @ value
-            _add_to_bias(gm, consumer, delta)
-            folded += len(index)
-    return folded
+            out = dep.axis_of(consumer)
+            cut = sorted(gone.get(dep.class_of(out).id, ())) if out is not None else []
+            if cut:
+                delta = delta[[i for i in range(len(delta)) if i not in set(cut)]]
+            folds.append((consumer, delta))
+    return folds
 
 
 def _consumers(bn: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:

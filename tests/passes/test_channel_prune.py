@@ -276,12 +276,14 @@ def test_bias_compensation_folds_what_constant_channels_fed_forward(k, bias):
     program = capture(model, (x,))
     with torch.no_grad():
         expected = model(x)
-    errors = {}
+    errors, reports = {}, {}
     for compensate in (True, False):
         result = ChannelPrune(threshold=1e-6, importance="bn", compensate=compensate)(program)
         assert result.report["groups_removed"] == 3
         errors[compensate] = rel_err(result.program(x), expected)
-    assert result.report.get("compensated") is None
+        reports[compensate] = result.report
+    assert reports[True]["compensated_layers"] == 1  # the conv after the ReLU
+    assert "compensated_layers" not in reports[False]
     assert errors[False] > 1e-2  # plain removal loses what the channels fed forward
     if k == 1:
         assert errors[True] <= 1e-5  # no padding: the fold is exact
