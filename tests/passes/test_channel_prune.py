@@ -493,3 +493,27 @@ def test_vit_meets_a_macs_budget_with_heads_mlp_and_embedding_pruned():
     assert params["blocks.0.mlp.fc1.weight"].shape[0] % 8 == 0
     out = result.program(torch.randn(1, 3, 32, 32, generator=GEN))
     assert out.shape == (1, 1000) and bool(torch.isfinite(out).all())
+
+
+def test_a_small_convnext_meets_a_macs_budget():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    blocks = [CNBlockConfig(32, 64, 2), CNBlockConfig(64, None, 2)]
+    model = ConvNeXt(blocks, num_classes=10).eval()
+    assert torchvision  # the architecture comes from torchvision, built small
+    x = torch.randn(1, 3, 32, 32, generator=GEN)
+    program = capture(model, (x,), dynamic_batch=False)
+    result = ChannelPrune(macs=0.5)(program)
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert result.report["estimated_macs"] == result.after.macs
+    assert set(result.report["ranked_by"]) == {"l2"}  # no BatchNorm in a ConvNeXt
+    params = dict(result.program.graph_module.named_parameters())
+    # the stage's stream: stem conv, every block's depthwise conv, LayerNorm and layer scale
+    width = params["features.0.0.weight"].shape[0]
+    assert width < 32 and width % 8 == 0
+    assert params["features.1.0.block.0.weight"].shape[0] == width
+    assert params["features.1.0.layer_scale"].shape[0] == width
+    out = result.program(x)
+    assert out.shape == (1, 10) and bool(torch.isfinite(out).all())
