@@ -61,8 +61,15 @@ def _latencies(compiled: Any, size: int, batches: list[int], repeat: int) -> dic
 
 
 def run_model(
-    name: str, budgets: list[float], rounds: list[int], size: int, batches: list[int], repeat: int
+    name: str,
+    budgets: list[float],
+    rounds: list[int],
+    size: int,
+    batches: list[int],
+    repeat: int,
+    on_row: Any = None,
 ) -> list[dict[str, Any]]:
+    """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
     from edgefx.frontend import capture
     from edgefx.frontend.zoo import resolve_model
@@ -85,6 +92,8 @@ def run_model(
         except edgefx.EdgefxError as exc:
             print(f"[prune] {name} macs<={budget:g} round_to={round_to}: {exc}", file=sys.stderr)
             rows.append({"model": name, "budget": budget, "round_to": round_to, "error": str(exc)})
+            if on_row:
+                on_row(rows[-1])
             continue
         compile_s = time.perf_counter() - start
         out = compiled.program(x)
@@ -109,6 +118,8 @@ def run_model(
                 "compile_s": compile_s,
             }
         )
+        if on_row:
+            on_row(rows[-1])
         ratios = ", ".join(f"b{b} {ms[b] / dense[b]:.2f}" for b in batches)
         print(
             f"[prune] {name} macs<={budget:g} round_to={round_to}: MACs "
@@ -210,9 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
         "pass_time": [],
     }
+
+    def keep(row: dict[str, Any]) -> None:  # results so far, written after every row
+        data["rows"].append(row)
+        write_results(args.out, "prune", data, render(data))
+
     for name in args.models.split(","):
-        data["rows"].extend(run_model(name, budgets, rounds, args.size, batches, args.repeat))
-        write_results(args.out, "prune", data, render(data))  # what is done so far
+        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep)
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
         write_results(args.out, "prune", data, render(data))
