@@ -16,6 +16,14 @@ Ops couple axes:
   grouped conv ties channel ``i`` of every group; a flatten feeding a linear layer repeats
   each channel over the spatial positions).
 
+Attention heads: a reshape that splits the channel dim into (heads, head dim) (or
+(3, heads, head dim) for a joint q/k/v projection) gives an axis over several dims
+(``Axis.sub``, flattened row-major back into the channel index), which permutes, selects,
+unbinds and ``scaled_dot_product_attention`` carry through; attention ties every channel of a
+head in q, k, v and its output, and such a class is only ever cut in whole slices along one of
+its dims (the heads), so a reshape back to channels stays valid. Any other op reading such an
+axis fixes it.
+
 A :class:`ChannelGroup` is a set of (class, index) channels closed under all couplings:
 removing one means removing all, and removing a whole group keeps the network valid. Classes
 touching the model's inputs or outputs, or an op the analysis does not understand, are
