@@ -184,6 +184,8 @@ def render(data: dict[str, Any]) -> str:
             f"| {r['model']} | {r['budget']:g} | {r['round_to'] or '-'} | {r['macs_ratio']:.3f} "
             f"| {r['params'] / 1e6:.2f} M | {snr} | {cells} | {prune_s} |"
         )
+    if data.get("stopped"):
+        lines += ["", data["stopped"]]
     if data.get("pass_time"):
         lines += [
             "",
