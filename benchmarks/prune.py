@@ -4,9 +4,10 @@ For each model, in one run on one machine: capture once (dynamic batch), then fo
 model (``FoldBatchNorm`` only) and each MACs budget x ``round_to`` setting
 ``edgefx.compile(program, passes=[ChannelPrune(macs=f, round_to=r), FoldBatchNorm()],
 backend="onnx")``; the ONNX model is then timed in an onnxruntime CPU session with one
-intra-op thread at batch 1 and batch 8 (median of ``--repeat`` runs after 5 warm-up runs,
-dense and pruned measured in the same process). ``--pass-time`` models are captured at
-224x224 and only the ChannelPrune pass (macs=0.5) is timed.
+intra-op thread at batch 1 and batch 8, alternately run by run with the dense model
+(medians of ``--repeat`` runs each), so a change in the machine's load hits both.
+``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
+timed.
 
 Random weights (nothing is downloaded), so accuracy is not measured: BatchNorm scaling
 factors are drawn from U(0, 1) (seeded) so the ranking has something to rank; models without
@@ -20,6 +21,7 @@ pruned outputs are from the dense ones before any fine-tuning.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,13 +52,33 @@ def _session(compiled: Any) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _latencies(compiled: Any, size: int, batches: list[int], repeat: int) -> dict[int, float]:
-    session = _session(compiled)
-    name = session.get_inputs()[0].name
+def _paired_latencies(
+    dense: ort.InferenceSession,
+    pruned: ort.InferenceSession,
+    size: int,
+    batches: list[int],
+    repeat: int,
+) -> dict[int, tuple[float, float]]:
+    """(dense ms, pruned ms) medians per batch, the two timed alternately run by run so a
+    change in the machine's load hits both alike (the ratio is what the table is about).
+    The dense row pairs the dense model with itself: its ratio shows the timing noise."""
     result = {}
     for batch in batches:
         x = np.random.default_rng(SEED).standard_normal((batch, 3, size, size), np.float32)
-        result[batch] = latency_ms(lambda s=session, x=x: s.run(None, {name: x}), repeat)
+        runs = [
+            lambda s=session, x=x: s.run(None, {s.get_inputs()[0].name: x})
+            for session in (dense, pruned)
+        ]
+        for run in runs:
+            for _ in range(3):  # warm-up
+                run()
+        times: list[list[float]] = [[], []]
+        for r in range(repeat):
+            # ABBA order: whichever goes second in a pair is more often preempted on a
+            # loaded machine, so each goes second half of the time
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                times[i].append(latency_ms(runs[i], 1, warmup=0))
+        result[batch] = (statistics.median(times[0]), statistics.median(times[1]))
     return result
 
 
@@ -81,7 +103,7 @@ def run_model(
     program = capture(model, (x,))
     rows: list[dict[str, Any]] = []
     reference = None
-    dense: dict[int, float] = {}
+    dense_session = None
     for budget, round_to in [(1.0, None), *((b, r) for b in budgets for r in rounds)]:
         passes: list[Any] = [FoldBatchNorm()]
         if round_to is not None:
@@ -99,8 +121,11 @@ def run_model(
         out = compiled.program(x)
         if reference is None:
             reference = out
-        ms = _latencies(compiled, size, batches, repeat)
-        dense = dense or ms
+        session = _session(compiled)
+        dense_session = dense_session or session
+        paired = _paired_latencies(dense_session, session, size, batches, repeat)
+        ms = {b: pruned for b, (_, pruned) in paired.items()}
+        dense = {b: d for b, (d, _) in paired.items()}
         final = compiled.report.final
         prune = compiled.report.passes[0] if round_to is not None else None
         rows.append(
@@ -113,6 +138,7 @@ def run_model(
                 "macs_ratio": final.macs / compiled.report.captured.macs,
                 "snr_db": None if prune is None else snr_db(out, reference),
                 "ort_ms": {str(b): v for b, v in ms.items()},
+                "dense_ms": {str(b): v for b, v in dense.items()},
                 "latency_ratio": {str(b): ms[b] / dense[b] for b in batches},
                 "prune_s": None if prune is None else prune.wall_s,
                 "compile_s": compile_s,
@@ -155,17 +181,19 @@ def render(data: dict[str, Any]) -> str:
         f"Produced by `{data['command']}` on {data['machine']} ({data['date']}), a shared "
         "machine other jobs were loading at the same time; "
         f"{data['size']}x{data['size']} inputs, onnxruntime CPU with one intra-op thread, "
-        f"median of {data['repeat']} runs after 5 warm-up runs, dense and pruned models timed "
-        "in the same run. Random weights, BatchNorm gammas drawn from U(0, 1); models without "
+        f"median of {data['repeat']} runs after 3 warm-up runs; each pruned model is timed "
+        "alternately, run by run, with the dense one (`dense ms`), so load changes hit "
+        "both. Random weights, BatchNorm gammas drawn from U(0, 1); models without "
         "BatchNorm ranked by weight magnitude. `SNR` compares the pruned with the dense "
         "outputs (no fine-tuning); the dense row is the reference itself, so it has none. "
-        "`latency` is the pruned model's latency over the dense model's at that batch; the "
+        "`latency` is the pruned model's latency over the dense model's at that batch (the "
+        "dense row times the dense model against itself: its distance from 1 is the noise); the "
         "target is a latency ratio within 10% of the MACs ratio and never above 1.",
         "",
         "| model | MACs budget | round_to | MACs ratio | params | SNR dB | "
-        + " | ".join(f"ms b{b} | latency b{b}" for b in batches)
+        + " | ".join(f"dense ms b{b} | ms b{b} | latency b{b}" for b in batches)
         + " | prune s |",
-        "|---|--:|--:|--:|--:|--:|" + "--:|--:|" * len(batches) + "--:|",
+        "|---|--:|--:|--:|--:|--:|" + "--:|--:|--:|" * len(batches) + "--:|",
     ]
     for r in data["rows"]:
         if "error" in r:
@@ -177,7 +205,9 @@ def render(data: dict[str, Any]) -> str:
             else ("exact" if r["snr_db"] is None else f"{r['snr_db']:.1f}")
         )
         cells = " | ".join(
-            f"{r['ort_ms'][str(b)]:.2f} | {r['latency_ratio'][str(b)]:.3f}" for b in batches
+            f"{r['dense_ms'][str(b)]:.2f} | {r['ort_ms'][str(b)]:.2f} "
+            f"| {r['latency_ratio'][str(b)]:.3f}"
+            for b in batches
         )
         prune_s = "-" if r["prune_s"] is None else f"{r['prune_s']:.1f}"
         lines.append(
