@@ -1,25 +1,34 @@
-"""ChannelPrune sweep: MACs, params, output agreement and onnxruntime latency per MACs budget.
+"""ChannelPrune sweep: MACs ratio next to onnxruntime latency ratio, per budget and rounding.
 
-For each model and each budget (fraction of MACs kept), in one run on one machine:
-``edgefx.compile(model, x, passes=[ChannelPrune(macs=f), FoldBatchNorm()], backend="onnx")``,
-then the median onnxruntime latency at batch 1 over ``--repeat`` runs (after warm-up), and
-the latency ratio to the unpruned model compiled the same way (``FoldBatchNorm`` only).
+For each model, in one run on one machine: capture once (dynamic batch), then for the dense
+model (``FoldBatchNorm`` only) and each MACs budget x ``round_to`` setting
+``edgefx.compile(program, passes=[ChannelPrune(macs=f, round_to=r), FoldBatchNorm()],
+backend="onnx")``; the ONNX model is then timed in an onnxruntime CPU session with one
+intra-op thread at batch 1 and batch 8, alternately run by run with the dense model
+(medians of ``--repeat`` runs each), so a change in the machine's load hits both.
+``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
+timed.
 
-Random weights (nothing is downloaded), so accuracy is not measured: the BatchNorm scaling
-factors are drawn from U(0, 1) (seeded) so the ranking has something to rank; the SNR column
-says how far the pruned outputs are from the unpruned ones before any fine-tuning.
+Random weights (nothing is downloaded), so accuracy is not measured: BatchNorm scaling
+factors are drawn from U(0, 1) (seeded) so the ranking has something to rank; models without
+BatchNorm are ranked by weight magnitude (importance="auto"). The SNR column says how far the
+pruned outputs are from the dense ones before any fine-tuning.
 
-    python benchmarks/prune.py --models resnet18,mobilenet_v2 --budgets 0.75,0.5,0.3
+    python benchmarks/prune.py --models resnet50,mobilenet_v2,deit_small_patch16_224 \\
+        --budgets 0.75,0.5,0.3 --round-to 1,8 --pass-time vit_base_patch16_224
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import torch
 from common import RESULTS, header, latency_ms, snr_db, write_results
 
@@ -34,93 +43,226 @@ def _randomize_gammas(model: torch.nn.Module) -> None:
                 m.weight.copy_(torch.rand(m.num_features, generator=gen))
 
 
-def run_model(name: str, budgets: list[float], size: int, repeat: int) -> list[dict[str, Any]]:
+def _session(compiled: Any) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    model = compiled.artifact.model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _paired_latencies(
+    dense: ort.InferenceSession,
+    pruned: ort.InferenceSession,
+    size: int,
+    batches: list[int],
+    repeat: int,
+) -> dict[int, tuple[float, float]]:
+    """(dense ms, pruned ms) medians per batch, the two timed alternately run by run so a
+    change in the machine's load hits both alike (the ratio is what the table is about).
+    The dense row pairs the dense model with itself: its ratio shows the timing noise."""
+    result = {}
+    for batch in batches:
+        x = np.random.default_rng(SEED).standard_normal((batch, 3, size, size), np.float32)
+        runs = [
+            lambda s=session, x=x: s.run(None, {s.get_inputs()[0].name: x})
+            for session in (dense, pruned)
+        ]
+        for run in runs:
+            for _ in range(3):  # warm-up
+                run()
+        times: list[list[float]] = [[], []]
+        for r in range(repeat):
+            # ABBA order: whichever goes second in a pair is more often preempted on a
+            # loaded machine, so each goes second half of the time
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                times[i].append(latency_ms(runs[i], 1, warmup=0))
+        result[batch] = (statistics.median(times[0]), statistics.median(times[1]))
+    return result
+
+
+def run_model(
+    name: str,
+    budgets: list[float],
+    rounds: list[int],
+    size: int,
+    batches: list[int],
+    repeat: int,
+    on_row: Any = None,
+) -> list[dict[str, Any]]:
+    """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
+    from edgefx.frontend import capture
     from edgefx.frontend.zoo import resolve_model
     from edgefx.passes import ChannelPrune, FoldBatchNorm
 
-    resolved = resolve_model(name)
-    model = resolved.model
+    model = resolve_model(name, (1, 3, size, size)).model
     _randomize_gammas(model)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(SEED))
-    rows = []
+    program = capture(model, (x,))
+    rows: list[dict[str, Any]] = []
     reference = None
-    base_ms = None
-    for budget in [1.0, *budgets]:
-        passes = (
-            [FoldBatchNorm()] if budget == 1.0 else [ChannelPrune(macs=budget), FoldBatchNorm()]
-        )
+    dense_session = None
+    for budget, round_to in [(1.0, None), *((b, r) for b in budgets for r in rounds)]:
+        passes: list[Any] = [FoldBatchNorm()]
+        if round_to is not None:
+            passes.insert(0, ChannelPrune(macs=budget, round_to=round_to))
         start = time.perf_counter()
-        compiled = edgefx.compile(model, (x,), passes=passes, backend="onnx", progress=False)
+        try:
+            compiled = edgefx.compile(program, passes=passes, backend="onnx", progress=False)
+        except edgefx.EdgefxError as exc:
+            print(f"[prune] {name} macs<={budget:g} round_to={round_to}: {exc}", file=sys.stderr)
+            rows.append({"model": name, "budget": budget, "round_to": round_to, "error": str(exc)})
+            if on_row:
+                on_row(rows[-1])
+            continue
         compile_s = time.perf_counter() - start
-        out = compiled(x)
+        out = compiled.program(x)
         if reference is None:
             reference = out
-        ms = latency_ms(lambda c=compiled: c(x), repeat)
-        base_ms = base_ms or ms
+        session = _session(compiled)
+        dense_session = dense_session or session
+        paired = _paired_latencies(dense_session, session, size, batches, repeat)
+        ms = {b: pruned for b, (_, pruned) in paired.items()}
+        dense = {b: d for b, (d, _) in paired.items()}
         final = compiled.report.final
+        prune = compiled.report.passes[0] if round_to is not None else None
         rows.append(
             {
                 "model": name,
                 "budget": budget,
+                "round_to": round_to,
                 "macs": final.macs,
                 "params": final.params,
                 "macs_ratio": final.macs / compiled.report.captured.macs,
-                "snr_db": snr_db(out, reference),
-                "ort_ms": ms,
-                "speedup": base_ms / ms,
+                "snr_db": None if prune is None else snr_db(out, reference),
+                "ort_ms": {str(b): v for b, v in ms.items()},
+                "dense_ms": {str(b): v for b, v in dense.items()},
+                "latency_ratio": {str(b): ms[b] / dense[b] for b in batches},
+                "prune_s": None if prune is None else prune.wall_s,
                 "compile_s": compile_s,
-                "threshold": None
-                if budget == 1.0
-                else compiled.report.passes[0].report["threshold"],
             }
         )
+        if on_row:
+            on_row(rows[-1])
+        ratios = ", ".join(f"b{b} {ms[b] / dense[b]:.2f}" for b in batches)
         print(
-            f"[prune] {name} macs<={budget:g}: {final.macs / 1e6:.1f} M MACs, "
-            f"{ms:.2f} ms ({base_ms / ms:.2f}x)",
+            f"[prune] {name} macs<={budget:g} round_to={round_to}: MACs "
+            f"{rows[-1]['macs_ratio']:.3f}, latency {ratios}",
             file=sys.stderr,
         )
     return rows
 
 
+def pass_time(name: str) -> dict[str, Any]:
+    from edgefx.frontend import capture
+    from edgefx.frontend.zoo import resolve_model
+    from edgefx.passes import ChannelPrune
+
+    model = resolve_model(name).model
+    _randomize_gammas(model)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(SEED))
+    program = capture(model, (x,))
+    pruning = ChannelPrune(macs=0.5)
+    start = time.perf_counter()
+    result = pruning(program)
+    total = time.perf_counter() - start
+    row = {"model": name, "run_s": result.wall_s, "with_checks_s": total}
+    print(f"[prune] pass time {name}: {result.wall_s:.1f} s ({total:.1f} s)", file=sys.stderr)
+    return row
+
+
 def render(data: dict[str, Any]) -> str:
+    batches = data["batches"]
     lines = [
-        "# ChannelPrune: MACs budget vs onnxruntime latency",
+        "# ChannelPrune: MACs ratio vs onnxruntime latency ratio",
         "",
-        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}); "
-        f"median of {data['repeat']} runs at batch 1, {data['size']}x{data['size']}, after 5 "
-        "warm-up runs; onnxruntime CPU, default threads. Random weights with BatchNorm gammas "
-        "drawn from U(0, 1); `SNR` compares pruned with unpruned outputs (no fine-tuning).",
+        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}), a shared "
+        "machine other jobs were loading at the same time; "
+        f"{data['size']}x{data['size']} inputs, onnxruntime CPU with one intra-op thread, "
+        f"median of {data['repeat']} runs after 3 warm-up runs; each pruned model is timed "
+        "alternately, run by run, with the dense one (`dense ms`), so load changes hit "
+        "both. Random weights, BatchNorm gammas drawn from U(0, 1); models without "
+        "BatchNorm ranked by weight magnitude. `SNR` compares the pruned with the dense "
+        "outputs (no fine-tuning); the dense row is the reference itself, so it has none. "
+        "`latency` is the pruned model's latency over the dense model's at that batch (the "
+        "dense row times the dense model against itself: its distance from 1 is the noise); the "
+        "target is a latency ratio within 10% of the MACs ratio and never above 1.",
         "",
-        "| model | MACs budget | MACs | MACs ratio | params | threshold | SNR dB | ORT ms "
-        "| speed-up |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | MACs budget | round_to | MACs ratio | params | SNR dB | "
+        + " | ".join(f"dense ms b{b} | ms b{b} | latency b{b}" for b in batches)
+        + " | prune s |",
+        "|---|--:|--:|--:|--:|--:|" + "--:|--:|--:|" * len(batches) + "--:|",
     ]
     for r in data["rows"]:
-        snr = "exact" if r["snr_db"] is None else f"{r['snr_db']:.1f}"
-        threshold = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        lines.append(
-            f"| {r['model']} | {r['budget']:g} | {r['macs'] / 1e6:.1f} M | {r['macs_ratio']:.3f} "
-            f"| {r['params'] / 1e6:.2f} M | {threshold} | {snr} | {r['ort_ms']:.2f} "
-            f"| {r['speedup']:.2f}x |"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['budget']:g} | {r['round_to']} | {r['error']} |")
+            continue
+        snr = (
+            "reference"
+            if r["round_to"] is None
+            else ("exact" if r["snr_db"] is None else f"{r['snr_db']:.1f}")
         )
+        cells = " | ".join(
+            f"{r['dense_ms'][str(b)]:.2f} | {r['ort_ms'][str(b)]:.2f} "
+            f"| {r['latency_ratio'][str(b)]:.3f}"
+            for b in batches
+        )
+        prune_s = "-" if r["prune_s"] is None else f"{r['prune_s']:.1f}"
+        lines.append(
+            f"| {r['model']} | {r['budget']:g} | {r['round_to'] or '-'} | {r['macs_ratio']:.3f} "
+            f"| {r['params'] / 1e6:.2f} M | {snr} | {cells} | {prune_s} |"
+        )
+    if data.get("stopped"):
+        lines += ["", data["stopped"]]
+    if data.get("pass_time"):
+        lines += [
+            "",
+            "ChannelPrune(macs=0.5) pass time at 224x224 (`run`: the pass itself, including "
+            "its re-export of the slimmed graph; `with checks`: plus the PassManager's runs "
+            "of both graphs and their costs):",
+            "",
+            "| model | run s | with checks s |",
+            "|---|--:|--:|",
+        ]
+        for r in data["pass_time"]:
+            lines.append(f"| {r['model']} | {r['run_s']:.1f} | {r['with_checks_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet18,mobilenet_v2,resnet50")
+    parser.add_argument("--models", default="resnet50,mobilenet_v2,deit_small_patch16_224")
     parser.add_argument("--budgets", default="0.75,0.5,0.3")
+    parser.add_argument("--round-to", default="1,8")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--pass-time", default="")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = []
+    rounds = [int(r) for r in args.round_to.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    data = {
+        **header("prune.py", argv),
+        "size": args.size,
+        "repeat": args.repeat,
+        "batches": batches,
+        "rows": [],
+        "pass_time": [],
+    }
+
+    def keep(row: dict[str, Any]) -> None:  # results so far, written after every row
+        data["rows"].append(row)
+        write_results(args.out, "prune", data, render(data))
+
     for name in args.models.split(","):
-        rows.extend(run_model(name, budgets, args.size, args.repeat))
-    data = {**header("prune.py", argv), "size": args.size, "repeat": args.repeat, "rows": rows}
-    write_results(args.out, "prune", data, render(data))
+        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep)
+    for name in [m for m in args.pass_time.split(",") if m]:
+        data["pass_time"].append(pass_time(name))
+        write_results(args.out, "prune", data, render(data))
     return 0
 
 

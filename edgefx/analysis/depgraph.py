@@ -16,6 +16,14 @@ Ops couple axes:
   grouped conv ties channel ``i`` of every group; a flatten feeding a linear layer repeats
   each channel over the spatial positions).
 
+Attention heads: a reshape that splits the channel dim into (heads, head dim) (or
+(3, heads, head dim) for a joint q/k/v projection) gives an axis over several dims
+(``Axis.sub``, flattened row-major back into the channel index), which permutes, selects,
+unbinds and ``scaled_dot_product_attention`` carry through; attention ties every channel of a
+head in q, k, v and its output, and such a class is only ever cut in whole slices along one of
+its dims (the heads), so a reshape back to channels stays valid. Any other op reading such an
+axis fixes it.
+
 A :class:`ChannelGroup` is a set of (class, index) channels closed under all couplings:
 removing one means removing all, and removing a whole group keeps the network valid. Classes
 touching the model's inputs or outputs, or an op the analysis does not understand, are
@@ -53,9 +61,17 @@ class Axis:
     dim: int
     size: int
     constant: bool = False
+    # a channel axis split over several dims (attention heads): (dim, size) pairs in the
+    # order that flattens them back, row-major, into the channel index; () for one dim
+    sub: tuple[tuple[int, int], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.node}[{self.dim}]"
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        """(dim, size) of every dim the channels occupy, in flattening order."""
+        return self.sub or ((self.dim, self.size),)
 
 
 @dataclass
@@ -81,12 +97,25 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class NormMember:
-    """A BatchNorm whose scaling factors rank a class's channels."""
+    """A BatchNorm (in ``norms``) or a LayerNorm over the channel dim (in ``layer_norms``)
+    whose scaling factors rank a class's channels."""
 
-    node: str  # the batch-norm node
+    node: str  # the normalisation node
     module: str
     class_id: int
     gamma: torch.Tensor  # |gamma| per channel of the class
+
+
+@dataclass(frozen=True)
+class WeightMember:
+    """A conv or linear layer producing a class's channels: ``weight`` sliced along ``dim``
+    gives one channel's weights."""
+
+    node: str
+    module: str
+    class_id: int
+    weight: torch.Tensor
+    dim: int
 
 
 _UNARY = {
@@ -148,6 +177,24 @@ _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.co
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 # ops on a tensor's shape only: they read no channel values
 _SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+_SDPA = {aten.scaled_dot_product_attention.default}
+# ops that carry an axis split over several dims (attention heads) through; any other op
+# reading one fixes its channels
+_SPLIT_AXIS_OPS = {
+    *_UNARY,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.select.int,
+    aten.unbind.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.contiguous.default,
+    operator.getitem,
+    *_SDPA,
+}
 
 
 def _val(node: Any) -> Any:
@@ -191,6 +238,8 @@ class ChannelDependencyGraph:
         self._fixed: dict[Axis, list[str]] = defaultdict(list)
         self._index_edges: list[tuple[Axis, int, Axis, int]] = []  # (a, i) ~ (b, j)
         self._norms: list[tuple[fx.Node, Axis, torch.Tensor]] = []
+        self._layer_norms: list[tuple[fx.Node, Axis, torch.Tensor]] = []
+        self._weights: list[tuple[fx.Node, Axis, torch.Tensor, int]] = []
         self._producers: dict[Axis, str] = {}
         for node in gm.graph.nodes:
             self._visit(node)
@@ -232,6 +281,18 @@ class ChannelDependencyGraph:
             return None
         name = str(node.target) if constant else node.name
         axis = Axis(name, dim, int(shape[dim]), constant)
+        self.graph.add_node(axis)
+        return axis
+
+    def _split_axis(self, node: fx.Node, dims: Sequence[int]) -> Axis | None:
+        """An axis of ``node`` over ``dims`` (flattening order); one dim gives a plain axis."""
+        shape = _shape(node)
+        if shape is None or not dims or not all(_is_static(shape[d]) for d in dims):
+            return None
+        if len(dims) == 1:
+            return self._new_axis(node, dims[0])
+        sub = tuple((d, int(shape[d])) for d in dims)
+        axis = Axis(node.name, dims[0], math.prod(size for _, size in sub), False, sub)
         self.graph.add_node(axis)
         return axis
 
@@ -317,7 +378,12 @@ class ChannelDependencyGraph:
         target = node.target
         first = node.args[0] if node.args else None
         source = self._input_axis(first)
-        if target in _SHAPE_ONLY:
+        split_inputs = [
+            a for a in node.all_input_nodes if (ax := self._input_axis(a)) is not None and ax.sub
+        ]
+        if split_inputs and target not in _SPLIT_AXIS_OPS and target not in _BINARY:
+            self._unknown(node, f"{getattr(target, '__name__', target)} of attention heads")
+        elif target in _SHAPE_ONLY:
             self._axis[node.name] = None
         elif target in _UNARY:
             self._same_axis(node, source)
@@ -355,6 +421,16 @@ class ChannelDependencyGraph:
                 self._same_axis(node, source)
         elif target is aten.expand.default:
             self._same_axis(node, source)
+        elif target in (aten.select.int, aten.unbind.int):
+            self._visit_select(node, source)
+        elif target is aten.unsqueeze.default:
+            self._visit_unsqueeze(node, source)
+        elif target is aten.squeeze.dim:
+            self._visit_squeeze(node, source)
+        elif target is aten.contiguous.default:
+            self._same_axis(node, source)
+        elif target in _SDPA:
+            self._visit_attention(node)
         elif target is aten.slice.Tensor:
             dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(first) or ()))
             if source is not None and dim == source.dim:
@@ -364,9 +440,19 @@ class ChannelDependencyGraph:
         else:
             self._unknown(node)
 
-    def _same_axis(self, node: fx.Node, source: Axis | None, dim: int | None = None) -> None:
-        """``node``'s output has ``source``'s channels, at ``dim`` (default: the same dim)."""
-        out = self._new_axis(node, source.dim if dim is None else dim) if source else None
+    def _same_axis(
+        self,
+        node: fx.Node,
+        source: Axis | None,
+        dim: int | None = None,
+        dims: Sequence[int] | None = None,
+    ) -> None:
+        """``node``'s output has ``source``'s channels, at ``dim`` (default: the same dim), or
+        split over ``dims`` (flattening order)."""
+        if source is not None and (dims is not None or (source.sub and dim is None)):
+            out = self._split_axis(node, dims if dims is not None else [d for d, _ in source.sub])
+        else:
+            out = self._new_axis(node, source.dim if dim is None else dim) if source else None
         if source is not None:
             self._identity(source, out, node)
         self._set(node, out)
@@ -378,6 +464,8 @@ class ChannelDependencyGraph:
             return
         if producer.target in (aten.split.Tensor, aten.split_with_sizes.default):
             self._split_piece(node, producer, index)
+        elif producer.target is aten.unbind.int:
+            self._select_piece(node, producer, _arg(producer, 1, "dim", 0), index)
         elif index == 0 and producer.name in self._axis:
             self._same_axis(node, self._axis[producer.name])
         else:
@@ -386,6 +474,14 @@ class ChannelDependencyGraph:
     def _visit_binary(self, node: fx.Node) -> None:
         out_shape = _shape(node)
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        split = [ax for a in operands if (ax := self._axis.get(a.name)) is not None and ax.sub]
+        if split:
+            # attention heads times a number (a scale): same axis; anything else fixes them
+            if len(operands) == 1 and _shape(operands[0]) == out_shape:
+                self._same_axis(node, split[0])
+            else:
+                self._unknown(node, f"{node.target} of attention heads with a tensor")
+            return
         tracked = [
             (self._axis[a.name], len(_shape(a) or ()))
             for a in operands
@@ -448,6 +544,8 @@ class ChannelDependencyGraph:
         w_out = self._constant_axis(weight, out_dim)
         out = self._new_axis(node, 1)
         self._set(node, out)
+        if w_out is not None and not transposed:
+            self._weights.append((node, w_out, self._constant(weight).detach(), out_dim))
         self._couple_constant(_arg(node, 2, "bias"), 0, out, node)
         if source is None or out is None or w_out is None:
             self._fix(out, "convolution of an untracked input")
@@ -494,7 +592,10 @@ class ChannelDependencyGraph:
             return
         self._identity(source, self._constant_axis(weight, w_in), node)
         out = self._new_axis(node, -1)
-        self._identity(self._constant_axis(weight, w_out), out, node)
+        weight_out = self._constant_axis(weight, w_out)
+        self._identity(weight_out, out, node)
+        if weight_out is not None:
+            self._weights.append((node, weight_out, self._constant(weight).detach(), w_out))
         self._couple_constant(_arg(node, 2, "bias"), 0, out, node)
         self._set(node, out)
 
@@ -508,6 +609,9 @@ class ChannelDependencyGraph:
         self._identity(source, out, node)
         for param in (_arg(node, 2, "weight"), _arg(node, 3, "bias")):
             self._couple_constant(param, 0, out, node)
+        gamma = _arg(node, 2, "weight")
+        if out is not None and isinstance(gamma, fx.Node) and gamma.op == "get_attr":
+            self._layer_norms.append((node, out, self._constant(gamma).detach().abs().float()))
         self._set(node, out)
 
     def _visit_permute(self, node: fx.Node, source: Axis | None) -> None:
@@ -517,11 +621,12 @@ class ChannelDependencyGraph:
         rank = len(_shape(node) or ())
         if node.target is aten.transpose.int:
             a, b = (_norm_dim(d, rank) for d in node.args[1:3])
-            dim = b if source.dim == a else a if source.dim == b else source.dim
+            order = list(range(rank))
+            order[a], order[b] = b, a
         else:
-            dims = [_norm_dim(d, rank) for d in node.args[1]]
-            dim = dims.index(source.dim)
-        out = self._new_axis(node, dim)
+            order = [_norm_dim(d, rank) for d in node.args[1]]
+        dims = [order.index(d) for d, _ in source.parts]
+        out = self._split_axis(node, dims)
         self._identity(source, out, node)
         self._set(node, out)
 
@@ -546,14 +651,24 @@ class ChannelDependencyGraph:
         if source is None or in_shape is None or out_shape is None:
             self._set(node, None)
             return
+        if not source.sub and self._reshape_one_dim(node, source, in_shape, out_shape):
+            return
+        parts = _reshape_parts(source, in_shape, out_shape)
+        if parts is None:
+            self._unknown(node, "reshape that splits or merges channels")
+            return
+        self._same_axis(node, source, dims=parts)
+
+    def _reshape_one_dim(
+        self, node: fx.Node, source: Axis, in_shape: tuple[Any, ...], out_shape: tuple[Any, ...]
+    ) -> bool:
+        """A reshape keeping the batch at dim 0 that keeps the channel dim or flattens it with
+        the dims after it (into a linear layer). False: not this kind of reshape."""
         d = source.dim
-        # the batch (dim 0, maybe symbolic) must pass through untouched
         if d == 0 or not _same_dim(in_shape[0], out_shape[0]):
-            self._unknown(node, "reshape that moves the batch or its channels")
-            return
+            return False
         if not all(map(_is_static, in_shape[1:] + out_shape[1:])):
-            self._unknown(node, "reshape of symbolic dims")
-            return
+            return False
         before, after = math.prod(in_shape[1:d]), math.prod(in_shape[d + 1 :])
         # the out dim starting where the channel dim starts
         prefix, e = 1, 1
@@ -564,16 +679,108 @@ class ChannelDependencyGraph:
             size = out_shape[e]
             if size == source.size and math.prod(out_shape[e + 1 :]) == after:
                 self._same_axis(node, source, dim=e)
-                return
-            if size == source.size * after and e == len(out_shape) - 1:
+                return True
+            if size == source.size * after and e == len(out_shape) - 1 and after > 1:
                 # flatten: channel c becomes features c * after ... (c + 1) * after - 1
                 out = self._new_axis(node, e)
                 self._set(node, out)
                 for c in range(source.size):
                     for k in range(after):
                         self._index(source, c, out, c * after + k, node)
-                return
-        self._unknown(node, "reshape that splits or merges channels")
+                return True
+        return False
+
+    def _visit_select(self, node: fx.Node, source: Axis | None) -> None:
+        if node.target is aten.unbind.int:
+            self._axis[node.name] = source  # each getitem takes its piece
+            return
+        self._select_piece(node, node, _arg(node, 1, "dim"), _arg(node, 2, "index"))
+
+    def _select_piece(self, node: fx.Node, producer: fx.Node, dim: int, index: int) -> None:
+        """``node`` = ``producer``'s input at ``index`` along ``dim`` (select, unbind)."""
+        source = self._input_axis(producer.args[0])
+        in_shape = _shape(producer.args[0])
+        if source is None or in_shape is None:
+            self._set(node, None)
+            return
+        dim = _norm_dim(dim, len(in_shape))
+        parts = list(source.parts)
+        dims = [d for d, _ in parts]
+        shifted = [d - (d > dim) for d in dims if d != dim]
+        if dim not in dims:
+            self._same_axis(node, source, dims=shifted)
+            return
+        if not source.sub:
+            self._unknown(node, "selects one channel")
+            return
+        # one slice of heads: q, k or v out of a joint projection
+        j = dims.index(dim)
+        sizes = [size for _, size in parts]
+        index = index + sizes[j] if index < 0 else index
+        out = self._split_axis(node, shifted)
+        self._set(node, out)
+        if out is None:
+            self._fix(source, "selected into an untracked tensor")
+            return
+        rest = sizes[:j] + sizes[j + 1 :]
+        for p in range(out.size):
+            coords = list(_unravel(p, rest))
+            coords.insert(j, index)
+            self._index(out, p, source, _ravel(coords, sizes), node)
+
+    def _visit_unsqueeze(self, node: fx.Node, source: Axis | None) -> None:
+        if source is None:
+            self._set(node, None)
+            return
+        dim = _norm_dim(node.args[1], len(_shape(node) or ()))
+        self._same_axis(node, source, dims=[d + (d >= dim) for d, _ in source.parts])
+
+    def _visit_squeeze(self, node: fx.Node, source: Axis | None) -> None:
+        shape = _shape(node.args[0])
+        if source is None or shape is None:
+            self._set(node, None)
+            return
+        dim = _norm_dim(node.args[1], len(shape))
+        if shape[dim] != 1:
+            self._same_axis(node, source)
+            return
+        dims = [d for d, _ in source.parts]
+        if dim in dims:
+            self._unknown(node, "squeezes a channel dim of size 1")
+            return
+        self._same_axis(node, source, dims=[d - (d > dim) for d in dims])
+
+    def _visit_attention(self, node: fx.Node) -> None:
+        """scaled_dot_product_attention(q, k, v): (batch, heads, tokens, head dim) each. Whole
+        heads go together: head h of q, k, v and the output, every channel of it (removing
+        part of a head would change the softmax scale 1 / sqrt(head dim))."""
+        q, k, v = (self._input_axis(a) for a in node.args[:3])
+        mask = _arg(node, 3, "attn_mask")
+        shapes = [_shape(a) for a in node.args[:3]]
+        heads_ok = all(
+            a is not None
+            and shape is not None
+            and len(shape) == 4
+            and [d for d, _ in a.parts] == [1, 3]
+            for a, shape in zip((q, k, v), shapes, strict=True)
+        )
+        if mask is not None or not heads_ok:
+            self._unknown(node, "attention with a mask or over untracked heads")
+            return
+        assert q is not None and k is not None and v is not None
+        out = self._split_axis(node, [1, 3])
+        self._set(node, out)
+        self._identity(q, k, node)
+        self._identity(v, out, node)
+        heads, dq, dv = q.parts[0][1], q.parts[1][1], v.parts[1][1]
+        if v.parts[0][1] != heads:
+            self._unknown(node, "attention with different head counts")
+            return
+        for h in range(heads):
+            for d in range(dq):
+                self._index(q, h * dq + d, v, h * dv, node)
+            for d in range(1, dv):
+                self._index(v, h * dv + d, v, h * dv, node)
 
     def _visit_cat(self, node: fx.Node) -> None:
         tensors = list(node.args[0])
@@ -581,6 +788,14 @@ class ChannelDependencyGraph:
         dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
         axes = [self._input_axis(t) for t in tensors]
         dims = {a.dim for a in axes if a is not None}
+        if None in axes and len(dims) == 1 and dims != {dim} and not any(a and a.sub for a in axes):
+            # a learned token (a constant, maybe expanded to the batch) joined along the
+            # sequence: its channel dim is the other inputs'
+            channel = next(iter(dims))
+            axes = [
+                a if a is not None else self._constant_axis(_constant_source(t), channel)
+                for a, t in zip(axes, tensors, strict=True)
+            ]
         if None in axes or len(dims) != 1:
             self._unknown(node, "cat of untracked tensors")
             return
@@ -641,6 +856,14 @@ class ChannelDependencyGraph:
             NormMember(node.name, module_path(node), self._class_id[axis], gamma)
             for node, axis, gamma in self._norms
         ]
+        self.layer_norms = [
+            NormMember(node.name, module_path(node), self._class_id[axis], gamma)
+            for node, axis, gamma in self._layer_norms
+        ]
+        self.weights = [
+            WeightMember(node.name, module_path(node), self._class_id[axis], weight, dim)
+            for node, axis, weight, dim in self._weights
+        ]
 
     def _build_groups(self) -> None:
         channels = UnionFind()
@@ -649,7 +872,15 @@ class ChannelDependencyGraph:
             ca, cb = self._class_id[a], self._class_id[b]
             channels.union((ca, i), (cb, j))
             touched.update((ca, cb))
-        sets: list[set[tuple[int, int]]] = list(channels.to_sets())
+        for cls in self.classes:
+            for sizes in sorted({tuple(n for _, n in a.sub) for a in cls.axes if a.sub}):
+                _tie_fibers(channels, cls.id, sizes)
+                touched.add(cls.id)
+        sets: list[set[tuple[int, int]]] = [
+            {m for m in members if len(m) == 2}  # without the fiber markers
+            for members in channels.to_sets()
+        ]
+        sets = [members for members in sets if members]
         for cls in self.classes:
             if cls.id not in touched:
                 sets.extend({(cls.id, i)} for i in range(cls.size))
@@ -677,6 +908,114 @@ class ChannelDependencyGraph:
                     fixed,
                 )
             )
+
+
+def _tie_fibers(channels: UnionFind, cls_id: int, sizes: tuple[int, ...]) -> None:
+    """Make the removable units of a class split over dims of ``sizes`` (heads x head dim)
+    whole slices along one of those dims, so what is kept stays a (heads' x head dim) block.
+    The dim chosen is the one whose slices merge the fewest existing groups (the heads,
+    where attention already ties each head's channels)."""
+    total = math.prod(sizes)
+    best: tuple[int, int] | None = None  # (groups left, dim)
+    for f, size in enumerate(sizes):
+        if size == 1:
+            continue
+        local = UnionFind()
+        for p in range(total):
+            local.union(channels[(cls_id, p)], ("fiber", _unravel(p, sizes)[f]))
+        count = len({local[channels[(cls_id, p)]] for p in range(total)})
+        if best is None or count > best[0]:
+            best = (count, f)
+    if best is None:
+        return
+    f = best[1]
+    for p in range(total):
+        channels.union((cls_id, p), ("fiber", cls_id, sizes, _unravel(p, sizes)[f]))
+
+
+def _unravel(index: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    coords = []
+    for size in reversed(sizes):
+        coords.append(index % size)
+        index //= size
+    return tuple(reversed(coords))
+
+
+def _ravel(coords: Sequence[int], sizes: Sequence[int]) -> int:
+    index = 0
+    for c, size in zip(coords, sizes, strict=True):
+        index = index * size + c
+    return index
+
+
+def _reshape_groups(
+    in_shape: Sequence[Any], out_shape: Sequence[Any]
+) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input dims with runs of output dims holding the same elements (dims of
+    size 1 left out); None where a symbolic dim is not passed through unchanged."""
+    ins = [i for i, s in enumerate(in_shape) if not (_is_static(s) and s == 1)]
+    outs = [o for o, s in enumerate(out_shape) if not (_is_static(s) and s == 1)]
+    groups: list[tuple[list[int], list[int]]] = []
+    i = o = 0
+    while i < len(ins) and o < len(outs):
+        a, b = in_shape[ins[i]], out_shape[outs[o]]
+        if not (_is_static(a) and _is_static(b)):
+            if not _same_dim(a, b):
+                return None
+            groups.append(([ins[i]], [outs[o]]))
+            i, o = i + 1, o + 1
+            continue
+        gi, go, pa, pb = [ins[i]], [outs[o]], a, b
+        i, o = i + 1, o + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(ins) or not _is_static(in_shape[ins[i]]):
+                    return None
+                pa *= in_shape[ins[i]]
+                gi.append(ins[i])
+                i += 1
+            else:
+                if o >= len(outs) or not _is_static(out_shape[outs[o]]):
+                    return None
+                pb *= out_shape[outs[o]]
+                go.append(outs[o])
+                o += 1
+        groups.append((gi, go))
+    return groups if i == len(ins) and o == len(outs) else None
+
+
+def _reshape_parts(
+    source: Axis, in_shape: Sequence[Any], out_shape: Sequence[Any]
+) -> list[int] | None:
+    """The output dims holding ``source``'s channels after a reshape, in flattening order,
+    where the reshape only splits or merges channel dims among themselves (heads x head
+    dim <-> channels) and moves other dims around them; None otherwise."""
+    groups = _reshape_groups(in_shape, out_shape)
+    parts = [d for d, _ in source.parts]
+    if groups is None or any(size == 1 for _, size in source.parts):
+        return None
+    result = list(parts)
+    for ins, outs in groups:
+        channel = [d for d in ins if d in parts]
+        if not channel:
+            continue
+        if channel != ins:
+            return None  # channels merged with other dims
+        at = [parts.index(d) for d in channel]
+        if at != list(range(at[0], at[0] + len(at))):
+            return None  # not consecutive in flattening order
+        first = result.index(channel[0])
+        result[first : first + len(channel)] = [-1 - o for o in outs]  # marked as output dims
+    if any(r >= 0 for r in result):
+        return None
+    return [-1 - r for r in result]
+
+
+def _constant_source(node: Any) -> Any:
+    """The constant behind ``node`` if it is one, perhaps expanded (a learned token)."""
+    while isinstance(node, fx.Node) and node.target is aten.expand.default:
+        node = node.args[0]
+    return node
 
 
 def _order(axis: Axis) -> tuple[str, int]:

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
 
-from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup
+from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup, class_sizes_after
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
 from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under
@@ -37,12 +38,31 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 _GROUPED = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 
 
+IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")
+Importance = str | Callable[[ChannelGroup], float]
+
+
 class ChannelPrune(Pass):
-    """Remove BatchNorm-ranked channel groups down to a MACs budget or below a threshold.
+    """Remove the least important channel groups down to a MACs budget or below a threshold.
 
     Args:
         macs: fraction of the original MACs to keep, in (0, 1] (e.g. 0.5 halves them).
-        threshold: alternatively, remove every group whose mean |gamma| is below this.
+        threshold: alternatively, remove every group whose score is below this.
+        importance: how groups are ranked: ``"bn"`` mean |gamma| of their BatchNorms;
+            ``"l1"`` / ``"l2"`` the norm of each producing conv/linear layer's weights for the
+            channel, divided by that layer's mean (so layers compare), averaged over the
+            coupled layers; ``"norm"`` mean |gamma| of the LayerNorms over them; a callable
+            ``(ChannelGroup) -> float``; ``"auto"`` (default): BatchNorm where a group has
+            BatchNorms, ``"l2"`` elsewhere. A group nothing ranks is never removed.
+        round_to: kept channel counts become multiples of this (fast SIMD kernels) where a
+            layer's channels are removed in single units and it has at least ``2 * round_to``
+            of them; 1 turns it off. Default: 8 with ``macs=``, 1 with ``threshold=`` (a
+            threshold says exactly what to remove).
+        compensate: a removed channel's BatchNorm output is on average its beta, which the
+            next layer kept receiving through the activation: fold ``act(beta)`` times that
+            layer's weights into its bias (conv/linear fed through elementwise ops only).
+            Exact for a constant channel away from the borders; a zero-padded conv sees less
+            of it at the border, so there it is an approximation.
         min_keep: every channel class keeps at least this fraction of its channels (and at
             least one), so no layer disappears.
         exclude: module paths (prefixes) whose channels are never removed, e.g. ``["fc"]``.
@@ -55,6 +75,9 @@ class ChannelPrune(Pass):
         macs: float | None = None,
         *,
         threshold: float | None = None,
+        importance: Importance = "auto",
+        round_to: int | None = None,
+        compensate: bool = True,
         min_keep: float = 0.1,
         exclude: Sequence[str] = (),
     ) -> None:
@@ -70,61 +93,104 @@ class ChannelPrune(Pass):
             )
         if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
             raise PassError(f"threshold must be a number >= 0, got {threshold!r}")
+        if not (callable(importance) or importance in IMPORTANCES):
+            raise PassError(
+                f"unknown importance {importance!r}",
+                hint=f"one of {', '.join(map(repr, IMPORTANCES))} or a function "
+                "(ChannelGroup) -> float",
+            )
+        if round_to is not None and not (
+            isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1
+        ):
+            raise PassError(
+                f"round_to must be an integer >= 1, got {round_to!r}",
+                hint="round_to=8 keeps multiples of 8 channels; round_to=1 turns rounding off",
+            )
         if not (isinstance(min_keep, (int, float)) and 0 <= min_keep <= 1):
             raise PassError(f"min_keep must be a fraction in [0, 1], got {min_keep!r}")
         check_module_paths("exclude", exclude, example='["fc", "layer4"]')
         self.macs = macs
         self.threshold = threshold
+        self.importance = importance
+        self.round_to = round_to
+        self.compensate = bool(compensate)
         self.min_keep = min_keep
         self.exclude = tuple(exclude)
+
+    @property
+    def report_round_to(self) -> int:
+        """The rounding this pass applies (``round_to`` or its default)."""
+        return self._round
+
+    @property
+    def _round(self) -> int:
+        if self.round_to is not None:
+            return self.round_to
+        return 8 if self.macs is not None else 1
 
     # ------------------------------------------------------------------ the pass
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         gm = program.copy_graph()
         dep = ChannelDependencyGraph(gm)
-        candidates, skipped = self._candidates(dep)
+        scores = _scores(dep, self.importance)
+        candidates, skipped = self._candidates(dep, scores)
         cost = program.cost()
         base = {c.node: c.macs for c in cost.nodes}
         estimate = _MacsModel(gm, dep, base)
+        units = _RoundingUnits(dep, self._round)
 
+        if not candidates:
+            why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+            raise PassError(
+                f"ChannelPrune cannot remove any channel of {program.name} ({why})",
+                hint="with importance='bn' only BatchNorm-ranked channels can go; "
+                "importance='auto' (the default) ranks the others by weight magnitude"
+                if self.importance == "bn"
+                else "the channels are fixed by the ops that read them (see the reasons)",
+            )
         if self.macs is not None:
             budget = self.macs * cost.total_macs
-            if not candidates and cost.total_macs > budget:
-                why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-                raise PassError(
-                    f"ChannelPrune cannot remove any channel of {program.name} ({why})",
-                    hint="ChannelPrune ranks channels by BatchNorm scaling factors; a model "
-                    "without BatchNorm (or with every BatchNorm fixed) cannot be pruned by it",
-                )
-            count = self._bisect(dep, candidates, estimate, budget)
+            count = self._bisect(dep, candidates, estimate, budget, units)
         else:
-            count = sum(g.importance < self.threshold for g in candidates)
-        removed = self._select(dep, candidates, count)
-        threshold = candidates[count - 1].importance if count else None
+            count = sum(scores[g.id][0] < self.threshold for g in candidates)
+        removed = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
+        threshold = scores[candidates[count - 1].id][0] if count else None
 
-        left = {cls.id: cls.size for cls in dep.classes}
-        for group in removed:
-            for cls_id, _ in group.channels:
-                left[cls_id] -= 1
+        left = class_sizes_after(dep, removed)
+        ranked_by: dict[str, int] = defaultdict(int)
+        for group in dep.groups:
+            if group.id in scores:
+                ranked_by[scores[group.id][1]] += 1
         report: dict[str, Any] = {
             "target_macs": self.macs,
             "threshold": threshold if self.threshold is None else self.threshold,
+            "importance": self.importance if isinstance(self.importance, str) else "callable",
+            "round_to": self._round,
             "groups_removed": len(removed),
             "channels_removed": sum(len(g.channels) for g in removed),
             "estimated_macs": estimate(left),
-            "layers": _layer_report(dep, left),
+            "ranked_by": dict(ranked_by),
+            "layers": _layer_report(dep, left, scores),
             "dependency_graph": dep.summary(),
             "not_ranked": skipped,
         }
         if removed:
+            folds = _compensation(gm, dep, removed) if self.compensate else []
             _slim(gm, dep, removed)
+            for layer, delta in folds:
+                _add_to_bias(gm, layer, delta)
+            gm.recompile()
+            if self.compensate:
+                report["compensated_layers"] = len(folds)
             remove_dead_code(gm)
             new = program.with_graph(gm, repr(self)).refreshed()
         else:
             new = program.with_graph(gm, repr(self))
         return new, report
 
-    def _candidates(self, dep: ChannelDependencyGraph) -> tuple[list[ChannelGroup], dict]:
+    def _candidates(
+        self, dep: ChannelDependencyGraph, scores: dict[int, tuple[float, str]]
+    ) -> tuple[list[ChannelGroup], dict]:
         """Removable groups, least important first; and counts of those that are not."""
         skipped: dict[str, int] = defaultdict(int)
         excluded = {
@@ -132,17 +198,21 @@ class ChannelPrune(Pass):
             for cls in dep.classes
             if any(under(m, p) for m in cls.modules for p in self.exclude)
         }
+        unranked = {
+            "bn": "no BatchNorm ranks them",
+            "norm": "no LayerNorm ranks them",
+        }.get(self.importance if isinstance(self.importance, str) else "", "nothing ranks them")
         candidates = []
         for group in dep.groups:
             if group.fixed is not None:
                 skipped["fixed: " + group.fixed.split(" (")[0]] += 1
-            elif group.importance is None:
-                skipped["no BatchNorm ranks them"] += 1
+            elif group.id not in scores:
+                skipped[unranked] += 1
             elif any(c in excluded for c, _ in group.channels):
                 skipped["excluded"] += 1
             else:
                 candidates.append(group)
-        candidates.sort(key=lambda g: (g.importance, g.id))
+        candidates.sort(key=lambda g: (scores[g.id][0], g.id))
         return candidates, dict(skipped)
 
     def _floor(self, size: int) -> int:
@@ -171,15 +241,13 @@ class ChannelPrune(Pass):
         candidates: list[ChannelGroup],
         estimate: _MacsModel,
         budget: float,
+        units: _RoundingUnits,
     ) -> int:
-        """The fewest least-important candidates whose removal meets ``budget``."""
+        """The fewest least-important candidates whose removal (rounded) meets ``budget``."""
 
         def macs_after(count: int) -> int:
-            left = {cls.id: cls.size for cls in dep.classes}
-            for group in self._select(dep, candidates, count):
-                for cls_id, _ in group.channels:
-                    left[cls_id] -= 1
-            return estimate(left)
+            chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
+            return estimate(class_sizes_after(dep, chosen))
 
         lo, hi = 0, len(candidates)
         if macs_after(hi) > budget:
@@ -196,6 +264,148 @@ class ChannelPrune(Pass):
             else:
                 lo = mid + 1
         return lo
+
+
+def _scores(dep: ChannelDependencyGraph, importance: Importance) -> dict[int, tuple[float, str]]:
+    """(score, what ranked it) per removable group id; groups nothing ranks are left out."""
+    if callable(importance):
+        scores = {}
+        for group in dep.prunable_groups():
+            value = importance(group)
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise PassError(
+                        f"the importance function returned a tensor of shape "
+                        f"{tuple(value.shape)} for channel group {group.id} "
+                        f"({_group_modules(dep, group)}); it must return one number",
+                        hint="score a whole group, e.g. lambda group: float(...)",
+                    )
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PassError(
+                    f"the importance function returned {type(value).__name__} for channel "
+                    f"group {group.id} ({_group_modules(dep, group)}); it must return a number",
+                    hint="score a whole group, e.g. lambda group: float(...)",
+                )
+            if not math.isfinite(value):
+                raise PassError(
+                    f"the importance function returned {value} for channel group {group.id} "
+                    f"({_group_modules(dep, group)})",
+                    hint="scores must be finite numbers",
+                )
+            scores[group.id] = (float(value), "callable")
+        return scores
+    per_channel: dict[str, dict[tuple[int, int], list[float]]] = {}
+    if importance in ("bn", "auto"):
+        per_channel["bn"] = _norm_values(dep.norms)
+    if importance == "norm":
+        per_channel["norm"] = _norm_values(dep.layer_norms)
+    if importance in ("l1", "l2", "auto"):
+        p = 1 if importance == "l1" else 2
+        per_channel["l1" if p == 1 else "l2"] = _magnitudes(dep, p)
+    scores = {}
+    for group in dep.prunable_groups():
+        for method, values in per_channel.items():  # "bn" first: auto prefers BatchNorm
+            found = [v for ch in group.channels for v in values.get(ch, ())]
+            if found:
+                scores[group.id] = (sum(found) / len(found), method)
+                break
+    return scores
+
+
+def _norm_values(norms: Sequence[Any]) -> dict[tuple[int, int], list[float]]:
+    values: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for norm in norms:
+        for i, value in enumerate(norm.gamma.tolist()):
+            values[(norm.class_id, i)].append(value)
+    return values
+
+
+def _magnitudes(dep: ChannelDependencyGraph, p: int) -> dict[tuple[int, int], list[float]]:
+    """Per channel: the p-norm of each producing layer's weights for it over that layer's
+    mean, so a channel scores ~1 in a layer of equal channels whatever the layer's scale."""
+    values: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for member in dep.weights:
+        weight = member.weight.float().movedim(member.dim, 0).flatten(1)
+        norms = weight.norm(p=p, dim=1)
+        norms = norms / norms.mean().clamp_min(1e-12)
+        for i, value in enumerate(norms.tolist()):
+            values[(member.class_id, i)].append(value)
+    return values
+
+
+def _group_modules(dep: ChannelDependencyGraph, group: ChannelGroup) -> str:
+    modules = [
+        m for c in dict.fromkeys(c for c, _ in group.channels) for m in dep.classes[c].modules
+    ]
+    return ", ".join(dict.fromkeys(m for m in modules if m)) or "no module"
+
+
+class _RoundingUnits:
+    """Where kept channel counts can be rounded to multiples of ``n``: a set of classes whose
+    channels only ever go in groups of one shape (the same channel count in each of the same
+    classes), so removing k more groups removes k from each; one such set is a *unit*."""
+
+    def __init__(self, dep: ChannelDependencyGraph, n: int) -> None:
+        self.n = n
+        self.unit_of: dict[int, tuple] = {}  # group id -> its unit's signature
+        self.size: dict[tuple, int] = {}  # signature -> groups in the unit
+        if n <= 1:
+            return
+        signature_of: dict[int, tuple] = {}
+        classes_of: dict[tuple, set[int]] = defaultdict(set)
+        signatures_per_class: dict[int, set[tuple]] = defaultdict(set)
+        for group in dep.groups:
+            per_class: dict[int, int] = defaultdict(int)
+            for cls_id, _ in group.channels:
+                per_class[cls_id] += 1
+            signature = tuple(sorted(per_class.items()))
+            signature_of[group.id] = signature
+            for cls_id in per_class:
+                signatures_per_class[cls_id].add(signature)
+            classes_of[signature].add(group.id)
+        for signature, groups in classes_of.items():
+            shared = any(len(signatures_per_class[c]) > 1 for c, _ in signature)
+            if not shared and len(groups) >= 2 * n:
+                self.size[signature] = len(groups)
+                for gid in groups:
+                    self.unit_of[gid] = signature
+
+    def rounded(
+        self,
+        chosen: list[ChannelGroup],
+        candidates: list[ChannelGroup],
+        floor: Callable[[int], int],
+    ) -> list[ChannelGroup]:
+        """``chosen`` plus, in every unit, the next least important candidates of that unit
+        until its kept count is a multiple of ``n`` (never below ``n`` or the floor)."""
+        if self.n <= 1 or not chosen:
+            return chosen
+        removed_in: dict[tuple, int] = defaultdict(int)
+        taken = {g.id for g in chosen}
+        for group in chosen:
+            if group.id in self.unit_of:
+                removed_in[self.unit_of[group.id]] += 1
+        extra: dict[tuple, int] = {}
+        for signature, removed in removed_in.items():
+            size = self.size[signature]
+            kept = size - removed
+            target = kept - kept % self.n
+            # class c holds k channels of each of the unit's groups: its floor in groups
+            smallest = max(self.n, *(math.ceil(floor(k * size) / k) for _, k in signature))
+            if target < smallest:
+                target = kept  # rounding down would go below the floor: leave it
+            if target < kept:
+                extra[signature] = kept - target
+        if not extra:
+            return chosen
+        result = list(chosen)
+        for group in candidates:
+            signature = self.unit_of.get(group.id)
+            if signature in extra and extra[signature] > 0 and group.id not in taken:
+                result.append(group)
+                extra[signature] -= 1
+        return result
 
 
 class _MacsModel:
@@ -220,6 +430,8 @@ class _MacsModel:
                 out_id = dep.class_of(out_axis).id if out_axis else None
                 in_id = dep.class_of(in_axis).id if in_axis and not depthwise else None
                 self.terms.append((macs, out_id, in_id))
+            elif node.target is aten.scaled_dot_product_attention.default and out_axis:
+                self.terms.append((macs, dep.class_of(out_axis).id, None))  # per head
             elif node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
                 out_id = dep.class_of(out_axis).id if out_axis else None
                 in_id = dep.class_of(in_axis).id if in_axis else None
@@ -245,12 +457,147 @@ def _groups(node: fx.Node) -> int:
     return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
 
 
-def _layer_report(dep: ChannelDependencyGraph, left: dict[int, int]) -> list[dict[str, Any]]:
+def _layer_report(
+    dep: ChannelDependencyGraph, left: dict[int, int], scores: dict[int, tuple[float, str]]
+) -> list[dict[str, Any]]:
+    ranked: dict[int, set[str]] = defaultdict(set)
+    for group in dep.groups:
+        if group.id in scores:
+            for cls_id, _ in group.channels:
+                ranked[cls_id].add(scores[group.id][1])
     rows = []
     for cls in dep.classes:
         if left[cls.id] != cls.size and cls.modules:
-            rows.append({"modules": cls.modules[:4], "channels": cls.size, "kept": left[cls.id]})
+            rows.append(
+                {
+                    "modules": cls.modules[:4],
+                    "channels": cls.size,
+                    "kept": left[cls.id],
+                    "ranked_by": sorted(ranked[cls.id]),
+                }
+            )
     return rows
+
+
+# ---------------------------------------------------------------------- bias compensation
+_ELEMENTWISE = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.relu6.default,
+    aten.hardtanh.default,
+    aten.hardtanh_.default,
+    aten.silu.default,
+    aten.silu_.default,
+    aten.gelu.default,
+    aten.sigmoid.default,
+    aten.hardswish.default,
+    aten.hardswish_.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.clone.default,
+    aten.dropout.default,
+}
+
+
+def _compensation(
+    gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[ChannelGroup]
+) -> list[tuple[fx.Node, torch.Tensor]]:
+    """What the removed BatchNorm-scaled channels still feed forward, per conv / linear layer
+    reading them (see ChannelPrune's ``compensate``), computed with the unslimmed weights and
+    cut to the layer's kept outputs: (layer, amount to add to its bias)."""
+    gone: dict[int, list[int]] = defaultdict(list)
+    for group in removed:
+        for cls_id, index in group.channels:
+            gone[cls_id].append(index)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    folds = []
+    for norm in dep.norms:
+        if norm.class_id not in gone:
+            continue
+        bn = nodes[norm.node]
+        beta = bn.args[2]
+        if not (isinstance(beta, fx.Node) and beta.op == "get_attr"):
+            continue
+        index = torch.tensor(sorted(gone[norm.class_id]))
+        mean_output = _get_constant(gm, beta.target).detach().index_select(0, index)
+        for consumer, chain in _consumers(bn):
+            value = mean_output
+            for op in chain:  # the activations between, applied to the constant
+                value = op.target(value, *op.args[1:], **op.kwargs)
+            if not bool(value.abs().max() > 0):
+                continue
+            weight = _get_constant(gm, consumer.args[1].target).detach()
+            if consumer.target is aten.linear.default:
+                delta = weight.index_select(1, index) @ value
+            else:
+                delta = weight.index_select(1, index).flatten(2).sum(2) @ value
+            out = dep.axis_of(consumer)
+            cut = sorted(gone.get(dep.class_of(out).id, ())) if out is not None else []
+            if cut:
+                delta = delta[[i for i in range(len(delta)) if i not in set(cut)]]
+            folds.append((consumer, delta))
+    return folds
+
+
+def _consumers(bn: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """(conv or linear reading ``bn``'s output as its input, elementwise ops in between),
+    following only single chains of elementwise ops; anything else is left alone."""
+    out = bn
+    if bn.target is not aten.batch_norm.default:  # the _native_ variants: item 0
+        items = [u for u in bn.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(items) != 1:
+            return []
+        out = items[0]
+    found = []
+    stack = [(out, [])]
+    while stack:
+        node, chain = stack.pop()
+        for user in node.users:
+            if user.target in _ELEMENTWISE and user.args[0] is node:
+                stack.append((user, [*chain, user]))
+            elif _reads_channels(user, node):
+                found.append((user, chain))
+    return found
+
+
+def _reads_channels(layer: fx.Node, value: fx.Node) -> bool:
+    """``layer`` is a conv (one group) or a linear layer over ``value``'s channel dim, with a
+    constant weight."""
+    if not (layer.args and layer.args[0] is value and len(layer.args) > 1):
+        return False
+    weight = layer.args[1]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return False
+    if layer.target is aten.linear.default:
+        return value.meta["val"].dim() == 2  # (batch, channels)
+    return layer.target in _GROUPED and _groups(layer) == 1
+
+
+def _get_constant(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner_path, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
+
+
+def _add_to_bias(gm: fx.GraphModule, layer: fx.Node, delta: torch.Tensor) -> None:
+    bias = layer.args[2] if len(layer.args) > 2 else layer.kwargs.get("bias")
+    if isinstance(bias, fx.Node) and bias.op == "get_attr":
+        with torch.no_grad():
+            _get_constant(gm, bias.target).add_(delta.to(_get_constant(gm, bias.target).dtype))
+        return
+    # no bias yet: one next to the weight
+    owner_path, _, _ = layer.args[1].target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    leaf = "bias" if not hasattr(owner, "bias") else f"bias_{layer.name}"
+    owner.register_parameter(leaf, torch.nn.Parameter(delta.clone(), requires_grad=False))
+    target = f"{owner_path}.{leaf}" if owner_path else leaf
+    with gm.graph.inserting_before(layer):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = delta
+    args = list(layer.args)
+    while len(args) < 3:
+        args.append(None)
+    args[2] = node
+    layer.args = tuple(args)
 
 
 # ---------------------------------------------------------------------- physical slimming
@@ -287,9 +634,10 @@ def _slim(gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[Channel
         if node.target in _RESHAPES or node.target is aten.expand.default:
             if out is not None and (index := kept(out)) is not None:
                 shape = list(node.args[1])
-                if shape[out.dim] != -1:
-                    shape[out.dim] = len(index)
-                    node.args = (node.args[0], shape, *node.args[2:])
+                for dim, size in _part_sizes(out, index):
+                    if shape[dim] != -1:
+                        shape[dim] = size
+                node.args = (node.args[0], shape, *node.args[2:])
         elif node.target is aten.layer_norm.default:
             if out is not None and (index := kept(out)) is not None:
                 node.args = (node.args[0], [len(index)], *node.args[2:])
@@ -313,6 +661,19 @@ def _slim(gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[Channel
                 node.args = (node.args[0], new_sizes, source.dim)
                 node.kwargs = {}
     gm.recompile()
+
+
+def _part_sizes(axis: Any, index: torch.Tensor) -> list[tuple[int, int]]:
+    """(dim, kept size) of every dim ``axis`` occupies once only ``index`` is kept: heads x
+    head dim keep whole heads, so the kept channels are a block of whole slices."""
+    if not axis.sub:
+        return [(axis.dim, len(index))]
+    sizes = [size for _, size in axis.sub]
+    coords = torch.stack(torch.unravel_index(index, sizes))
+    kept = [int(row.unique().numel()) for row in coords]
+    if math.prod(kept) != len(index):
+        raise PassError(f"channels kept at {axis} are not whole heads (internal error)")
+    return [(dim, n) for (dim, _), n in zip(axis.sub, kept, strict=True)]
 
 
 def _pairs(bounds: list[int]) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from prune_models import ChannelShuffle, Couplings, randomize
+from prune_models import Attention, ChannelShuffle, Couplings, randomize
 from torch import nn
 
 from edgefx.analysis.depgraph import ChannelDependencyGraph
@@ -165,3 +165,25 @@ def test_a_weight_also_read_by_an_unknown_op_fixes_its_channels():
     cls = dep.classes[norm.class_id]
     assert any("cumsum" in reason for reason in cls.fixed)
     assert not dep.prunable_groups()
+
+
+def test_attention_heads_go_whole_across_q_k_v_and_the_output_projection():
+    program = capture(Attention(32, 4).eval(), (torch.randn(1, 3, 2, 3),), dynamic_batch=False)
+    dep = ChannelDependencyGraph(program.graph_module)
+    qkv = dep.class_of(dep.axis_of("linear"))  # the q/k/v projection's 96 outputs
+    proj_in = dep.class_of(
+        dep.axis_of(
+            next(n for n in program.graph_module.graph.nodes if n.name == "linear_1").args[0]
+        )
+    )
+    heads = [g for g in dep.prunable_groups() if any(c == qkv.id for c, _ in g.channels)]
+    assert len(heads) == 4
+    for h, group in enumerate(
+        sorted(heads, key=lambda g: min(i for c, i in g.channels if c == qkv.id))
+    ):
+        # head h: rows h*8 .. h*8+7 of q, of k (32 + ...) and of v (64 + ...)
+        rows = sorted(i for c, i in group.channels if c == qkv.id)
+        assert rows == [p * 32 + h * 8 + d for p in range(3) for d in range(8)]
+        assert sorted(i for c, i in group.channels if c == proj_in.id) == list(
+            range(h * 8, h * 8 + 8)
+        )

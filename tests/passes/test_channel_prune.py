@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prune_models import ChannelShuffle, Couplings, randomize
+from prune_models import (
+    ChannelShuffle,
+    ChannelsLastBlock,
+    Couplings,
+    deit_small,
+    randomize,
+    silence_heads_and_mlp,
+    vit_b_16,
+)
 
 import edgefx
 from edgefx import PassError
@@ -141,30 +149,155 @@ def test_unreachable_budget_is_refused_with_the_reachable_figure():
     assert "min_keep" in info.value.hint
 
 
-def test_a_budget_for_a_model_without_batchnorm_is_refused_with_the_reason():
-    class Plain(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3)
-            self.out = torch.nn.Conv2d(8, 4, 1)
+class Plain(torch.nn.Module):
+    """No BatchNorm: only weight magnitude can rank its 8 hidden channels."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.out(torch.relu(self.conv(x)))
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.out = torch.nn.Conv2d(8, 4, 1)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("kwargs", [{"macs": 0.5}, {"threshold": 0.5}])
+def test_batchnorm_ranking_of_a_model_without_batchnorm_is_refused_with_the_reason(kwargs):
+    # a threshold used to return the model unchanged without a word
     program = capture(Plain().eval(), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(PassError, match="cannot remove any channel of Plain") as info:
-        ChannelPrune(macs=0.5)(program)
+        ChannelPrune(importance="bn", **kwargs)(program)
     assert "8 no BatchNorm ranks them" in info.value.message
-    assert "BatchNorm" in info.value.hint
+    assert "importance='auto'" in info.value.hint
 
 
-def test_nothing_to_rank_is_reported_not_silent():
+def test_a_model_without_batchnorm_is_ranked_by_weight_magnitude():
+    torch.manual_seed(0)
+    model = Plain().eval()
+    with torch.no_grad():
+        model.conv.weight[[2, 5]] *= 0.01  # the two weakest filters
+    program = capture(model, (torch.randn(1, 3, 8, 8),))
+    result = ChannelPrune(threshold=0.2)(program)
+    assert result.report["ranked_by"] == {"l2": 8}
+    assert result.report["groups_removed"] == 2
+    kept = result.program.graph_module.get_parameter("conv.weight")
+    assert torch.equal(kept, model.conv.weight[[0, 1, 3, 4, 6, 7]])
+
+
+def test_a_model_whose_channels_are_all_fixed_is_refused_with_the_reasons():
     program = capture(randomize(ChannelShuffle()), (torch.randn(1, 3, 8, 8),))
-    result = ChannelPrune(threshold=10.0)(program)
-    assert not result.changed
-    assert result.report["groups_removed"] == 0
-    reasons = result.report["not_ranked"]
-    assert any("reshape" in reason for reason in reasons)
+    with pytest.raises(PassError, match="cannot remove any channel") as info:
+        ChannelPrune(threshold=10.0)(program)
+    assert "reshape" in info.value.message
+
+
+def test_layer_norm_and_expand_sizes_are_rewritten():
+    torch.manual_seed(0)
+    model = randomize(ChannelsLastBlock(16))
+    with torch.no_grad():
+        model.stem[1].weight[[1, 5, 6]] = 1e-3  # the three least important channels
+    x = torch.randn(1, 3, 4, 4, generator=GEN)
+    program = capture(model, (x,), dynamic_batch=False)
+    result = ChannelPrune(threshold=0.01, importance="bn")(program)
+    assert result.report["groups_removed"] == 3
+    nodes = {n.target: n for n in result.program.graph_module.graph.nodes}
+    assert nodes[torch.ops.aten.layer_norm.default].args[1] == [13]
+    assert nodes[torch.ops.aten.expand.default].args[1] == [1, 13, 4, 4]
+    # removing channels from a LayerNorm changes its statistics: the reference is the same
+    # block built 13 channels wide with the kept weights cut by hand
+    reference = model.sliced([i for i in range(16) if i not in (1, 5, 6)])
+    with torch.no_grad():
+        assert rel_err(result.program(x), reference(x)) <= 1e-5
+
+
+def test_importance_by_layer_norm_gamma_and_by_a_function():
+    torch.manual_seed(0)
+    model = randomize(ChannelsLastBlock(16))
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.linspace(1, 2, 16))
+        model.norm.weight[[4, 9]] = 0.01
+    program = capture(model, (torch.randn(1, 3, 4, 4, generator=GEN),), dynamic_batch=False)
+    by_norm = ChannelPrune(threshold=0.5, importance="norm")(program)
+    assert by_norm.report["groups_removed"] == 2 and by_norm.report["ranked_by"] == {"norm": 16}
+    assert by_norm.program.graph_module.get_parameter("norm.weight").min() >= 1
+
+    seen = []
+
+    def last_channels_first(group) -> float:
+        seen.append(group)
+        return 16.0 - max(i for _, i in group.channels)
+
+    by_function = ChannelPrune(threshold=2.5, importance=last_channels_first)(program)
+    assert by_function.report["ranked_by"] == {"callable": 16} and len(seen) == 16
+    kept = by_function.program.graph_module.get_parameter("norm.weight")
+    assert torch.equal(kept, model.norm.weight[:14])  # channels 14 and 15 scored lowest
+
+
+def test_round_to_keeps_multiples_and_one_turns_it_off():
+    torch.manual_seed(0)
+    model = randomize(ChannelsLastBlock(64))
+    program = capture(model, (torch.randn(1, 3, 4, 4, generator=GEN),), dynamic_batch=False)
+    widths = {}
+    for round_to in (8, 1):
+        result = ChannelPrune(macs=0.55, round_to=round_to, importance="bn")(program)
+        assert result.after.macs <= 0.55 * result.before.macs
+        assert result.report["estimated_macs"] == result.after.macs
+        assert result.report["round_to"] == round_to
+        widths[round_to] = result.program.graph_module.get_parameter("norm.weight").shape[0]
+    assert widths[8] % 8 == 0
+    assert widths[1] % 8 != 0  # without rounding the bisection stops at an odd count
+    assert ChannelPrune(macs=0.5).report_round_to == 8
+    assert ChannelPrune(threshold=0.5).report_round_to == 1
+
+
+class ConstantChannels(torch.nn.Module):
+    """conv -> BN -> ReLU -> conv (``k`` x ``k``, zero padding) -> mean -> linear."""
+
+    def __init__(self, k: int, bias: bool) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.conv = torch.nn.Conv2d(16, 8, k, padding=k // 2, bias=bias)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(torch.relu(self.bn(self.stem(x))))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("k", "bias"), [(1, True), (1, False), (3, True)])
+def test_bias_compensation_folds_what_constant_channels_fed_forward(k, bias):
+    torch.manual_seed(0)
+    model = randomize(ConstantChannels(k, bias))
+    with torch.no_grad():
+        model.bn.weight[[2, 7, 11]] = 0.0  # constant channels: relu(beta) = beta > 0
+        model.bn.bias[[2, 7, 11]] = torch.tensor([0.5, 1.0, 0.8])
+    x = torch.randn(2, 3, 8, 8, generator=GEN)
+    program = capture(model, (x,))
+    with torch.no_grad():
+        expected = model(x)
+    errors, reports = {}, {}
+    for compensate in (True, False):
+        result = ChannelPrune(threshold=1e-6, importance="bn", compensate=compensate)(program)
+        assert result.report["groups_removed"] == 3
+        errors[compensate] = rel_err(result.program(x), expected)
+        reports[compensate] = result.report
+    assert reports[True]["compensated_layers"] == 1  # the conv after the ReLU
+    assert "compensated_layers" not in reports[False]
+    assert errors[False] > 1e-2  # plain removal loses what the channels fed forward
+    if k == 1:
+        assert errors[True] <= 1e-5  # no padding: the fold is exact
+    else:
+        assert errors[True] < errors[False] / 3  # zero padding: the border sees less of it
+
+
+def test_an_importance_function_returning_the_wrong_shape_is_refused_naming_the_group():
+    program = capture(Plain().eval(), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(PassError, match=r"shape \(8,\) for channel group .*conv") as info:
+        ChannelPrune(macs=0.5, importance=lambda group: torch.ones(8))(program)
+    assert "one number" in info.value.message
+    with pytest.raises(PassError, match="returned str"):
+        ChannelPrune(macs=0.5, importance=lambda group: "high")(program)
 
 
 @pytest.mark.parametrize(
@@ -178,6 +311,10 @@ def test_nothing_to_rank_is_reported_not_silent():
         {"threshold": -1},
         {"macs": 0.5, "min_keep": 2},
         {"macs": 0.5, "exclude": "fc"},
+        {"macs": 0.5, "importance": "taylor"},
+        {"macs": 0.5, "importance": None},
+        {"macs": 0.5, "round_to": 0},
+        {"macs": 0.5, "round_to": 2.5},
     ],
 )
 def test_bad_configuration_is_refused_eagerly(kwargs):
@@ -208,21 +345,71 @@ ARCHITECTURES = [
         for name in ("densenet121", "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d")
     ),
 ]
+_CAPTURED: dict[str, tuple[torch.Tensor, object]] = {}
+
+
+def torchvision_program(name: str):
+    """(input, Program) of torchvision ``name`` (random weights, BatchNorms randomised) at
+    1x3x64x64, captured once per test session: several tests read the same model."""
+    if name not in _CAPTURED:
+        torchvision = pytest.importorskip("torchvision")
+        torch.manual_seed(0)
+        model = randomize(getattr(torchvision.models, name)(weights=None))
+        x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(64))
+        _CAPTURED[name] = (x, capture(model, (x,), dynamic_batch=False))
+    return _CAPTURED[name]
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_torchvision_models_meet_half_the_macs(name):
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = randomize(getattr(torchvision.models, name)(weights=None))
-    x = torch.randn(1, 3, 64, 64, generator=GEN)
-    program = capture(model, (x,), dynamic_batch=False)
+    x, program = torchvision_program(name)
     result = ChannelPrune(macs=0.5)(program)
     assert 0.4 * result.before.macs <= result.after.macs <= 0.5 * result.before.macs
     assert result.report["estimated_macs"] == result.after.macs
     assert result.after.params < result.before.params
     out = result.program(x)
     assert out.shape == (1, 1000) and bool(torch.isfinite(out).all())
+
+
+def silenced_copy(program, share: float, seed: int = 0):
+    """A copy of ``program`` whose BatchNorms output exact zeros (gamma = beta = 0) on every
+    channel of a random ``share`` of the BatchNorm-ranked removable groups, and how many
+    groups that is. ``program`` itself is not touched."""
+    gm = program.copy_graph()
+    dep = ChannelDependencyGraph(gm)
+    groups = [g for g in dep.prunable_groups() if g.importance is not None]
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
+    chosen = [groups[i] for i in order[: int(share * len(groups))].tolist()]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    with torch.no_grad():
+        for group in chosen:
+            for cls_id, index in group.channels:
+                for norm in dep.norms:
+                    if norm.class_id == cls_id:
+                        for param in nodes[norm.node].args[1:3]:  # gamma, beta
+                            owner, _, leaf = param.target.rpartition(".")
+                            getattr(gm.get_submodule(owner), leaf)[index] = 0.0
+    return program.with_graph(gm, "silenced"), len(chosen)
+
+
+# the couplings a wrong channel mapping would break: a flatten into the classifier (vgg),
+# split / cat / channel shuffle (shufflenet), dense concatenation (densenet), squeeze-excite
+# and depthwise (efficientnet), grouped convs with squeeze-excite (regnet_y)
+SILENCED = ["vgg11_bn", "shufflenet_v2_x0_5", "densenet121", "efficientnet_b0", "regnet_y_400mf"]
+
+
+@pytest.mark.parametrize("name", SILENCED)
+def test_silenced_channels_of_torchvision_models_are_removed_exactly(name):
+    x, program = torchvision_program(name)
+    silenced, count = silenced_copy(program, 0.3)
+    assert count > 0
+    # the pass alone (no PassManager checks around it: this test compares the outputs itself)
+    pruned, report = ChannelPrune(threshold=1e-9, min_keep=0).run(silenced)
+    assert report["groups_removed"] == count
+    assert report["estimated_macs"] < sum(c.macs for c in program.cost().nodes)
+    other = torch.randn(x.shape, generator=GEN)
+    for inputs in (x, other):
+        assert rel_err(pruned(inputs), silenced(inputs)) <= 1e-5
 
 
 def test_pruned_then_folded_resnet18_runs_in_onnx_runtime_with_dynamic_batch(resnet18):
@@ -247,3 +434,87 @@ def test_pass_manager_refreshes_the_pruned_program(silenced):
             assert "val" in node.meta
     assert pruned.history[-1].startswith("ChannelPrune(")
     assert result.report["layers"]
+
+
+# ----------------------------------------------------------------------------- transformers
+# (builder, heads, head dim, MLP hidden width, name of block 0's q/k/v weight)
+VITS = {
+    "deit_small": (deit_small, 6, 64, 1536, "blocks.0.attn.qkv.weight"),
+    "vit_b_16": (
+        vit_b_16,
+        12,
+        64,
+        3072,
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VITS))
+def test_zeroed_heads_and_mlp_channels_of_vits_are_removed_exactly(name):
+    build, heads, head_dim, hidden, qkv = VITS[name]
+    model = build()
+    silence_heads_and_mlp(model, {0: [1, 4], 1: [0]}, hidden=[3, 100, 700])
+    x = torch.randn(1, 3, 32, 32, generator=GEN)
+    program = capture(model, (x,), dynamic_batch=False)
+    result = ChannelPrune(threshold=1e-6, min_keep=0)(program)
+    # 3 heads and 2 x 3 hidden channels, ranked by weight magnitude (no BatchNorm here)
+    assert result.report["groups_removed"] == 3 + 6
+    assert set(result.report["ranked_by"]) == {"l2"}
+    params = dict(result.program.graph_module.named_parameters())
+    width = heads * head_dim
+    assert params[qkv].shape == (3 * (heads - 2) * head_dim, width)  # whole heads, q, k and v
+    mlp_in = [p for p in params.values() if p.dim() == 2 and p.shape[1] == width]
+    assert sum(p.shape[0] == hidden - 3 for p in mlp_in) == 2  # each block's first MLP layer
+    # the reshape into (3, heads, head dim) now says heads - 2 (block 0) and heads - 1
+    shapes = [
+        list(n.args[1])
+        for n in result.program.graph_module.graph.nodes
+        if n.target is torch.ops.aten.reshape.default
+    ]
+    assert any(
+        s[-3:] == [3, heads - 2, head_dim] or s[-2:] == [3, (heads - 2) * head_dim] for s in shapes
+    )
+    other = torch.randn(1, 3, 32, 32, generator=GEN)
+    with torch.no_grad():
+        for inputs in (x, other):
+            assert rel_err(result.program(inputs), model(inputs)) <= 1e-5
+
+
+def test_vit_meets_a_macs_budget_with_heads_mlp_and_embedding_pruned():
+    model = deit_small()
+    program = capture(model, (torch.randn(1, 3, 32, 32, generator=GEN),), dynamic_batch=False)
+    result = ChannelPrune(macs=0.5)(program)
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert result.report["estimated_macs"] == result.after.macs
+    params = dict(result.program.graph_module.named_parameters())
+    embed = params["pos_embed"].shape[-1]
+    assert embed < 384 and embed % 8 == 0  # the residual stream, rounded to 8
+    assert params["cls_token"].shape[-1] == embed == params["norm.weight"].shape[0]
+    assert params["blocks.0.mlp.fc1.weight"].shape[0] % 8 == 0
+    out = result.program(torch.randn(1, 3, 32, 32, generator=GEN))
+    assert out.shape == (1, 1000) and bool(torch.isfinite(out).all())
+
+
+def test_a_small_convnext_meets_a_macs_budget():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    blocks = [CNBlockConfig(32, 64, 2), CNBlockConfig(64, None, 2)]
+    model = ConvNeXt(blocks, num_classes=10).eval()
+    assert torchvision  # the architecture comes from torchvision, built small
+    x = torch.randn(1, 3, 32, 32, generator=GEN)
+    program = capture(model, (x,), dynamic_batch=False)
+    result = ChannelPrune(macs=0.5)(program)
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert result.report["estimated_macs"] == result.after.macs
+    assert set(result.report["ranked_by"]) == {"l2"}  # no BatchNorm in a ConvNeXt
+    params = dict(result.program.graph_module.named_parameters())
+    # the stage's stream: stem conv, every block's depthwise conv, LayerNorm and layer scale
+    width = params["features.0.0.weight"].shape[0]
+    assert width < 32 and width % 8 == 0
+    assert params["features.1.0.block.0.weight"].shape[0] == width
+    assert params["features.1.0.layer_scale"].shape[0] == width
+    out = result.program(x)
+    assert out.shape == (1, 10) and bool(torch.isfinite(out).all())
