@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             row["tvm_tuned_ms"] = latency_ms(lambda c=tuned, x=x: c(x), args.repeat)
         rows.append(row)
         print(row, flush=True)
+        write_table(args, argv, rows)  # after every model: a cut-short run still leaves a table
+    return 0
 
+
+def write_table(args: argparse.Namespace, argv: list[str] | None, rows: list[dict]) -> None:
     data = {**header("tvm.py", argv), "rows": rows}
     data["versions"].update(tuned_versions())
     md = [
@@ -121,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", "Tasks MetaSchedule failed on (they keep TVM's default schedule):", ""]
         md += [f"- {k}: `{v}`" for k, v in list(failures.items())[:20]]
     write_results(Path(args.out), "tvm", data, "\n".join(md) + "\n")
-    return 0
 
 
 def tuned_versions() -> dict[str, str]:
