@@ -542,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.collect:
         models = [merged(name) for name in args.models.split(",")]
     data = {**header("real_data.py", argv), "note": args.note, "models": models}
+    if args.note:  # the note is printed below the command, not inside it
+        data["command"] = data["command"].replace(args.note, '"<the paragraph below>"')
     write_results(args.out, "real_data", data, render(data))
     return 0
 
