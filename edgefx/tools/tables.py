@@ -229,6 +229,7 @@ def quant_table(rows: list[QuantLayer], title: str = "Quantized layers") -> Tabl
         )
     if not rows:
         table.caption = "no layer reads power-of-two quantized weights (edgefx::dequantize_pot)"
+    return table
 
 
 def block_table(vit: ViTStructure) -> Table:
