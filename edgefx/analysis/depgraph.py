@@ -47,7 +47,7 @@ import torch
 from networkx.utils import UnionFind
 from torch import fx
 
-from edgefx.analysis.graph import POOLS, module_path
+from edgefx.analysis.graph import ACTIVATIONS, COPIES, POOLS, module_path
 
 aten = torch.ops.aten
 
@@ -119,26 +119,8 @@ class WeightMember:
 
 
 _UNARY = {
-    aten.relu.default,
-    aten.relu_.default,
-    aten.relu6.default,
-    aten.hardtanh.default,
-    aten.hardtanh_.default,
-    aten.silu.default,
-    aten.silu_.default,
-    aten.gelu.default,
-    aten.sigmoid.default,
-    aten.tanh.default,
-    aten.hardswish.default,
-    aten.hardswish_.default,
-    aten.hardsigmoid.default,
-    aten.elu.default,
-    aten.leaky_relu.default,
-    aten.mish.default,
-    aten.clone.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.dropout.default,
+    *ACTIVATIONS,
+    *COPIES,
     aten.neg.default,
     aten.abs.default,
     aten.exp.default,

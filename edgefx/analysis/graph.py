@@ -22,6 +22,33 @@ POOLS = frozenset(
 )
 """Pooling ops: per channel, so they keep each channel's axis (and a value's sign)."""
 
+ACTIVATIONS = frozenset(
+    {
+        aten.relu.default,
+        aten.relu_.default,
+        aten.relu6.default,
+        aten.hardtanh.default,
+        aten.hardtanh_.default,
+        aten.silu.default,
+        aten.silu_.default,
+        aten.gelu.default,
+        aten.sigmoid.default,
+        aten.tanh.default,
+        aten.hardswish.default,
+        aten.hardswish_.default,
+        aten.hardsigmoid.default,
+        aten.elu.default,
+        aten.leaky_relu.default,
+        aten.mish.default,
+    }
+)
+"""Pointwise activations: each output element depends on its input element alone."""
+
+COPIES = frozenset(
+    {aten.clone.default, aten.alias.default, aten.detach.default, aten.dropout.default}
+)
+"""Ops that pass their input on unchanged in an inference graph."""
+
 
 def module_path(node: Node) -> str:
     """The innermost source module of ``node`` from ``nn_module_stack`` ("" for top level)."""

@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup, class_sizes_after
+from edgefx.analysis.graph import ACTIVATIONS, COPIES
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
 from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under
@@ -480,23 +481,7 @@ def _layer_report(
 
 
 # ---------------------------------------------------------------------- bias compensation
-_ELEMENTWISE = {
-    aten.relu.default,
-    aten.relu_.default,
-    aten.relu6.default,
-    aten.hardtanh.default,
-    aten.hardtanh_.default,
-    aten.silu.default,
-    aten.silu_.default,
-    aten.gelu.default,
-    aten.sigmoid.default,
-    aten.hardswish.default,
-    aten.hardswish_.default,
-    aten.leaky_relu.default,
-    aten.elu.default,
-    aten.clone.default,
-    aten.dropout.default,
-}
+_ELEMENTWISE = ACTIVATIONS | COPIES
 
 
 def _compensation(
