@@ -326,3 +326,31 @@ def test_excluded_layers_stay_float_and_are_listed(tiny):
     islands = result.report["islands"]
     assert [i["reason"] for i in islands] == ["excluded (QDQToShift(exclude=...))"]
     assert len(result.report["layers"]) == 4
+
+
+def test_compile_to_tvm_and_onnx_gives_the_programs_integer_outputs():
+    """The whole flow through compile(): both backends' own checks pass and, at another batch
+    size than the example's, their outputs equal the integer Program element for element."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 16, 16)
+
+    def passes():
+        return [FoldBatchNorm(), PotQuantize([torch.randn(8, 3, 16, 16)], search="mse"),
+                QDQToShift()]  # fmt: skip
+
+    tvm = edgefx.compile(model, (x,), passes=passes(), backend="tvm", progress=False)
+    ort = edgefx.compile(
+        model, (x,), passes=passes(), backend="onnx", backend_options={"opset": 28},
+        progress=False,
+    )  # fmt: skip
+    assert tvm.report.backend_check.max_abs == 0.0
+    assert ort.report.backend_check.max_abs == 0.0
+    x4 = torch.randn(4, 3, 16, 16)
+    reference = tvm.program(x4)
+    assert torch.equal(tvm(x4), reference)
+    assert torch.equal(ort(x4), reference)
