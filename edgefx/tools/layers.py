@@ -120,6 +120,18 @@ class Segment:
     output_shape: tuple[int, ...] | None = None
 
 
+def _absorb(into: Layer | Segment, atom: Atom) -> None:
+    """Add ``atom`` to a layer's or a segment's sums; plumbing adds its cost but no op/shape."""
+    into.atoms.append(atom.name)
+    into.macs += atom.macs
+    into.params += atom.params
+    if not atom.plumbing:
+        if atom.op not in into.ops:
+            into.ops.append(atom.op)
+        if atom.output_shape is not None:
+            into.output_shape = atom.output_shape
+
+
 @dataclass
 class LayerGraph:
     """A graph as layers (table rows) and segments (picture boxes), with totals."""
@@ -173,14 +185,7 @@ def build(
             layer = layers[key] = Layer(key, atom.kind)
         if not layer.kind and not atom.plumbing:
             layer.kind = atom.kind
-        layer.atoms.append(atom.name)
-        layer.macs += atom.macs
-        layer.params += atom.params
-        if not atom.plumbing:
-            if atom.op not in layer.ops:
-                layer.ops.append(atom.op)
-            if atom.output_shape is not None:
-                layer.output_shape = atom.output_shape
+        _absorb(layer, atom)
         if atom.weight_dtype is not None:
             size = atom.params
             if size > layer._weight_size:
@@ -199,14 +204,7 @@ def build(
             segments.append(last)
             layer.calls += 1
         segment_of[atom.name] = last.id
-        last.atoms.append(atom.name)
-        last.macs += atom.macs
-        last.params += atom.params
-        if not atom.plumbing:
-            if atom.op not in last.ops:
-                last.ops.append(atom.op)
-            if atom.output_shape is not None:
-                last.output_shape = atom.output_shape
+        _absorb(last, atom)
     # a layer of nothing but plumbing (shape arithmetic at the top level) is not a row
     for key in [k for k, v in layers.items() if not v.ops]:
         if all(by_name[a].plumbing for a in layers[key].atoms):
