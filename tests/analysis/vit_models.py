@@ -63,14 +63,15 @@ class _Logits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def hf_vit(seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
-    """A small Hugging Face ``ViTForImageClassification`` returning its logits."""
+def hf_vit(seed: int = 0, attn_implementation: str = "sdpa", layers: int = 4) -> nn.Module:
+    """A small Hugging Face ``ViTForImageClassification`` (``layers`` blocks) returning its
+    logits."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
     config = ViTConfig(
         hidden_size=64,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=128,
         image_size=32,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -705,27 +707,11 @@ def _torchvision(name: str):
 
 
 def _hf_vit():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-    )
-    model = transformers.ViTForImageClassification(config)
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
+    from vit_models import hf_vit
 
-    class Logits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values=x).logits
-
-    return Logits()
+    return hf_vit(layers=2)
 
 
 # (factory, input size): the sweep of architectures PotQuantize must handle
