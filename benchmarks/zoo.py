@@ -149,35 +149,18 @@ def _leaves(out: object) -> list[Any]:
 
 
 def relative_error(reference: Sequence[Any], actual: Sequence[Any]) -> float:
-    """max |actual - reference| / max |reference| over all output tensors (float64).
+    """max |actual - reference| / max |reference| over all output tensors (float64), by
+    edgefx's own ``NumericError``: a different count or shape, or a NaN / infinity on one side
+    that the other does not share, raises (a ValueError) naming the side."""
+    from edgefx.analysis.numerics import NumericError
+    from edgefx.errors import EdgefxError
 
-    A NaN or infinity on one side that the other side does not share raises ValueError naming
-    the side (it is never a match: ``max(0.0, nan)`` would make it look like no error)."""
-    if len(reference) != len(actual):
-        raise ValueError(f"{len(actual)} outputs, eager gives {len(reference)}")
-    max_abs = scale = 0.0
-    for i, (ref, out) in enumerate(zip(reference, actual, strict=True)):
-        if tuple(ref.shape) != tuple(out.shape):
-            raise ValueError(f"output {i} has shape {tuple(out.shape)}, eager gives "
-                             f"{tuple(ref.shape)}")
-        if ref.numel():
-            ref64, out64 = ref.detach().double(), out.detach().double()
-            ref_ok, out_ok = ref64.isfinite(), out64.isfinite()
-            alike = ~ref_ok & ~out_ok & ((ref64 == out64) | (ref64.isnan() & out64.isnan()))
-            for side, ok, other_ok in (("the compared output", out_ok, ref_ok),
-                                       ("the reference", ref_ok, out_ok)):
-                bad = ~ok & other_ok | ~ok & ~other_ok & ~alike
-                if bool(bad.any()):
-                    raise ValueError(f"{side} is not finite at {int(bad.sum())} of "
-                                     f"{ref.numel()} elements of output {i} where the other "
-                                     "side is finite or differs")
-            finite = ref_ok & out_ok
-            if bool(finite.any()):
-                max_abs = max(max_abs, float((ref64 - out64)[finite].abs().max()))
-                scale = max(scale, float(ref64[finite].abs().max()))
-    if scale == 0.0:
-        return 0.0 if max_abs == 0.0 else math.inf
-    return max_abs / scale
+    class ComparisonError(EdgefxError, ValueError):
+        """The two output sets cannot be compared."""
+
+    return NumericError.between(reference, actual, error=ComparisonError,
+                                reference_name="the reference",
+                                actual_name="the compared output").relative
 
 
 def float64_reference(model: Any, inputs: Sequence[Any], eager: Sequence[Any],
