@@ -57,7 +57,15 @@ SEARCHES = ("minmax", "mse", "joint")
 RECIPES: dict[str, dict[str, Any]] = {
     "resnet18": {"epochs": 6, "lr": 2e-3, "ft_epochs": 2, "ft_lr": 5e-4, "qat_lr": 1e-4},
     "mobilenet_v2": {"epochs": 5, "lr": 3e-3, "ft_epochs": 2, "ft_lr": 1e-3, "qat_lr": 2e-4},
-    "vit": {"epochs": 12, "lr": 1e-3, "ft_epochs": 2, "ft_lr": 2e-4, "qat_lr": 5e-5},
+    "vit": {
+        "epochs": 60,
+        "lr": 1e-3,
+        "ft_epochs": 2,
+        "ft_lr": 2e-4,
+        "qat_lr": 5e-5,
+        "gate_epochs": 3,
+        "gate_lr": 1e-4,
+    },
 }
 QAT_EPOCHS = 1
 BATCH = 64
@@ -217,7 +225,8 @@ def ort_int8(float_program: Any, calib: list[torch.Tensor], x: torch.Tensor, y: 
 
 
 # ---------------------------------------------------------------------------- one model
-PARTS = ("prune", "pot", "ort", "combo", "qat")
+PARTS = ("prune", "pot", "ort", "combo", "qat", "gate")
+GATE_MACS = 0.65  # TokenGate rows (ViTs): the MACs budget
 
 
 def run_model(
@@ -343,8 +352,57 @@ def run_model(
 
         lr_note = f" lr {qat_lr:g}" if qat_recipe else ""  # the recipe's lr is in the header
         row(f"pot {label} {search} + QAT {qat_epochs} ep{lr_note}", qat)
+    if "gate" in parts and name == "vit":
+        gate_rows(program, row, calib, recipe, (train_x, train_y, test_x, test_y))
     del edgefx
     return {"model": name, "train_s": round(train_s, 1), "recipe": recipe, "rows": rows}
+
+
+def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tuple) -> None:
+    """TokenGate at ``GATE_MACS`` of the MACs: top-k (static keep rate), thresholds calibrated
+    on ``calib``, and thresholds after budget-aware training (AS-ViT) on the training split."""
+    from edgefx.passes import TokenGate
+
+    train_x, train_y, test_x, test_y = data
+
+    def gated(gate: TokenGate) -> tuple[float, dict[str, Any]]:
+        result = gate(program)
+        report = result.report
+        extra = {
+            "macs_ratio": round(report["macs_ratio"], 3),
+            "tokens_kept": [
+                k["mean"] if isinstance(k, dict) else k
+                for k in report.get("tokens_kept", report.get("tokens_after_gates"))
+            ],
+        }
+        if "training" in report:
+            extra.update(
+                train_s=report["training"]["train_s"],
+                loss_before=round(report["training"]["loss_before"], 4),
+                loss_after=round(report["training"]["loss_after"], 4),
+            )
+        return top1(result.program, test_x, test_y), extra
+
+    epochs, lr = recipe["gate_epochs"], recipe["gate_lr"]
+    row(f"gate top-k macs {GATE_MACS}", lambda: gated(TokenGate(macs=GATE_MACS)))
+    row(
+        f"gate threshold macs {GATE_MACS} (calibrated)",
+        lambda: gated(TokenGate(mode="threshold", macs=GATE_MACS, calib=calib)),
+    )
+    row(
+        f"gate threshold macs {GATE_MACS} + budget-aware training {epochs} ep",
+        lambda: gated(
+            TokenGate(
+                mode="threshold",
+                macs=GATE_MACS,
+                calib=calib,
+                train=train_loader(train_x, train_y, SEED + 3),
+                epochs=epochs,
+                lr=lr,
+                progress=False,
+            )
+        ),
+    )
 
 
 def run_passes(passes: list, program: Any) -> Any:
@@ -394,6 +452,8 @@ def render(data: dict[str, Any]) -> str:
             notes = []
             if "macs_ratio" in row:
                 notes.append(f"MACs x{row['macs_ratio']}")
+            if "tokens_kept" in row:
+                notes.append(f"tokens after gates {row['tokens_kept']}")
             if "loss_before" in row:
                 notes.append(f"train loss {row['loss_before']} -> {row['loss_after']}")
             if "float_onnx_top1" in row:

@@ -126,7 +126,27 @@ class FineTune(Pass):
     # ------------------------------------------------------------------ the pass
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         module = program.trainable(weight_bits=self.weight_bits)
+        report = self.fit(module, program)
+        return program.with_weights(module, repr(self)), report
+
+    def fit(
+        self,
+        module: torch.nn.Module,
+        program: Program,
+        *,
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+        extra_params: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Train ``module`` (made by ``program.trainable()``, possibly rewritten further) in
+        place and return the report; ``module`` is left in eval mode.
+
+        ``extra_loss()``, called after each forward pass, is added to the task loss (TokenGate
+        adds its MACs term, read off the gates of that pass). ``extra_params`` are optimizer
+        parameter groups (dicts with ``params`` and their own ``lr``) trained beside the
+        weights; the learning-rate schedule scales every group alike."""
         params = [p for p in module.parameters() if p.requires_grad]
+        extra = {id(p) for group in extra_params or [] for p in group["params"]}
+        params = [p for p in params if id(p) not in extra]
         if not params:
             raise PassError(
                 f"{program.name} has no trainable parameters",
@@ -138,6 +158,8 @@ class FineTune(Pass):
         # the loss before training, which also checks every batch against the input specs
         loss_before, steps_per_epoch = self._mean_loss(module, loss_fn, n_inputs, program)
         optimizer = self._optimizer(params)
+        for group in extra_params or []:
+            optimizer.add_param_group(dict(group))
         total = steps_per_epoch * self.epochs
         scheduler = (
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -164,6 +186,8 @@ class FineTune(Pass):
                 for index, batch in enumerate(self.data):
                     inputs, target = self._split(batch, index, n_inputs)
                     loss = self._loss(loss_fn, module(*inputs), target, index)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss()
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise PassError(
@@ -195,9 +219,9 @@ class FineTune(Pass):
             "loss_after": loss_after,
             "epoch_train_loss": [round(v, 6) for v in epoch_losses],
             "train_s": round(train_s, 3),
-            "trainable": module.summary,
+            "trainable": getattr(module, "summary", {}),
         }
-        return program.with_weights(module, repr(self)), report
+        return report
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if callable(self.optimizer):

@@ -30,7 +30,8 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from edgefx.analysis.vit import (
 )
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
+from edgefx.passes.fine_tune import FineTune
 from edgefx.passes.rewrite import remove_dead_code
 from edgefx.program import Program
 
@@ -167,7 +169,10 @@ def apply_mask(x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
 
 
 def attention_bias(alive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, 1, 1, tokens) additive bias: 0 for live keys, -inf for dead ones."""
+    """(batch, 1, 1, tokens) additive bias: 0 for live keys, -inf for dead ones. ``alive`` is
+    a bool mask, or a training gate's 0/1 float mask (the bias carries no gradient)."""
+    if alive.dtype != torch.bool:
+        alive = alive.detach() > 0.5
     zero = torch.zeros((), dtype=dtype, device=alive.device)
     ninf = torch.full((), float("-inf"), dtype=dtype, device=alive.device)
     return torch.where(alive, zero, ninf)[:, None, None, :]
@@ -194,6 +199,18 @@ class TokenGate(Pass):
         fuse: merge the dropped tokens of each gate into one token (EViT).
         threshold: ``mode="threshold"``: one score threshold or one per gate; a token is kept
             while its score >= threshold (scores sum to 1 over the tokens). ``-inf`` keeps all.
+            With ``macs=`` instead, the thresholds are calibrated on ``calib`` (the example
+            inputs if None): one keep rate for every gate, each gate's threshold at that
+            quantile of the scores reaching it, bisected so that the mean MACs the kept
+            tokens need (per image; :class:`GateCost`) meet the budget.
+        train: ``mode="threshold"`` with ``macs=``: labelled batches for budget-aware
+            threshold training (AS-ViT): starting from the calibrated thresholds, the weights
+            and thresholds train with straight-through soft gates on the task loss plus
+            ``macs_weight * (MACs ratio - macs)**2`` for ``epochs`` at ``lr`` (thresholds at
+            ``threshold_lr``, in units of the mean patch score; ``temperature`` of the soft
+            gate in the same units), through :class:`~edgefx.passes.FineTune`'s loop. The
+            thresholds are then re-calibrated to meet the budget on ``calib`` (a common
+            shift, training keeps their ratios) and the hard gates compile.
     """
 
     name = "TokenGate"
@@ -208,6 +225,13 @@ class TokenGate(Pass):
         calib: Any = None,
         fuse: bool = False,
         threshold: float | Sequence[float] | None = None,
+        train: Any = None,
+        epochs: int = 1,
+        lr: float = 1e-4,
+        threshold_lr: float = 0.05,
+        macs_weight: float = 2.0,
+        temperature: float = 0.5,
+        progress: bool | None = None,
     ) -> None:
         if mode not in ("topk", "threshold"):
             raise PassError(f"mode must be 'topk' or 'threshold', got {mode!r}")
@@ -224,17 +248,29 @@ class TokenGate(Pass):
         else:
             if keep is not None:
                 raise PassError("keep= is for mode='topk'", hint="use threshold= or macs=")
-            if macs is not None:
+            if (threshold is None) == (macs is None):
                 raise PassError(
-                    "mode='threshold' cannot meet a MACs budget: dropped tokens are masked, not "
-                    "removed, so the MACs of the static graph do not fall",
-                    hint="use TokenGate(macs=...) (top-k) for a budget, or give threshold=",
+                    "mode='threshold' needs threshold= (one score threshold or one per gate) "
+                    "or macs= (a budget the thresholds are calibrated to), not both",
+                    hint="e.g. TokenGate(mode='threshold', threshold=0.005) or "
+                    "TokenGate(mode='threshold', macs=0.65, calib=images, train=loader)",
                 )
-            if threshold is None:
+        if train is not None:
+            if mode != "threshold" or macs is None:
                 raise PassError(
-                    "mode='threshold' needs threshold= (one score threshold or one per gate)",
-                    hint="e.g. TokenGate(mode='threshold', threshold=0.005)",
+                    "train= is budget-aware threshold training: it needs mode='threshold' and "
+                    "macs=",
+                    hint="TokenGate(mode='threshold', macs=0.65, train=loader, epochs=3)",
                 )
+            for label, value in (
+                ("threshold_lr", threshold_lr),
+                ("macs_weight", macs_weight),
+                ("temperature", temperature),
+            ):
+                if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                    raise PassError(f"{label} must be a positive number, got {value!r}")
+            # validates data, epochs, lr and builds the training loop TokenGate reuses
+            self._tune = FineTune(train, epochs=epochs, lr=lr, progress=progress)
         if keep is not None:
             _check_keep(keep)
         if macs is not None and not (
@@ -282,11 +318,17 @@ class TokenGate(Pass):
         self.calib = calib
         self.fuse = fuse
         self.threshold = list(threshold) if isinstance(threshold, (list, tuple)) else threshold
+        self.train = train
+        if train is not None:
+            self.epochs, self.lr, self.threshold_lr = epochs, lr, threshold_lr
+            self.macs_weight, self.temperature = macs_weight, temperature
 
     def __repr__(self) -> str:
-        shown = {k: v for k, v in vars(self).items() if v is not None and k != "calib"}
-        if self.calib is not None:
-            shown["calib"] = f"<{type(self.calib).__name__}>"
+        hidden = ("calib", "train", "_tune", "_kept")
+        shown = {k: v for k, v in vars(self).items() if v is not None and k not in hidden}
+        for data in ("calib", "train"):
+            if getattr(self, data) is not None:
+                shown[data] = f"<{type(getattr(self, data)).__name__}>"
         return f"TokenGate({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     # --------------------------------------------------------------------- run
@@ -331,8 +373,14 @@ class TokenGate(Pass):
             report["macs_requested"] = self.macs
         if self.mode == "threshold":
             report["macs_note"] = (
-                "masked tokens are still computed: MACs do not fall in threshold mode"
+                "the graph masks dropped tokens (static shapes, batch-independent), so it still "
+                "computes macs_after; macs_effective is the mean MACs the kept tokens need per "
+                "image (what a runtime dropping them would compute)"
             )
+            if self.macs is not None:
+                report.update(self._budget)
+                report["macs_effective"] = round(self._budget["macs_effective_ratio"] * base_macs)
+                report["macs_ratio"] = self._budget["macs_effective_ratio"]
         if self.mode == "topk" and self.calib is not None:
             report["calib"] = "not used: top-k keeps a static number of tokens per gate"
         if self.mode == "threshold":
@@ -436,13 +484,42 @@ class TokenGate(Pass):
         gates: list[int],
         batch: int | None,
     ) -> tuple[Program, list[float]]:
-        thresholds = (
-            list(self.threshold)
-            if isinstance(self.threshold, list)
-            else [float(self.threshold)] * len(gates)
-        )
-        gm = _build_threshold(program, vit, gates, thresholds, batch)
         batches = _calib_batches(self.calib, program.example_inputs)
+        budget: dict[str, Any] = {}
+        if self.macs is None:
+            thresholds = (
+                list(self.threshold)
+                if isinstance(self.threshold, list)
+                else [float(self.threshold)] * len(gates)
+            )
+            gm = _build_threshold(program, vit, gates, thresholds, batch)
+        else:
+            cost = gate_cost(program, vit, gates)
+            gm = _build_threshold(program, vit, gates, [-math.inf] * len(gates), batch)
+            thresholds, ratio = _calibrate_thresholds(gm, batches, cost, self.macs)
+            budget["calibrated_thresholds"] = thresholds
+            budget["calibrated_macs_ratio"] = ratio
+            if self.train is not None:
+                program, trained, report = _train_gates(
+                    program,
+                    vit,
+                    gates,
+                    thresholds,
+                    cost,
+                    self.macs,
+                    self._tune,
+                    threshold_lr=self.threshold_lr,
+                    macs_weight=self.macs_weight,
+                    temperature=self.temperature,
+                )
+                budget["training"] = report
+                budget["trained_thresholds"] = trained
+                # training moves the thresholds near the budget; a common shift (bisected like
+                # the keep rate) puts the mean MACs on calib at or under it
+                gm = _build_threshold(program, vit, gates, trained, batch)
+                thresholds, ratio = _shift_to_budget(gm, batches, cost, self.macs, trained)
+            budget["macs_effective_ratio"] = ratio
+            self._budget = budget
         self._kept = [_stats(c) for c in threshold_kept(gm, batches)]
         return program.with_graph(gm, repr(self)).refreshed(), thresholds
 
@@ -599,35 +676,50 @@ def _build_threshold(
     vit: ViTStructure,
     gates: list[int],
     thresholds: list[float],
-    batch: int | None,
+    batch: int | None = None,
 ) -> fx.GraphModule:
     """A copy of the graph where each gate computes a per-image keep mask; dead tokens are
     zeroed in the stream and masked out of every later attention."""
     gm = program.copy_graph()
+    by_block = dict(zip(gates, thresholds, strict=True))
+
+    def hard_gate(graph: fx.Graph, block: AttentionBlock, inputs: tuple, alive) -> fx.Node:
+        return graph.call_function(
+            threshold_mask,
+            (*inputs, alive),
+            {
+                "threshold": float(by_block[block.index]),
+                "prefix": vit.prefix_tokens,
+                "scale": block.scale,
+                "uses_cls": vit.uses_cls,
+            },
+        )
+
+    _insert_threshold_gates(gm, vit, gates, hard_gate)
+    return gm
+
+
+def _insert_threshold_gates(
+    gm: fx.GraphModule,
+    vit: ViTStructure,
+    gates: list[int],
+    make_gate: Callable[[fx.Graph, AttentionBlock, tuple, fx.Node | None], fx.Node],
+) -> None:
+    """Insert a gate after each gate block's attention residual of ``gm`` (in place):
+    ``make_gate(graph, block, (q, k, head_out, probs), alive)`` adds the node computing the
+    tokens alive after it; dead tokens are zeroed in the stream and masked out of every later
+    attention."""
     nodes = node_by_name(gm)
     graph = gm.graph
     alive: fx.Node | None = None
-    gate_of_block: dict[int, tuple[fx.Node, float]] = {
-        g: (None, t) for g, t in zip(gates, thresholds, strict=True)
-    }
     for block in vit.blocks:
         if alive is not None:
             _mask_attention(gm, nodes, block, alive)
-        if block.index not in gate_of_block:
+        if block.index not in gates:
             continue
-        _, threshold = gate_of_block[block.index]
         residual = nodes[block.attention_residual]
         with graph.inserting_after(residual):
-            mask = graph.call_function(
-                threshold_mask,
-                (*_gate_inputs(nodes, block), alive),
-                {
-                    "threshold": float(threshold),
-                    "prefix": vit.prefix_tokens,
-                    "scale": block.scale,
-                    "uses_cls": vit.uses_cls,
-                },
-            )
+            mask = make_gate(graph, block, _gate_inputs(nodes, block), alive)
         with graph.inserting_after(mask):
             zeroed = graph.call_function(apply_mask, (residual, mask))
         for new in (mask, zeroed):
@@ -720,3 +812,335 @@ def _stats(counts: torch.Tensor) -> dict[str, float]:
         "max": int(counts.max()),
         "images": int(counts.numel()),
     }
+
+
+# ----------------------------------------------------------------------------- threshold budgets
+@dataclass(frozen=True)
+class GateCost:
+    """The MACs of a gated ViT as a function of the tokens each segment runs on.
+
+    Segment k runs from gate k to the next; with t_k tokens (prefix included) in it,
+
+        MACs(t) = constant + sum_k linear[k] * t_k + quadratic[k] * t_k**2
+
+    (token-wise layers are linear in t, attention is quadratic). The coefficients are fitted
+    to the MACs :func:`graph_cost` measures on top-k gated graphs at 2G+1 token schedules and
+    checked on another one, so they are the measured cost, not a model of it. In threshold mode
+    this is the per-image cost of the tokens an image keeps."""
+
+    constant: float
+    linear: tuple[float, ...]
+    quadratic: tuple[float, ...]
+    dense: int  # MACs of the ungated graph (per image): ratios are to it, gates' cost included
+    prefix: int
+
+    def macs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(images,) MACs for ``tokens`` (images, gates): tokens alive after each gate,
+        prefix included. Differentiable in ``tokens``."""
+        linear = torch.tensor(self.linear, dtype=tokens.dtype)
+        quadratic = torch.tensor(self.quadratic, dtype=tokens.dtype)
+        return self.constant + (tokens * linear + tokens * tokens * quadratic).sum(-1)
+
+
+def gate_cost(program: Program, vit: ViTStructure, gates: list[int]) -> GateCost:
+    """Fit :class:`GateCost` on measured top-k graphs (see there)."""
+    gm0 = program.graph_module
+    batch = analysis_batch(program.example_inputs, program.dynamic_batch)
+    values = concrete_values(gm0, program.example_inputs, batch)
+    first = node_by_name(gm0)[vit.blocks[gates[0]].attention_residual]
+    tags = {n.name: t for n, t in token_axes(gm0, first, values, vit.tokens).items()}
+    patches, prefix, g = vit.patch_tokens, vit.prefix_tokens, len(gates)
+    images = int(program.example_inputs[0].shape[0])
+
+    def measured(counts: list[int]) -> float:
+        gm = _build_topk(program, vit, gates, counts, False, tags, share=True)
+        return graph_cost(gm, program.example_inputs).total_macs / images
+
+    levels = sorted({max(1, round(patches / 2)), max(1, round(patches / 4))}, reverse=True)
+    schedules = [[patches] * g]
+    for k in range(g):
+        schedules += [[patches] * k + [level] * (g - k) for level in levels]
+    rows, macs = [], []
+    for counts in schedules:
+        t = [prefix + c for c in counts]
+        rows.append([1.0, *t, *(c * c for c in t)])
+        macs.append(measured(counts))
+    solution = torch.linalg.lstsq(
+        torch.tensor(rows, dtype=torch.float64), torch.tensor(macs, dtype=torch.float64)[:, None]
+    ).solution[:, 0]
+    cost = GateCost(
+        constant=float(solution[0]),
+        linear=tuple(float(v) for v in solution[1 : 1 + g]),
+        quadratic=tuple(float(v) for v in solution[1 + g :]),
+        dense=round(graph_cost(gm0, program.example_inputs).total_macs / images),
+        prefix=prefix,
+    )
+    check = sorted((max(1, round(patches * f)) for f in (0.8, 0.55, 0.3, 0.2)[:g]), reverse=True)
+    check = (check + [check[-1]] * g)[:g]
+    predicted = float(cost.macs(torch.tensor([[prefix + c for c in check]], dtype=torch.float64)))
+    actual = measured(check)
+    if abs(predicted - actual) > 1e-6 * cost.dense + 1:
+        raise PassError(
+            f"the gated graph's MACs are not linear plus quadratic in its token counts "
+            f"(predicted {predicted:.0f}, measured {actual:.0f} at {check} patch tokens)",
+            module=vit.blocks[gates[0]].module,
+            hint="threshold budgets need that cost shape; use TokenGate(macs=...) (top-k)",
+        )
+    return cost
+
+
+class _ScoreRecorder(torch.fx.Interpreter):
+    """Runs a threshold-gated graph and records, per gate, the scores of the patch tokens and
+    which tokens were alive entering the gate."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op == "call_function" and n.target is threshold_mask:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            q, k, head_out, probs, alive = args
+            scores = _scores(
+                q,
+                k,
+                head_out,
+                probs,
+                scale=kwargs["scale"],
+                uses_cls=kwargs["uses_cls"],
+                prefix=kwargs["prefix"],
+                alive=alive,
+            )
+            prefix = kwargs["prefix"]
+            before = (
+                torch.ones_like(scores, dtype=torch.bool) if alive is None else alive[:, prefix:]
+            )
+            self.seen.append((scores, before, value))
+        return value
+
+
+def _run_gates(
+    gm: fx.GraphModule, batches: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per gate over all ``batches``: (patch scores, alive before, mask after), concatenated."""
+    per_gate: list[list[tuple]] = []
+    with torch.no_grad():
+        for x in batches:
+            recorder = _ScoreRecorder(gm)
+            recorder.run(x)
+            for i, seen in enumerate(recorder.seen):
+                if len(per_gate) <= i:
+                    per_gate.append([])
+                per_gate[i].append(seen)
+    return [tuple(torch.cat(parts) for parts in zip(*seen, strict=True)) for seen in per_gate]
+
+
+def _set_thresholds(gm: fx.GraphModule, thresholds: Sequence[float]) -> None:
+    gate_nodes = list(gm.graph.find_nodes(op="call_function", target=threshold_mask))
+    for node, value in zip(gate_nodes, thresholds, strict=True):
+        node.kwargs = {**node.kwargs, "threshold": float(value)}
+    gm.recompile()  # the generated code holds the thresholds as literals
+
+
+def _effective_ratio(gm: fx.GraphModule, batches: Sequence[torch.Tensor], cost: GateCost):
+    """(mean ratio of the MACs the kept tokens need to the dense MACs, per-gate kept counts)
+    over ``batches`` for the thresholds set in ``gm``."""
+    kept = threshold_kept(gm, batches)
+    tokens = torch.stack(kept, dim=1).double()
+    return float(cost.macs(tokens).mean()) / cost.dense, kept
+
+
+def _thresholds_for_rate(
+    gm: fx.GraphModule, batches: Sequence[torch.Tensor], rate: float, offset: Sequence[float]
+) -> list[float]:
+    """Per gate in turn, the score threshold that keeps ``rate`` of the patch tokens still
+    alive there (pooled over ``batches``), earlier gates already thresholded; ``offset`` is
+    added to each (see :meth:`TokenGate._threshold`)."""
+    n = len(offset)
+    thresholds = [-math.inf] * n
+    for k in range(n):
+        _set_thresholds(gm, thresholds)
+        scores, before, _ = _run_gates(gm, batches)[k]
+        alive = scores[before]
+        drop = min(alive.numel() - 1, round((1 - rate) * alive.numel()))
+        ordered = torch.sort(alive).values
+        # midway between the last dropped and the first kept score: no score sits on it, so
+        # float rounding cannot flip a token (the training gates compare in other units)
+        value = float(ordered[drop - 1] + ordered[drop]) / 2 if drop > 0 else -math.inf
+        thresholds[k] = value + offset[k]
+    _set_thresholds(gm, thresholds)
+    return thresholds
+
+
+def _calibrate_thresholds(
+    gm: fx.GraphModule,
+    batches: Sequence[torch.Tensor],
+    cost: GateCost,
+    target: float,
+    offset: Sequence[float] | None = None,
+) -> tuple[list[float], float]:
+    """Bisection on one keep rate for every gate (thresholds at the matching score quantiles
+    over ``batches``) to the largest rate whose mean effective MACs ratio is <= ``target``.
+    Returns (thresholds, achieved ratio); ``gm``'s gates are left set to them."""
+    offset = (
+        list(offset)
+        if offset is not None
+        else [0.0] * len(list(gm.graph.find_nodes(op="call_function", target=threshold_mask)))
+    )
+    best = _thresholds_for_rate(gm, batches, 1e-9, offset)
+    ratio, _ = _effective_ratio(gm, batches, cost)
+    if ratio > target:
+        raise PassError(
+            f"a MACs budget of {target:g} cannot be met by dropping tokens at these gates: "
+            f"keeping the fewest tokens still needs {ratio:.3f} of the MACs",
+            hint="gate earlier blocks (gates=[...]) or ask for more MACs",
+        )
+    low, high, best_ratio = 0.0, 1.0, ratio
+    for _ in range(10):
+        mid = (low + high) / 2
+        thresholds = _thresholds_for_rate(gm, batches, mid, offset)
+        ratio, _ = _effective_ratio(gm, batches, cost)
+        if ratio <= target:
+            low, best, best_ratio = mid, thresholds, ratio
+        else:
+            high = mid
+    _set_thresholds(gm, best)
+    return best, best_ratio
+
+
+# ----------------------------------------------------------------------------- threshold training
+class _SoftThresholdGate(torch.nn.Module):
+    """A threshold gate that trains (AS-ViT): the forward pass keeps exactly the tokens the
+    hard gate keeps; the backward pass sees ``sigmoid((s - threshold) / temperature)`` (a
+    straight-through estimator), so the threshold and the weights under the scores get
+    gradients. The threshold is a parameter in units of the mean patch score (1 / patches),
+    so one learning rate suits every model. Records the tokens alive after it (``count``,
+    (batch,), prefix included) for the MACs loss."""
+
+    def __init__(self, threshold: float, patches: int, temperature: float, **kwargs: Any):
+        super().__init__()
+        self.patches = patches
+        start = threshold * patches if math.isfinite(threshold) else -1.0
+        self.threshold = torch.nn.Parameter(torch.tensor(float(start)))
+        self.temperature = temperature
+        self.kwargs = kwargs
+        self.count: torch.Tensor | None = None
+
+    def value(self) -> float:
+        """The threshold in score units (what the hard gate compares against)."""
+        return float(self.threshold.detach()) / self.patches
+
+    def forward(self, q, k, head_out, probs, alive):
+        hard_before = None if alive is None else alive.detach() > 0.5
+        scores = _scores(q, k, head_out, probs, alive=hard_before, **self.kwargs)
+        z = scores * self.patches - self.threshold
+        soft = torch.sigmoid(z / self.temperature)
+        hard = (z >= 0).to(soft.dtype)
+        patch = hard + (soft - soft.detach())  # exactly `hard` forward: s - s == 0
+        prefix = self.kwargs["prefix"]
+        mask = torch.cat([torch.ones_like(patch[:, :1]).expand(-1, prefix), patch], dim=1)
+        if alive is not None:
+            mask = mask * alive
+        self.count = mask.sum(1)
+        return mask
+
+
+def _train_gates(
+    program: Program,
+    vit: ViTStructure,
+    gates: list[int],
+    thresholds: list[float],
+    cost: GateCost,
+    target: float,
+    tune: Any,
+    *,
+    threshold_lr: float,
+    macs_weight: float,
+    temperature: float,
+) -> tuple[Program, list[float], dict[str, Any]]:
+    """Budget-aware threshold training: the weights and the thresholds of soft gates on
+    ``program``'s trainable module, task loss + ``macs_weight * (MACs ratio - target)**2``
+    (the mean over the batch of each image's MACs for the tokens it keeps). Returns the
+    Program with trained weights (no gates), the trained thresholds and the training report."""
+    module, soft = soft_gated(program, vit, gates, thresholds, temperature)
+
+    def macs_loss() -> torch.Tensor:
+        tokens = torch.stack([g.count for g in soft], dim=1)
+        ratio = cost.macs(tokens).mean() / cost.dense
+        return macs_weight * (ratio - target) ** 2
+
+    groups = [{"params": [g.threshold for g in soft], "lr": threshold_lr, "weight_decay": 0.0}]
+    report = tune.fit(module, program, extra_loss=macs_loss, extra_params=groups)
+    trained = program.with_weights(module)
+    return trained, [g.value() for g in soft], report
+
+
+def soft_gated(
+    program: Program,
+    vit: ViTStructure,
+    gates: list[int],
+    thresholds: list[float],
+    temperature: float = 0.5,
+) -> tuple[torch.nn.Module, list[_SoftThresholdGate]]:
+    """``program.trainable()`` with a training threshold gate after each gate block: the
+    module and its gates (in order)."""
+    module = program.trainable()
+    soft: list[_SoftThresholdGate] = []
+
+    def soft_gate(graph: fx.Graph, block: AttentionBlock, inputs: tuple, alive) -> fx.Node:
+        gate = _SoftThresholdGate(
+            thresholds[len(soft)],
+            vit.patch_tokens,
+            temperature,
+            prefix=vit.prefix_tokens,
+            scale=block.scale,
+            uses_cls=vit.uses_cls,
+        )
+        name = f"_token_gate_{len(soft)}"
+        module.graph.add_submodule(name, gate)
+        soft.append(gate)
+        return graph.call_module(name, (*inputs, alive))
+
+    _insert_threshold_gates(module.graph, vit, gates, soft_gate)
+    module.graph.recompile()
+    return module, soft
+
+
+def _shift_to_budget(
+    gm: fx.GraphModule,
+    batches: Sequence[torch.Tensor],
+    cost: GateCost,
+    target: float,
+    thresholds: list[float],
+) -> tuple[list[float], float]:
+    """The smallest common shift of ``thresholds`` (bisected in units of the mean patch score)
+    whose mean effective MACs ratio on ``batches`` is <= ``target``; ``gm``'s gates are left
+    set to the result. A budget already met keeps the thresholds."""
+
+    def at(shift: float) -> tuple[list[float], float]:
+        shifted = [t + shift for t in thresholds]
+        _set_thresholds(gm, shifted)
+        return shifted, _effective_ratio(gm, batches, cost)[0]
+
+    best, ratio = at(0.0)
+    if ratio <= target:
+        return best, ratio
+    low, high = 0.0, 1.0  # scores sum to 1: a shift of 1 drops every patch token
+    top, top_ratio = at(high)
+    if top_ratio > target:
+        raise PassError(
+            f"the trained thresholds cannot meet a MACs budget of {target:g} (keeping the "
+            f"fewest tokens still needs {top_ratio:.3f})",
+            hint="gate earlier blocks (gates=[...]) or ask for more MACs",
+        )
+    best, ratio = top, top_ratio
+    for _ in range(20):
+        mid = (low + high) / 2
+        shifted, mid_ratio = at(mid)
+        if mid_ratio <= target:
+            high, best, ratio = mid, shifted, mid_ratio
+        else:
+            low = mid
+    _set_thresholds(gm, best)
+    return best, ratio

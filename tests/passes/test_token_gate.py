@@ -313,6 +313,118 @@ def test_threshold_compiles_to_onnx(deit64):
     )
 
 
+# ----------------------------------------------------------------------------- threshold budgets
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """A 3-block timm ViT on 32x32 images with 16 patch tokens: cheap enough to train."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=4
+    ).eval()
+    return model, capture(model, images(2, 32))
+
+
+def _structure(program):
+    from edgefx.analysis.vit import analysis_batch, find_blocks
+
+    batch = analysis_batch(program.example_inputs, program.dynamic_batch)
+    return find_blocks(program.graph_module, program.example_inputs, batch)
+
+
+def test_gate_cost_is_the_measured_macs_of_gated_graphs(deit64):
+    from edgefx.analysis.vit import concrete_values, node_by_name, token_axes
+    from edgefx.passes.token_gate import _build_topk, gate_cost
+
+    program = deit64[1]
+    vit = _structure(program)
+    cost = gate_cost(program, vit, [0, 1, 2])
+    assert cost.dense == graph_cost(program.graph_module, program.example_inputs).total_macs
+    values = concrete_values(program.graph_module, program.example_inputs, 2)
+    first = node_by_name(program.graph_module)[vit.blocks[0].attention_residual]
+    tags = {n.name: t for n, t in token_axes(program.graph_module, first, values, 17).items()}
+    for counts in ([15, 11, 3], [7, 7, 6], [16, 2, 1]):
+        gm = _build_topk(program, vit, [0, 1, 2], counts, False, tags)
+        measured = graph_cost(gm, program.example_inputs).total_macs
+        tokens = torch.tensor([[1.0 + c for c in counts]], dtype=torch.float64)
+        assert float(cost.macs(tokens)) == pytest.approx(measured, abs=2)
+
+
+def test_threshold_budget_is_met_on_calibration_data(tiny_vit):
+    _, program = tiny_vit
+    calib = [images(16, 32, seed=5)]
+    result = TokenGate(mode="threshold", macs=0.6, calib=calib, gates=[0, 1])(program)
+    report = result.report
+    assert 0.5 < report["macs_ratio"] <= 0.6
+    assert report["macs_effective"] <= 0.6 * report["macs_before"]
+    # masked: the graph still computes every token, plus the gates' scores
+    assert report["macs_after"] > report["macs_before"]
+    kept = report["tokens_kept"]
+    assert kept[0]["min"] < kept[0]["max"] or kept[1]["min"] < kept[1]["max"]  # per image
+    # the effective MACs are the cost of the tokens each calibration image keeps
+    from edgefx.passes.token_gate import _build_threshold, gate_cost, threshold_kept
+
+    vit = _structure(program)
+    gm = _build_threshold(program, vit, [0, 1], report["thresholds"])
+    tokens = torch.stack(threshold_kept(gm, calib), dim=1).double()
+    cost = gate_cost(program, vit, [0, 1])
+    assert float(cost.macs(tokens).mean()) / cost.dense == pytest.approx(report["macs_ratio"])
+
+
+def test_soft_gates_keep_exactly_the_hard_gates_tokens(tiny_vit):
+    from edgefx.passes.token_gate import (
+        _build_threshold,
+        _thresholds_for_rate,
+        soft_gated,
+        threshold_kept,
+    )
+
+    _, program = tiny_vit
+    vit = _structure(program)
+    x = images(6, 32, seed=7)
+    hard = _build_threshold(program, vit, [0, 1], [-math.inf] * 2)
+    thresholds = _thresholds_for_rate(hard, [x], 0.6, [0.0, 0.0])  # keep 60% at each gate
+    module, gates = soft_gated(program, vit, [0, 1], thresholds)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), hard(x), atol=0, rtol=0)
+    hard_counts = threshold_kept(hard, [x])
+    for gate, hard_count in zip(gates, hard_counts, strict=True):
+        assert torch.equal(gate.count.long(), hard_count)
+    assert any(len({int(c) for c in counts}) > 1 for counts in hard_counts)  # per image
+    # the straight-through gradient reaches the thresholds and the weights
+    module.train()
+    out = module(x)
+    (out.sum() + sum(g.count.sum() for g in gates)).backward()
+    assert all(g.threshold.grad is not None and g.threshold.grad != 0 for g in gates)
+
+
+def test_budget_aware_training_trains_thresholds_and_meets_the_budget(tiny_vit):
+    _, program = tiny_vit
+    torch.manual_seed(1)
+    x = images(32, 32, seed=11)
+    y = torch.randint(0, 4, (32,))
+    data = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    gate = TokenGate(
+        mode="threshold", macs=0.6, calib=[x], gates=[0, 1], train=data, epochs=2, lr=1e-3
+    )
+    result = gate(program)
+    report = result.report
+    training = report["training"]
+    assert training["epochs"] == 2 and len(training["epoch_train_loss"]) == 2
+    assert report["trained_thresholds"] != report["calibrated_thresholds"]
+    assert report["macs_ratio"] <= 0.6
+    # the weights trained too, and the hard gates run as a Program (batch-independent)
+    assert not torch.equal(
+        result.program.graph_module.state_dict()["blocks.0.mlp.fc1.weight"],
+        program.graph_module.state_dict()["blocks.0.mlp.fc1.weight"],
+    )
+    out = result.program(x[:5])
+    alone = torch.cat([result.program(x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -328,7 +440,12 @@ def test_threshold_compiles_to_onnx(deit64):
         (dict(gates=[6, 3]), "strictly increasing"),
         (dict(gates=[3, 6], keep=[0.5]), "1 entries for 2 gates"),
         (dict(mode="threshold"), "needs threshold="),
-        (dict(mode="threshold", macs=0.65), "cannot meet a MACs budget"),
+        (dict(mode="threshold", threshold=0.1, macs=0.65), "not both"),
+        (dict(macs=0.65, train=[]), "needs mode='threshold' and macs="),
+        (dict(mode="threshold", threshold=0.1, train=[]), "needs mode='threshold' and macs="),
+        (dict(mode="threshold", macs=0.6, train=[(1, 2)], threshold_lr=0), "threshold_lr must"),
+        (dict(mode="threshold", macs=0.6, train=[(1, 2)], epochs=0), "epochs must"),
+        (dict(mode="threshold", macs=0.6, train=torch.zeros(2)), "data must be a DataLoader"),
         (dict(mode="threshold", threshold=0.1, fuse=True), "fuse=True is for mode='topk'"),
     ],
 )
