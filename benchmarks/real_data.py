@@ -52,7 +52,7 @@ TRAIN, TEST = 1200, 597
 SIZE = 32
 CALIB = 256
 BITS = ("8/8", "4/8", "4/4", "2/4")
-SEARCHES = ("minmax", "mse", "joint")
+SEARCHES = ("minmax", "mse", "joint", "joint-bn")  # joint-bn: objective="bn_stats" (RAPQ)
 # per model: float training epochs and learning rate, fine-tune epochs and learning rate
 RECIPES: dict[str, dict[str, Any]] = {
     "resnet18": {"epochs": 6, "lr": 2e-3, "ft_epochs": 2, "ft_lr": 5e-4, "qat_lr": 1e-4},
@@ -267,6 +267,7 @@ def run_model(
     rows.append({"config": "float", "top1": round(float_acc, 2), "s": 0.0})
     log(f"{name} float: {float_acc:.2f} (trained in {train_s:.0f} s)")
     folded = run_passes([FoldBatchNorm()], program)
+    has_batchnorm = "batch_norm" in program.graph_module.code
 
     def fine_tune(epochs: int, lr: float, seed: int) -> FineTune:
         return FineTune(train_loader(train_x, train_y, seed), epochs=epochs, lr=lr, progress=False)
@@ -300,9 +301,18 @@ def run_model(
     for bits in bits_list if "pot" in parts else ():
         weight_bits, act_bits = (int(b) for b in bits.split("/"))
         for search in searches:
+            if search == "joint-bn" and not has_batchnorm:
+                continue  # RAPQ's objective reads BatchNorm statistics
 
             def quantize(w=weight_bits, a=act_bits, s=search, key=f"{bits}:{search}"):
-                result = PotQuantize(calib, weight_bits=w, act_bits=a, search=s)(folded)
+                options = (
+                    {"search": "joint", "objective": "bn_stats"}
+                    if s == "joint-bn"
+                    else {"search": s}
+                )
+                # joint-bn quantizes the unfolded Program: the objective reads its BatchNorms
+                source = program if s == "joint-bn" else folded
+                result = PotQuantize(calib, weight_bits=w, act_bits=a, **options)(source)
                 ptq[key] = result.program
                 return top1(result.program, test_x, test_y), {"pass_s": round(result.wall_s, 1)}
 
@@ -489,8 +499,8 @@ def summary(models: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Summary",
         "",
-        "Top-1 % (difference to float); PotQuantize rows: the best of the three exponent "
-        "searches. `-`: not run (QAT runs for W4A4 only where PTQ misses float by more than 1 "
+        "Top-1 % (difference to float); PotQuantize rows: the best exponent search "
+        "(minmax, mse, joint, joint with RAPQ's BN-statistics objective). `-`: not run (QAT runs for W4A4 only where PTQ misses float by more than 1 "
         "point) or failed (see the model's table).",
         "",
         "| model | float | prune 0.5 | prune 0.5 + FT | pot W8A8 | ORT int8 | W8A8 - ORT "
