@@ -500,8 +500,9 @@ def summary(models: list[dict[str, Any]]) -> list[str]:
         "## Summary",
         "",
         "Top-1 % (difference to float); PotQuantize rows: the best exponent search "
-        "(minmax, mse, joint, joint with RAPQ's BN-statistics objective). `-`: not run (QAT runs for W4A4 only where PTQ misses float by more than 1 "
-        "point) or failed (see the model's table).",
+        "(minmax, mse, joint, joint with RAPQ's BN-statistics objective). `-`: not run "
+        "(QAT runs for W4A4 only where PTQ misses float by more than 1 point) or failed (see "
+        "the model's table).",
         "",
         "| model | float | prune 0.5 | prune 0.5 + FT | pot W8A8 | ORT int8 | W8A8 - ORT "
         "| W4A4 PTQ | W4A4 + QAT | W2A4 PTQ | W2A4 + QAT |",
