@@ -218,8 +218,10 @@ def _tensor_bytes(value: Any) -> int:
 
 def graph_cost(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> CostReport:
     """MACs, parameters and output bytes of every ``call_function`` node of ``gm`` for
-    ``example_inputs`` (flat, one per placeholder), in graph order, plus totals."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    ``example_inputs`` (flat, one per placeholder), in graph order, plus totals. Shapes are
+    propagated with fake tensors; a graph whose shapes depend on the values (a token count
+    read off the data) is run on the example inputs, and its costs are theirs."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [
@@ -241,8 +243,17 @@ def graph_cost(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> CostR
     costs: list[NodeCost] = []
     graph_params: dict[int, int] = {}  # id -> numel: every parameter the graph reads, once
     activation_bytes = 0
-    with fake_mode, torch.no_grad():  # shapes only: no autograd graph either
-        recorder.run(*fake_inputs)
+    with torch.no_grad():  # shapes only: no autograd graph either
+        try:
+            with fake_mode:
+                recorder.run(*fake_inputs)
+        except EdgefxError as exc:
+            if not isinstance(exc.__cause__, DataDependentOutputException):
+                raise
+            # shapes that depend on the data (TokenGate's per-batch token count): run the
+            # example inputs for real; the costs are those of this batch
+            recorder = _ValueRecorder(gm)
+            recorder.run(*example_inputs)
         for node in gm.graph.nodes:
             param = parameter_of(node)
             if param is not None and node.users:

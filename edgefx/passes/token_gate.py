@@ -178,6 +178,28 @@ def attention_bias(alive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(alive, zero, ninf)[:, None, None, :]
 
 
+def compact_tokens(x: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the tokens dead in every image of the batch: ``x`` (batch, tokens, dim) and
+    ``alive`` (batch, tokens) become (batch, k, ...) with k the largest count alive in one
+    image (at least 2, so that attention never sees a single token; a pad is a dead token).
+    Each image keeps its live tokens first, in their original order, then dead ones: an
+    image's result does not depend on its batch mates, only the work does (at batch 1, k is
+    the image's own count). k is data-dependent: torch.export records it as an unbacked size
+    and ONNX's TopK takes it as a tensor."""
+    tokens = x.shape[1]
+    count = alive.sum(1).max().item()
+    torch._check(count >= 1)
+    torch._check(count <= tokens)
+    k = torch.sym_max(count, min(2, tokens))
+    torch._check(k >= min(2, tokens))
+    torch._check(k <= tokens)
+    position = torch.arange(tokens, device=x.device)
+    key = alive.to(torch.int64) * tokens + (tokens - 1 - position)  # live first, in order
+    index = torch.topk(key, k, dim=1).indices
+    kept = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return kept, torch.gather(alive, 1, index)
+
+
 # ----------------------------------------------------------------------------- the pass
 class TokenGate(Pass):
     """Drop low-attention patch tokens inside a ViT (AS-ViT/EViT gates; static top-k or
@@ -232,6 +254,7 @@ class TokenGate(Pass):
         macs_weight: float = 2.0,
         temperature: float = 0.5,
         progress: bool | None = None,
+        compact: bool = True,
     ) -> None:
         if mode not in ("topk", "threshold"):
             raise PassError(f"mode must be 'topk' or 'threshold', got {mode!r}")
@@ -319,6 +342,9 @@ class TokenGate(Pass):
         self.fuse = fuse
         self.threshold = list(threshold) if isinstance(threshold, (list, tuple)) else threshold
         self.train = train
+        if not isinstance(compact, bool):
+            raise PassError(f"compact must be True or False, got {compact!r}")
+        self.compact = compact if mode == "threshold" else None
         if train is not None:
             self.epochs, self.lr, self.threshold_lr = epochs, lr, threshold_lr
             self.macs_weight, self.temperature = macs_weight, temperature
@@ -373,9 +399,14 @@ class TokenGate(Pass):
             report["macs_requested"] = self.macs
         if self.mode == "threshold":
             report["macs_note"] = (
-                "the graph masks dropped tokens (static shapes, batch-independent), so it still "
-                "computes macs_after; macs_effective is the mean MACs the kept tokens need per "
-                "image (what a runtime dropping them would compute)"
+                "the graph drops the tokens dead in every image of a batch (a data-dependent "
+                "token count; masks the rest), so its MACs depend on the batch: macs_after is "
+                "its cost on the example inputs; macs_effective, the mean over the calibration "
+                "images of what each needs alone (batch 1)"
+                if self.compact
+                else "the graph masks dropped tokens (static shapes), so it still computes "
+                "macs_after; macs_effective is the mean MACs the kept tokens need per image "
+                "(what compact=True computes at batch 1)"
             )
             if self.macs is not None:
                 report.update(self._budget)
@@ -520,6 +551,8 @@ class TokenGate(Pass):
                 thresholds, ratio = _shift_to_budget(gm, batches, cost, self.macs, trained)
             budget["macs_effective_ratio"] = ratio
             self._budget = budget
+        if self.compact:
+            gm = _build_threshold(program, vit, gates, thresholds, batch, compact=True)
         self._kept = [_stats(c) for c in threshold_kept(gm, batches)]
         return program.with_graph(gm, repr(self)).refreshed(), thresholds
 
@@ -632,10 +665,16 @@ def _drop_see_all_masks(
 
 
 def _resize_after_gates(
-    gm: fx.GraphModule, tags: dict[fx.Node, list], removed: dict[fx.Node, int]
+    gm: fx.GraphModule,
+    tags: dict[fx.Node, list],
+    removed: dict[fx.Node, int],
+    *,
+    dynamic: bool = False,
 ) -> None:
     """Every op after a gate that names the token count (reshape sizes, expand sizes, slice
-    ends) gets the count it will see: the original minus what the gates before it removed."""
+    ends) gets the count it will see: the original minus what the gates before it removed.
+    ``dynamic``: the count is data-dependent, so a size must be inferred (-1) or read off the
+    tensor; a reshape that already infers another axis is refused."""
     graph = gm.graph
     dropped: dict[fx.Node, int] = dict(removed)
     for node in list(graph.nodes):
@@ -651,6 +690,14 @@ def _resize_after_gates(
                 old = sizes[tag.axis]
                 if node.target is aten.expand.default or -1 not in sizes:
                     sizes[tag.axis] = -1
+                elif dynamic:
+                    raise PassError(
+                        "a per-batch token count cannot resize a reshape that already infers "
+                        "another axis",
+                        node=node.name,
+                        op=str(node.target),
+                        hint="use TokenGate(mode='threshold', compact=False) (masked tokens)",
+                    )
                 elif isinstance(old, int):
                     sizes[tag.axis] = old // tag.count * (tag.count - before)
                 else:
@@ -677,10 +724,20 @@ def _build_threshold(
     gates: list[int],
     thresholds: list[float],
     batch: int | None = None,
+    *,
+    compact: bool = False,
 ) -> fx.GraphModule:
     """A copy of the graph where each gate computes a per-image keep mask; dead tokens are
-    zeroed in the stream and masked out of every later attention."""
+    zeroed in the stream and masked out of every later attention. ``compact``: tokens dead in
+    the whole batch are also removed (:func:`compact_tokens`: a data-dependent token count),
+    and every later op that names the token count is resized."""
     gm = program.copy_graph()
+    tags = None
+    if compact:
+        gm0 = program.graph_module
+        values = concrete_values(gm0, program.example_inputs, batch)
+        first = node_by_name(gm0)[vit.blocks[gates[0]].attention_residual]
+        tags = {n.name: t for n, t in token_axes(gm0, first, values, vit.tokens).items()}
     by_block = dict(zip(gates, thresholds, strict=True))
 
     def hard_gate(graph: fx.Graph, block: AttentionBlock, inputs: tuple, alive) -> fx.Node:
@@ -695,7 +752,17 @@ def _build_threshold(
             },
         )
 
-    _insert_threshold_gates(gm, vit, gates, hard_gate)
+    streams = _insert_threshold_gates(gm, vit, gates, hard_gate, compact=compact)
+    if compact:
+        nodes = node_by_name(gm)
+        _resize_after_gates(
+            gm,
+            {nodes[name]: t for name, t in tags.items()},
+            dict.fromkeys(streams, 1),
+            dynamic=True,
+        )
+        _drop_see_all_masks(gm, nodes, vit, gates[0])
+        gm.recompile()
     return gm
 
 
@@ -704,14 +771,18 @@ def _insert_threshold_gates(
     vit: ViTStructure,
     gates: list[int],
     make_gate: Callable[[fx.Graph, AttentionBlock, tuple, fx.Node | None], fx.Node],
-) -> None:
+    *,
+    compact: bool = False,
+) -> list[fx.Node]:
     """Insert a gate after each gate block's attention residual of ``gm`` (in place):
     ``make_gate(graph, block, (q, k, head_out, probs), alive)`` adds the node computing the
     tokens alive after it; dead tokens are zeroed in the stream and masked out of every later
-    attention."""
+    attention; with ``compact`` the stream is compacted first (:func:`compact_tokens`).
+    Returns the new stream node after each gate."""
     nodes = node_by_name(gm)
     graph = gm.graph
     alive: fx.Node | None = None
+    streams: list[fx.Node] = []
     for block in vit.blocks:
         if alive is not None:
             _mask_attention(gm, nodes, block, alive)
@@ -720,16 +791,27 @@ def _insert_threshold_gates(
         residual = nodes[block.attention_residual]
         with graph.inserting_after(residual):
             mask = make_gate(graph, block, _gate_inputs(nodes, block), alive)
-        with graph.inserting_after(mask):
-            zeroed = graph.call_function(apply_mask, (residual, mask))
-        for new in (mask, zeroed):
+        new_nodes = [mask]
+        stream, alive = residual, mask
+        if compact:
+            with graph.inserting_after(mask):
+                packed = graph.call_function(compact_tokens, (residual, mask))
+            with graph.inserting_after(packed):
+                stream = graph.call_function(operator.getitem, (packed, 0))
+            with graph.inserting_after(stream):
+                alive = graph.call_function(operator.getitem, (packed, 1))
+            new_nodes += [packed, stream, alive]
+        with graph.inserting_after(new_nodes[-1]):
+            zeroed = graph.call_function(apply_mask, (stream, alive))
+        new_nodes.append(zeroed)
+        for new in new_nodes:
             new.meta.update({k: v for k, v in residual.meta.items() if k != "val"})
         residual.replace_all_uses_with(
-            zeroed, delete_user_cb=lambda user, z=zeroed, m=mask: user not in (z, m)
+            zeroed, delete_user_cb=lambda user, keep=tuple(new_nodes): user not in keep
         )
-        alive = mask
+        streams.append(zeroed)
     gm.recompile()
-    return gm
+    return streams
 
 
 def _mask_attention(

@@ -313,6 +313,31 @@ def test_threshold_compiles_to_onnx(deit64):
     )
 
 
+def test_threshold_tokens_are_dropped_with_a_data_dependent_count(tiny_vit):
+    """compact=True (the default) removes tokens dead in the whole batch: outputs as the masked
+    graph's (per image, whatever the batch), fewer MACs, and the ONNX export takes the token
+    count from the data (ONNX TopK with a tensor k) and runs in onnxruntime."""
+    from edgefx.passes.token_gate import _build_threshold, _thresholds_for_rate
+
+    _, program = tiny_vit
+    vit = _structure(program)
+    x = images(6, 32, seed=7)
+    probe = _build_threshold(program, vit, [0, 1], [-math.inf] * 2)
+    thresholds = _thresholds_for_rate(probe, [x], 0.5, [0.0, 0.0])
+    masked = TokenGate(mode="threshold", threshold=thresholds, gates=[0, 1], compact=False)
+    dropped = TokenGate(mode="threshold", threshold=thresholds, gates=[0, 1])
+    masked_result, dropped_result = masked(program), dropped(program)
+    reference = masked_result.program(x)
+    torch.testing.assert_close(dropped_result.program(x), reference, atol=1e-5, rtol=1e-5)
+    alone = torch.cat([dropped_result.program(x[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(alone, reference, atol=1e-5, rtol=1e-5)
+    assert dropped_result.report["macs_after"] < masked_result.report["macs_after"]
+    compiled = edgefx.compile(program, passes=[dropped], backend="onnx", progress=False)
+    for batch in (x[:1], x):
+        want = masked_result.program(batch)
+        torch.testing.assert_close(torch.as_tensor(compiled(batch)), want, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- threshold budgets
 @pytest.fixture(scope="module")
 def tiny_vit():
@@ -358,8 +383,8 @@ def test_threshold_budget_is_met_on_calibration_data(tiny_vit):
     report = result.report
     assert 0.5 < report["macs_ratio"] <= 0.6
     assert report["macs_effective"] <= 0.6 * report["macs_before"]
-    # masked: the graph still computes every token, plus the gates' scores
-    assert report["macs_after"] > report["macs_before"]
+    # the example inputs' cost: the tokens dead in both example images are gone
+    assert report["macs_after"] < report["macs_before"]
     kept = report["tokens_kept"]
     assert kept[0]["min"] < kept[0]["max"] or kept[1]["min"] < kept[1]["max"]  # per image
     # the effective MACs are the cost of the tokens each calibration image keeps
