@@ -13,6 +13,7 @@ import argparse
 import ast
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -65,23 +66,6 @@ def _resolve(args: argparse.Namespace):
     return resolve_model(args.model, args.input_shape)
 
 
-def _captured(resolved, args: argparse.Namespace):
-    """``resolved`` with its model captured into a Program (a Program stays as it is)."""
-    from edgefx.frontend import capture
-    from edgefx.frontend.zoo import ResolvedModel
-    from edgefx.program import Program
-
-    if isinstance(resolved.model, Program):
-        return resolved
-    program = capture(
-        resolved.model,
-        resolved.example_inputs,
-        dynamic_batch=not args.static_batch,
-        name=resolved.name,
-    )
-    return ResolvedModel(resolved.name, program, None)
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     import edgefx
 
@@ -90,8 +74,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune_trials:
         options.update(tune_trials=args.tune_trials, work_dir=args.tune_dir)
     resolved = _resolve(args)
-    if args.dump_dir:  # the stage pictures need the captured Program: capture it here
-        resolved = _captured(resolved, args)
     compiled = edgefx.compile(
         resolved.model,
         resolved.example_inputs,
@@ -107,10 +89,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     specs = ", ".join(s.describe() for s in compiled.input_specs)
     console.print(f"inputs: {specs}")
     if args.dump_dir:
-        from edgefx.tools.dump import render_stages
+        from edgefx.tools.dump import INDEX
 
-        index = render_stages(args.dump_dir, resolved.model, compiled.report.passes)
-        console.print(f"stages, pictures and diffs: {index}")
+        index = Path(args.dump_dir) / INDEX
+        if index.is_file():  # (edgefx.compile draws the stages: see edgefx/__init__.py)
+            console.print(f"stages, pictures and diffs: {index}")
     if args.output:
         out = compiled.save(args.output)
         files = ", ".join(sorted(p.name for p in out.iterdir()))
@@ -336,14 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser(
-        "profile", help="run a compiled ONNX model under onnxruntime's profiler, per module"
+        "profile",
+        help="time every kernel of a compiled folder (onnxruntime's profiler, or TVM's VM "
+        "instrument) and charge it to its source module",
     )
-    p.add_argument("target", help="a folder from `edgefx compile -o DIR`, or an .onnx file")
+    p.add_argument(
+        "target", help="a folder from `edgefx compile -o DIR` (ONNX or TVM), or an .onnx file"
+    )
     p.add_argument("--runs", type=int, default=20, help="measured runs (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="runs dropped first (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime / TVM threads (default 1)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--nodes", action="store_true", help="one row per ONNX node")
+    p.add_argument(
+        "--nodes", action="store_true", help="one row per ONNX node / TVM kernel call"
+    )
     p.add_argument("--top", type=int, default=None, help="show only the N slowest rows")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead")
     picture_args(p, default_color="latency")

@@ -139,14 +139,15 @@ def _tokens_kept(result: Any) -> dict[str, float]:
 
 
 def profile(args: argparse.Namespace, console: Console) -> int:
-    from edgefx.tools.profile import latency_data, profile_onnx
+    from edgefx.tools.profile import latency_data
+    from edgefx.tools.profile import profile as run_profile
 
     target = load(args.target, args)
-    report = profile_onnx(
+    report = run_profile(
         target, runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch
     )
     if args.model_explorer:
-        _export_model_explorer(target, args.model_explorer, report.by_onnx_node())
+        _export_model_explorer(target, args.model_explorer, report.by_kernel())
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
