@@ -457,6 +457,26 @@ def profile_tvm(
     )
 
 
+def onnx_node_times(report: ProfileReport, target: Target) -> dict[str, float]:
+    """Kernel time per node of ``target``'s ONNX model (for Model Explorer, which draws the
+    model file): a kernel named after a node goes to it; one onnxruntime rebuilt or fused
+    (``conv2d_1_nchwc``) to the node of the FX node it was charged to; the rest (layout
+    reorders onnxruntime added) to none."""
+    names = [node.name for node in target.onnx_model.graph.node]
+    present = set(names)
+    by_fx: dict[str, str] = {}
+    for name in names:  # the first ONNX node lowered from each FX node
+        fx_node = target.node_map.get(name, {}).get("fx_node")
+        if fx_node:
+            by_fx.setdefault(fx_node, name)
+    times: dict[str, float] = {}
+    for n in report.nodes:
+        node = n.kernel if n.kernel in present else by_fx.get(n.fx_node)
+        if node is not None:
+            times[node] = times.get(node, 0.0) + n.ms
+    return times
+
+
 def latency_data(target: Target, report: ProfileReport) -> dict[str, float]:
     """Per-atom latency for the picture of ``target.graph()``: FX node names when the graph
     is the Program's, ONNX node names when it is the ONNX model's.

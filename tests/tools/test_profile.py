@@ -58,8 +58,9 @@ def test_cli_profile_table_json_picture_and_model_explorer(capsys, tmp_path, res
     assert "measured latency" in html.read_text()
     explorer = json.loads(latency.read_text())
     model = onnx.load(resnet18_folder / "model.onnx")
-    outputs = {n.output[0] for n in model.graph.node}
-    assert explorer["results"] and set(explorer["results"]) <= outputs
+    names = {n.name for n in model.graph.node}  # Model Explorer's node ids
+    assert explorer["results"] and set(explorer["results"]) <= names
+    assert explorer["name"] == "edgefx latency (ms)"
     assert explorer["gradient"][0]["stop"] == 0 and explorer["gradient"][-1]["stop"] == 1
 
 
@@ -67,14 +68,11 @@ def test_model_explorer_macs_export(tmp_path, resnet18_folder, resnet18_onnx):
     model = onnx.load(resnet18_folder / "model.onnx")
     node_map = json.loads((resnet18_folder / "onnx_nodes.json").read_text())
     values = macs_per_node(model, node_map)
-    data = node_data(model, values)
-    # one entry per node with MACs, keyed by its output tensor; they sum to the model's MACs
+    data = node_data(model, values, name="edgefx MACs")
+    # one entry per node with MACs, keyed by its name; they sum to the model's MACs
     assert sum(v["value"] for v in data["results"].values()) == resnet18_onnx.report.final.macs
-    conv = next(n for n in model.graph.node if n.name == "layer1.0.conv1/conv2d_1")
-    assert (
-        data["results"][conv.output[0]]["value"]
-        == onnx_graph(model, node_map).atoms[conv.name].macs
-    )
+    conv = "layer1.0.conv1/conv2d_1"
+    assert data["results"][conv]["value"] == onnx_graph(model, node_map).atoms[conv].macs
     out = tmp_path / "m.json"
     assert main(["inspect", str(resnet18_folder / "model.onnx"), "--model-explorer", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(json.dumps(data))

@@ -4,10 +4,10 @@ checked in a real headless browser."""
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from browser import chrome
 
 from edgefx.tools.layers import program_graph
 from edgefx.tools.render import (
@@ -75,58 +75,25 @@ def test_channels_kept_colouring_of_a_pruned_model(resnet18_pruned):
     assert "channels kept" in svg and "channels: 1.00" in svg and "channels: 0." in svg
 
 
-def _chromium() -> tuple[str, str]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (browser and driver):  # not a skip: CI must install them
-        pytest.fail(
-            "the browser check needs Debian's chromium and chromium-driver: "
-            "apt-get install -y chromium chromium-driver",
-            pytrace=False,
-        )
-    return browser, driver
-
-
 def screenshot(page: Path, png: Path) -> dict:
-    """Open ``page`` in headless chromium (fresh profile, no network features), save a
-    screenshot, and return what the page shows."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    """Open ``page`` in headless chromium, save a screenshot, and return what the page
+    shows."""
     from selenium.webdriver.common.by import By
 
-    browser, driver = _chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,900",
-    ):
-        options.add_argument(flag)
-    with tempfile.TemporaryDirectory() as profile:
-        options.add_argument(f"--user-data-dir={profile}")
-        chrome = webdriver.Chrome(options=options, service=Service(driver))
-        try:
-            chrome.get(page.resolve().as_uri())
-            assert chrome.save_screenshot(str(png))
-            svg = chrome.find_element(By.CSS_SELECTOR, ".picture svg")
-            return {
-                "title": chrome.title,
-                "svg_size": svg.size,
-                "boxes": len(chrome.find_elements(By.CSS_SELECTOR, ".picture svg g.node")),
-                "svg_text": svg.text,
-                "tables": len(chrome.find_elements(By.CSS_SELECTOR, "pre.table")),
-                "errors": [e for e in chrome.get_log("browser") if e.get("level") == "SEVERE"]
-                if hasattr(chrome, "get_log")
-                else [],
-            }
-        finally:
-            chrome.quit()
+    with chrome() as browser:
+        browser.get(page.resolve().as_uri())
+        assert browser.save_screenshot(str(png))
+        svg = browser.find_element(By.CSS_SELECTOR, ".picture svg")
+        return {
+            "title": browser.title,
+            "svg_size": svg.size,
+            "boxes": len(browser.find_elements(By.CSS_SELECTOR, ".picture svg g.node")),
+            "svg_text": svg.text,
+            "tables": len(browser.find_elements(By.CSS_SELECTOR, "pre.table")),
+            "errors": [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+            if hasattr(browser, "get_log")
+            else [],
+        }
 
 
 def test_html_report_opens_in_a_real_browser(capsys, tmp_path):
