@@ -116,14 +116,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise ArtifactError(f"--channels needs a Program; {target.name} is only ONNX")
         console.print(channel_table(ChannelDependencyGraph(program.graph_module)))
     if args.blocks:
-        from edgefx.analysis.vit import analysis_batch, find_blocks
-        from edgefx.tools.tables import block_table
-
-        if program is None:
-            raise ArtifactError(f"--blocks needs a Program; {target.name} is only ONNX")
-        batch = analysis_batch(program.example_inputs, program.dynamic_batch)
-        console.print(block_table(find_blocks(program.graph_module, program.example_inputs, batch)))
+        _print_blocks(target)
     return 0
+
+
+def _print_blocks(target) -> None:
+    """--blocks: the attention blocks TokenGate reads, and the tokens through them (the gates
+    of a gated model, whose blocks TokenGate's analysis no longer reads)."""
+    from edgefx.analysis.vit import UnsupportedModelError, analysis_batch, find_blocks
+    from edgefx.tools.layers import block_tokens
+    from edgefx.tools.tables import block_table, token_table
+
+    program = target.program
+    if program is None:
+        raise ArtifactError(f"--blocks needs a Program; {target.name} is only ONNX")
+    gate_passes = [entry for entry in program.history if entry.startswith("TokenGate")]
+    batch = analysis_batch(program.example_inputs, program.dynamic_batch)
+    try:
+        console.print(block_table(find_blocks(program.graph_module, program.example_inputs, batch)))
+    except UnsupportedModelError:
+        if not gate_passes:
+            raise
+        console.print("(the gated blocks no longer have the structure TokenGate reads)")
+    rows = block_tokens(target.graph())
+    if gate_passes or any(row.gate for row in rows):
+        console.print(token_table(rows, gate_passes))
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

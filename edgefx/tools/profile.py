@@ -228,8 +228,8 @@ def profile_onnx(
     if target.onnx_path is None:
         raise ProfileError(
             f"{target.name} has no ONNX model to profile",
-            hint="profile a folder written by `edgefx compile --backend onnx -o DIR`, or an "
-            ".onnx file",
+            hint="profile a folder written by `edgefx compile -o DIR` (ONNX or TVM backend), "
+            "or an .onnx file",
         )
     if runs < 1 or warmup < 0 or threads < 1 or batch < 1:
         raise ProfileError("runs, threads and batch must be >= 1 and warmup >= 0")

@@ -206,6 +206,29 @@ def test_cli_profile_of_a_tvm_folder(capsys, tmp_path, small_tvm_folder):
     # Model Explorer overlays an ONNX graph: a TVM folder has none, and says so
     assert main([*argv, "--model-explorer", str(tmp_path / "m.json")]) == 2
     assert "has none" in capsys.readouterr().err
+    # inspect reads the folder through the program.pt2 beside the library
+    assert main(["inspect", str(small_tvm_folder), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    program = load_target(str(small_tvm_folder)).program
+    assert data["source"] == "program" and data["total_macs"] == program.cost().total_macs
+
+
+def test_tvm_folders_that_cannot_be_profiled_say_why(capsys, tmp_path, small_tvm_folder):
+    import shutil
+
+    broken = shutil.copytree(small_tvm_folder, tmp_path / "broken")
+    (broken / "model.so").write_bytes(b"not a shared library" * 10)
+    assert main(["profile", str(broken), "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "ArtifactError" in err and "cannot load the TVM library" in err
+    # a library for another CPU: not run here, with what to do instead
+    board = shutil.copytree(small_tvm_folder, tmp_path / "board")
+    manifest = json.loads((board / "manifest.json").read_text())
+    manifest["target"].update(name="rpi4", arch="aarch64")
+    (board / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["profile", str(board), "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be profiled here" in err and "aarch64" in err
 
 
 @pytest.mark.slow

@@ -40,6 +40,29 @@ def test_repeated_blocks_collapse_and_expand(deit_tiny, resnet18):
     assert resnet == {"group:layer1.0..layer1.1"}
 
 
+def test_a_24_block_model_stays_a_readable_picture():
+    """24 ViT blocks collapse into one box: the picture is a screen tall, not 30."""
+    timm = pytest.importorskip("timm")
+    import torch
+
+    from edgefx.frontend import capture
+
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=32, depth=24, num_heads=2, num_classes=10
+    ).eval()
+    graph = program_graph(capture(model, (torch.randn(1, 3, 32, 32),), dynamic_batch=False))
+
+    def size(svg: str) -> tuple[int, int]:
+        found = re.search(r'<svg width="(\d+)pt" height="(\d+)pt"', svg)
+        return int(found.group(1)), int(found.group(2))
+
+    collapsed, expanded = svg_of(graph), svg_of(graph, expand=True)
+    assert "blocks.0 … blocks.23" in collapsed and "24x Block" in collapsed
+    assert collapsed.count('class="node"') <= 12 < 200 < expanded.count('class="node"')
+    assert size(collapsed)[1] < 1000 and size(expanded)[1] > 10 * size(collapsed)[1]
+
+
 def test_boxes_are_coloured_by_the_metric_with_a_legend(resnet18):
     graph = program_graph(resnet18[2])
     dot = render_graph(graph, metric="macs", expand=True)
