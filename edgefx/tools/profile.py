@@ -213,6 +213,14 @@ def _fusion_sources(
     return sources
 
 
+def _check_counts(runs: int, warmup: int, threads: int, batch: int) -> None:
+    if runs < 1 or warmup < 0 or threads < 1 or batch < 1:
+        raise ProfileError(
+            f"runs, threads and batch must be >= 1 and warmup >= 0 (got runs={runs}, "
+            f"warmup={warmup}, threads={threads}, batch={batch})"
+        )
+
+
 def profile_onnx(
     target: Target,
     *,
@@ -231,8 +239,7 @@ def profile_onnx(
             hint="profile a folder written by `edgefx compile -o DIR` (ONNX or TVM backend), "
             "or an .onnx file",
         )
-    if runs < 1 or warmup < 0 or threads < 1 or batch < 1:
-        raise ProfileError("runs, threads and batch must be >= 1 and warmup >= 0")
+    _check_counts(runs, warmup, threads, batch)
     target.onnx_model  # noqa: B018  (validates the file with a clear error first)
     with tempfile.TemporaryDirectory(prefix="edgefx-profile-") as tmp:
         options = ort.SessionOptions()
@@ -400,8 +407,7 @@ def profile_tvm(
 
     if target.folder is None or target.manifest.get("backend") != "tvm":
         raise ProfileError(f"{target.name} is not a TVM deploy folder")
-    if runs < 1 or warmup < 0 or threads < 1 or batch < 1:
-        raise ProfileError("runs, threads and batch must be >= 1 and warmup >= 0")
+    _check_counts(runs, warmup, threads, batch)
     inputs = example_inputs(target.manifest, batch, seed)
     measured = profile_folder(target.folder, inputs, runs=runs, warmup=warmup, threads=threads)
     calls = measured.calls
