@@ -178,9 +178,10 @@ ATTENTION_OPS = frozenset({"sdpa", "softmax"})
 def block_tokens(graph: LayerGraph) -> list[BlockTokens]:
     """One entry per module that computes attention (an sdpa or softmax op), in graph order;
     its block is its parent module. A block that also computes a softmax of its own (outside
-    its attention module) scores its tokens: a TokenGate gate, top-k when it runs ``topk``,
-    threshold when it compares (``ge``). Unlike edgefx.analysis.vit, this needs no particular
-    block structure, so it also reads a gated graph."""
+    its attention module) scores its tokens: a TokenGate gate, threshold when it compares the
+    scores with a threshold (``ge``), else top-k when it runs ``topk``. Unlike
+    edgefx.analysis.vit, this needs no particular block structure, so it also reads a gated
+    graph."""
     scoring = [
         name for name, layer in graph.layers.items() if not ATTENTION_OPS.isdisjoint(layer.ops)
     ]
@@ -192,7 +193,7 @@ def block_tokens(graph: LayerGraph) -> list[BlockTokens]:
         outer = graph.layers.get(block)
         gate = ""
         if outer is not None and block in scoring:
-            gate = "top-k" if "topk" in outer.ops else "threshold" if "ge" in outer.ops else "gate"
+            gate = "threshold" if "ge" in outer.ops else "top-k" if "topk" in outer.ops else "gate"
         tokens_out = outer.tokens if outer is not None else None
         rows.append(BlockTokens(block, name, graph.layers[name].tokens, tokens_out, gate))
     return rows

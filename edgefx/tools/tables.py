@@ -286,8 +286,13 @@ def token_table(rows: list[BlockTokens], gate_passes: list[str]) -> Table:
         gate = row.gate
         if gate == "top-k" and row.tokens_in and row.tokens_out is not None:
             gate += f": keeps {row.tokens_out} of {row.tokens_in}"
-        elif gate == "threshold":
-            gate += ": masks tokens, keeps the shape"
+        elif gate == "threshold" and row.tokens_in and row.tokens_out is not None:
+            # as many as the example inputs kept (data-dependent), or all when it only masks
+            gate += (
+                f": kept {row.tokens_out} of {row.tokens_in} on the example inputs"
+                if row.tokens_out < row.tokens_in
+                else ": masks tokens, keeps them all in the shape"
+            )
         table.add_row(
             row.block,
             row.attention,
