@@ -123,7 +123,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _print_blocks(target) -> None:
     """--blocks: the attention blocks TokenGate reads, and the tokens through them (the gates
     of a gated model, whose blocks TokenGate's analysis no longer reads)."""
-    from edgefx.analysis.vit import UnsupportedModelError, analysis_batch, find_blocks
+    from edgefx.analysis.vit import analysis_batch, find_blocks
+    from edgefx.errors import first_line
     from edgefx.tools.layers import block_tokens
     from edgefx.tools.tables import block_table, token_table
 
@@ -134,10 +135,11 @@ def _print_blocks(target) -> None:
     batch = analysis_batch(program.example_inputs, program.dynamic_batch)
     try:
         console.print(block_table(find_blocks(program.graph_module, program.example_inputs, batch)))
-    except UnsupportedModelError:
+    except Exception as exc:  # a gated graph: refused, or data-dependent token counts
         if not gate_passes:
             raise
-        console.print("(the gated blocks no longer have the structure TokenGate reads)")
+        console.print(f"(TokenGate's block analysis does not read the gated graph: "
+                      f"{first_line(exc)})")  # fmt: skip
     rows = block_tokens(target.graph())
     if gate_passes or any(row.gate for row in rows):
         console.print(token_table(rows, gate_passes))
