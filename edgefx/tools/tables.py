@@ -287,11 +287,11 @@ def token_table(rows: list[BlockTokens], gate_passes: list[str]) -> Table:
         if gate == "top-k" and row.tokens_in and row.tokens_out is not None:
             gate += f": keeps {row.tokens_out} of {row.tokens_in}"
         elif gate == "threshold" and row.tokens_in and row.tokens_out is not None:
-            # as many as the example inputs kept (data-dependent), or all when it only masks
+            # data-dependent: what the example inputs kept (a masking gate keeps the shape)
             gate += (
                 f": kept {row.tokens_out} of {row.tokens_in} on the example inputs"
                 if row.tokens_out < row.tokens_in
-                else ": masks tokens, keeps them all in the shape"
+                else ": no token dropped from the shape on the example inputs"
             )
         table.add_row(
             row.block,
