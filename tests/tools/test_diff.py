@@ -103,6 +103,13 @@ def test_inspect_blocks_shows_the_gates(capsys, tmp_path, deit_tiny_gated):
     gates = [block for block, line in rows.items() if "top-k" in line]
     assert gates == ["blocks.3", "blocks.6", "blocks.9"]
     assert "applied: TokenGate(keep=0.5" in out
+    # threshold gates are told apart from top-k ones (whether they mask or drop tokens)
+    from edgefx.passes import PassManager, TokenGate
+    from edgefx.tools.layers import block_tokens, program_graph
+
+    thresholded, _ = PassManager([TokenGate(mode="threshold", threshold=0.2)]).run(before)
+    gated = [(row.block, row.gate) for row in block_tokens(program_graph(thresholded)) if row.gate]
+    assert gated == [(f"blocks.{i}", "threshold") for i in (3, 6, 9)]
 
 
 def test_diff_program_against_its_onnx(resnet18_onnx, resnet18_folded):
