@@ -21,7 +21,14 @@ from edgefx.analysis.cost import human
 from edgefx.backends import Artifact, artifact_class, get_backend
 from edgefx.errors import ArtifactError, BackendError, EdgefxError, InputError, first_line
 from edgefx.frontend import capture
-from edgefx.passes.base import Figures, NumericError, PassManager, PassResult, check_passes
+from edgefx.passes.base import (
+    DumpHook,
+    Figures,
+    NumericError,
+    PassManager,
+    PassResult,
+    check_passes,
+)
 from edgefx.program import Program, TensorSpec, check_inputs
 
 MANIFEST = "manifest.json"
@@ -251,6 +258,7 @@ def compile(
     target: str | None = None,
     dynamic_batch: bool = True,
     dump_dir: str | Path | None = None,
+    dump_hook: DumpHook | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     progress: bool | None = None,
     backend_options: dict[str, Any] | None = None,
@@ -260,6 +268,9 @@ def compile(
     ``model`` is an ``nn.Module`` (captured on a copy; never mutated) or an already captured
     Program. The lowered model is run on the example inputs and compared with the Program:
     an error above ``tolerance`` (relative to the output scale) raises BackendError.
+    ``dump_dir``: write the readable graph and report of every stage there, then call
+    ``dump_hook(dump_dir, captured, pass_results)``; ``edgefx.compile`` makes that draw each
+    stage's picture and an index.html (edgefx.tools.dump).
     """
     pass_list = check_passes(passes)
     backend_impl = get_backend(backend, target, **(backend_options or {}))
@@ -284,7 +295,8 @@ def compile(
         captured=Figures.of(program),
     )
 
-    program, report.passes = PassManager(pass_list, dump_dir=dump_dir, progress=show).run(program)
+    manager = PassManager(pass_list, dump_dir=dump_dir, dump_hook=dump_hook, progress=show)
+    program, report.passes = manager.run(program)
 
     start = time.perf_counter()
     with _status(f"lowering to {backend}", show):

@@ -148,12 +148,80 @@ def test_compile_with_a_static_batch(helpers, x1, x4):
         compiled(x4)
 
 
-def test_compile_writes_the_dump_dir(small_net, tmp_path, x1):
-    edgefx.compile(
-        small_net, (x1,), passes=[FoldBatchNorm()], backend="torch", dump_dir=tmp_path / "dump"
+def test_compile_writes_the_dump_dir_with_pictures_and_index(small_net, tmp_path, x1):
+    """From Python, as from the CLI: each stage's readable graph, report, picture and
+    Program, and an index.html walking through the stages with the diff of each pass."""
+    pytest.importorskip("graphviz")
+    dump = tmp_path / "dump"
+    edgefx.compile(small_net, (x1,), passes=[FoldBatchNorm()], backend="torch", dump_dir=dump)
+    names = sorted(p.name for p in dump.iterdir())
+    assert names == [
+        "00-captured.pt2", "00-captured.py", "00-captured.svg",
+        "01-FoldBatchNorm.json", "01-FoldBatchNorm.pt2", "01-FoldBatchNorm.py",
+        "01-FoldBatchNorm.svg", "index.html",
+    ]  # fmt: skip
+    assert "bn1" in (dump / "00-captured.svg").read_text()
+    assert "bn1" not in (dump / "01-FoldBatchNorm.svg").read_text()  # folded into conv1
+    index = (dump / "index.html").read_text()
+    assert index.count("<svg") == 2 and "removed" in index and "bn2" in index
+    assert edgefx.Program.load(dump / "01-FoldBatchNorm.pt2").name == "SmallNet"
+
+
+def test_the_dump_hook_is_the_compilers_only_link_to_the_pictures(small_program, tmp_path):
+    """compiler.compile itself writes the readable stages and calls the hook it is given
+    (edgefx.compile gives it tools.dump's drawing); the stages before a failing pass are
+    still handed to the hook."""
+    from edgefx import compiler
+
+    calls = []
+
+    def hook(dump_dir, captured, results):
+        calls.append((dump_dir, captured, [r.name for r in results]))
+
+    dump = tmp_path / "plain"
+    compiler.compile(small_program, passes=[FoldBatchNorm()], backend="torch", dump_dir=dump)
+    assert sorted(p.name for p in dump.iterdir()) == [
+        "00-captured.py", "01-FoldBatchNorm.json", "01-FoldBatchNorm.py",
+    ]  # fmt: skip
+    compiler.compile(
+        small_program, passes=[FoldBatchNorm()], backend="torch", dump_dir=dump, dump_hook=hook
     )
-    names = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert names == ["00-captured.py", "01-FoldBatchNorm.json", "01-FoldBatchNorm.py"]
+    assert calls == [(dump, small_program, ["FoldBatchNorm"])]
+
+    class Broken(FoldBatchNorm):
+        name = "Broken"
+
+        def run(self, program):
+            raise PassError("broken on purpose")
+
+    with pytest.raises(PassError, match="broken on purpose"):
+        compiler.compile(
+            small_program, passes=[FoldBatchNorm(), Broken()], backend="torch",
+            dump_dir=tmp_path / "failed", dump_hook=hook,
+        )  # fmt: skip
+    assert calls[-1][2] == ["FoldBatchNorm"]
+
+
+def test_nothing_below_tools_imports_tools():
+    """The layering rule of DESIGN.md, read from the sources: only edgefx/__init__.py (the
+    public entry point, which plugs the dump pictures in) and tools/ itself import tools."""
+    import ast
+    from pathlib import Path
+
+    root = Path(edgefx.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "tools") or path == root / "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "edgefx.tools" or n.startswith("edgefx.tools.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
 
 
 # ----------------------------------------------------------------------------- nested I/O

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,6 +168,18 @@ def check_passes(passes: object) -> list[Pass]:
     return list(passes)
 
 
+def stage_stem(index: int, name: str) -> str:
+    """The file stem of stage ``index`` (0: the captured Program) in a dump folder."""
+    return f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+
+
+# What a PassManager with a dump_dir calls after its passes ran (or one failed), besides
+# writing each stage's readable graph and report: hook(dump_dir, the Program it started
+# from, the PassResults so far). edgefx.compile plugs in the pictures and index.html of
+# edgefx.tools.dump this way, since nothing below tools/ may import tools/.
+DumpHook = Callable[[Path, Program, list["PassResult"]], object]
+
+
 class PassManager:
     """Run passes in order; after each, lint the graph, re-export it (which re-propagates every
     shape and proves the graph still exports), and hold exact passes to their promise."""
@@ -176,17 +189,31 @@ class PassManager:
         passes: Sequence[Pass],
         *,
         dump_dir: str | Path | None = None,
+        dump_hook: DumpHook | None = None,
         progress: bool | None = None,
         console: Console | None = None,
     ) -> None:
         self.passes = check_passes(passes)
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.dump_hook = dump_hook
         self.console = console or Console(stderr=True)
         self.progress = self.console.is_terminal if progress is None else progress
 
     def run(self, program: Program) -> tuple[Program, list[PassResult]]:
         results: list[PassResult] = []
         self._dump(0, "captured", program, None)
+        try:
+            final = self._run_passes(program, results)
+        except BaseException:
+            # the stages before a failing pass show why it failed: draw them too, but let
+            # nothing the hook raises hide the pass's error
+            with contextlib.suppress(Exception):
+                self._call_dump_hook(program, results)
+            raise
+        self._call_dump_hook(program, results)
+        return final, results
+
+    def _run_passes(self, program: Program, results: list[PassResult]) -> Program:
         with Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -202,7 +229,11 @@ class PassManager:
                 results.append(result)
                 program = result.program
                 self._dump(index, pass_.name, program, result)
-        return program, results
+        return program
+
+    def _call_dump_hook(self, captured: Program, results: list[PassResult]) -> None:
+        if self.dump_dir is not None and self.dump_hook is not None:
+            self.dump_hook(self.dump_dir, captured, list(results))
 
     def _run_one(self, pass_: Pass, program: Program) -> PassResult:
         result = pass_(program)
@@ -231,7 +262,7 @@ class PassManager:
         if self.dump_dir is None:
             return
         self.dump_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+        stem = stage_stem(index, name)
         (self.dump_dir / f"{stem}.py").write_text(program.readable())
         if result is not None:
             (self.dump_dir / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=2))

@@ -13,6 +13,7 @@ import argparse
 import ast
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -65,23 +66,6 @@ def _resolve(args: argparse.Namespace):
     return resolve_model(args.model, args.input_shape)
 
 
-def _captured(resolved, args: argparse.Namespace):
-    """``resolved`` with its model captured into a Program (a Program stays as it is)."""
-    from edgefx.frontend import capture
-    from edgefx.frontend.zoo import ResolvedModel
-    from edgefx.program import Program
-
-    if isinstance(resolved.model, Program):
-        return resolved
-    program = capture(
-        resolved.model,
-        resolved.example_inputs,
-        dynamic_batch=not args.static_batch,
-        name=resolved.name,
-    )
-    return ResolvedModel(resolved.name, program, None)
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     import edgefx
 
@@ -90,8 +74,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune_trials:
         options.update(tune_trials=args.tune_trials, work_dir=args.tune_dir)
     resolved = _resolve(args)
-    if args.dump_dir:  # the stage pictures need the captured Program: capture it here
-        resolved = _captured(resolved, args)
     compiled = edgefx.compile(
         resolved.model,
         resolved.example_inputs,
@@ -107,10 +89,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     specs = ", ".join(s.describe() for s in compiled.input_specs)
     console.print(f"inputs: {specs}")
     if args.dump_dir:
-        from edgefx.tools.dump import render_stages
+        from edgefx.tools.dump import INDEX
 
-        index = render_stages(args.dump_dir, resolved.model, compiled.report.passes)
-        console.print(f"stages, pictures and diffs: {index}")
+        index = Path(args.dump_dir) / INDEX
+        if index.is_file():  # (edgefx.compile draws the stages: see edgefx/__init__.py)
+            console.print(f"stages, pictures and diffs: {index}")
     if args.output:
         out = compiled.save(args.output)
         files = ", ".join(sorted(p.name for p in out.iterdir()))
@@ -133,14 +116,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise ArtifactError(f"--channels needs a Program; {target.name} is only ONNX")
         console.print(channel_table(ChannelDependencyGraph(program.graph_module)))
     if args.blocks:
-        from edgefx.analysis.vit import analysis_batch, find_blocks
-        from edgefx.tools.tables import block_table
-
-        if program is None:
-            raise ArtifactError(f"--blocks needs a Program; {target.name} is only ONNX")
-        batch = analysis_batch(program.example_inputs, program.dynamic_batch)
-        console.print(block_table(find_blocks(program.graph_module, program.example_inputs, batch)))
+        _print_blocks(target)
     return 0
+
+
+def _print_blocks(target) -> None:
+    """--blocks: the attention blocks TokenGate reads, and the tokens through them (the gates
+    of a gated model, whose blocks TokenGate's analysis no longer reads)."""
+    from edgefx.analysis.vit import analysis_batch, find_blocks
+    from edgefx.errors import first_line
+    from edgefx.tools.layers import block_tokens
+    from edgefx.tools.tables import block_table, token_table
+
+    program = target.program
+    if program is None:
+        raise ArtifactError(f"--blocks needs a Program; {target.name} is only ONNX")
+    gate_passes = [entry for entry in program.history if entry.startswith("TokenGate")]
+    batch = analysis_batch(program.example_inputs, program.dynamic_batch)
+    try:
+        console.print(block_table(find_blocks(program.graph_module, program.example_inputs, batch)))
+    except Exception as exc:  # a gated graph: refused, or data-dependent token counts
+        if not gate_passes:
+            raise
+        console.print(f"(TokenGate's block analysis does not read the gated graph: "
+                      f"{first_line(exc)})")  # fmt: skip
+    rows = block_tokens(target.graph())
+    if gate_passes or any(row.gate for row in rows):
+        console.print(token_table(rows, gate_passes))
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -336,14 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser(
-        "profile", help="run a compiled ONNX model under onnxruntime's profiler, per module"
+        "profile",
+        help="time every kernel of a compiled folder (onnxruntime's profiler, or TVM's VM "
+        "instrument) and charge it to its source module",
     )
-    p.add_argument("target", help="a folder from `edgefx compile -o DIR`, or an .onnx file")
+    p.add_argument(
+        "target", help="a folder from `edgefx compile -o DIR` (ONNX or TVM), or an .onnx file"
+    )
     p.add_argument("--runs", type=int, default=20, help="measured runs (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="runs dropped first (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime / TVM threads (default 1)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--nodes", action="store_true", help="one row per ONNX node")
+    p.add_argument(
+        "--nodes", action="store_true", help="one row per ONNX node / TVM kernel call"
+    )
     p.add_argument("--top", type=int, default=None, help="show only the N slowest rows")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead")
     picture_args(p, default_color="latency")

@@ -139,14 +139,17 @@ def _tokens_kept(result: Any) -> dict[str, float]:
 
 
 def profile(args: argparse.Namespace, console: Console) -> int:
-    from edgefx.tools.profile import latency_data, profile_onnx
+    from edgefx.tools.profile import latency_data, onnx_node_times
+    from edgefx.tools.profile import profile as run_profile
 
     target = load(args.target, args)
-    report = profile_onnx(
+    if args.model_explorer:  # before the runs, not after
+        _check_onnx_for_model_explorer(target)
+    report = run_profile(
         target, runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch
     )
     if args.model_explorer:
-        _export_model_explorer(target, args.model_explorer, report.by_onnx_node())
+        _export_model_explorer(target, args.model_explorer, onnx_node_times(report, target))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
@@ -164,16 +167,20 @@ def profile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _export_model_explorer(target: Target, path: str, latency: dict[str, float] | None) -> None:
-    from edgefx.tools.model_explorer import macs_per_node, write_node_data
-
+def _check_onnx_for_model_explorer(target: Target) -> None:
     if target.onnx_path is None:
         raise EdgefxError(
             f"--model-explorer writes node data for an ONNX model; {target.name} has none",
             hint="give an .onnx file or a folder from `edgefx compile --backend onnx -o DIR`",
         )
+
+
+def _export_model_explorer(target: Target, path: str, latency: dict[str, float] | None) -> None:
+    from edgefx.tools.model_explorer import macs_per_node, write_node_data
+
+    _check_onnx_for_model_explorer(target)
     model = target.onnx_model
     values = latency if latency is not None else macs_per_node(model, target.node_map)
-    write_node_data(path, model, values)
     what = "latency (ms)" if latency is not None else "MACs"
+    write_node_data(path, model, values, name=f"edgefx {what}")
     notes.print(f"wrote {path}: {what} of {len(values)} nodes for Model Explorer")

@@ -3,35 +3,37 @@ pass report (``NN-PASS.json``) that the PassManager dumps, write each stage's SV
 Program (``NN-PASS.pt2``, for ``edgefx diff``) and an ``index.html`` that walks through the
 stages with what each pass changed.
 
-The passes never import tools, so this runs from the tools side after the compile:
-``edgefx compile --dump-dir D`` calls it; from Python::
-
-    program = edgefx.frontend.capture(model, inputs)
-    compiled = edgefx.compile(program, passes=[...], dump_dir="D")
-    edgefx.tools.dump.render_stages("D", program, compiled.report.passes)
+The passes never import tools, so the PassManager calls this through its ``dump_hook``, which
+``edgefx.compile(..., dump_dir=D)`` (and so ``edgefx compile --dump-dir D``) sets to
+``draw_stages``.
 """
 
 from __future__ import annotations
 
 import html
-import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edgefx.analysis.cost import human
+from edgefx.passes.base import stage_stem
 from edgefx.program import Program
 from edgefx.tools.diff import diff_graphs
 from edgefx.tools.layers import program_graph
-from edgefx.tools.render import html_page, rich_html, strip_xml_header, svg_of
+from edgefx.tools.render import RenderError, html_page, rich_html, strip_xml_header, svg_of
 
 INDEX = "index.html"
 
 
-def stage_stem(index: int, name: str) -> str:
-    """The file stem the PassManager uses for stage ``index`` (keep in step with
-    ``PassManager._dump``)."""
-    return f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+def draw_stages(dump_dir: str | Path, captured: Program, results: Sequence[Any]) -> Path | None:
+    """The PassManager's dump hook: ``render_stages``, or a warning saying why there are no
+    pictures (graphviz missing) while the readable graphs are still written."""
+    try:
+        return render_stages(dump_dir, captured, results)
+    except RenderError as exc:
+        warnings.warn(f"{dump_dir}: no stage pictures or index.html: {exc}", stacklevel=2)
+        return None
 
 
 def render_stages(

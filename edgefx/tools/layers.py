@@ -161,6 +161,44 @@ class LayerGraph:
         }
 
 
+@dataclass(frozen=True)
+class BlockTokens:
+    """Tokens into and out of one attention block, as the layers' output shapes show them."""
+
+    block: str
+    attention: str
+    tokens_in: int | None  # the attention's output: every token the block received
+    tokens_out: int | None  # the block's own output (its residual adds)
+    gate: str = ""  # "top-k" / "threshold" when the block scores its tokens itself
+
+
+ATTENTION_OPS = frozenset({"sdpa", "softmax"})
+
+
+def block_tokens(graph: LayerGraph) -> list[BlockTokens]:
+    """One entry per module that computes attention (an sdpa or softmax op), in graph order;
+    its block is its parent module. A block that also computes a softmax of its own (outside
+    its attention module) scores its tokens: a TokenGate gate, threshold when it compares the
+    scores with a threshold (``ge``), else top-k when it runs ``topk``. Unlike
+    edgefx.analysis.vit, this needs no particular block structure, so it also reads a gated
+    graph."""
+    scoring = [
+        name for name, layer in graph.layers.items() if not ATTENTION_OPS.isdisjoint(layer.ops)
+    ]
+    rows = []
+    for name in scoring:
+        if any(other.startswith(name + ".") for other in scoring):
+            continue  # a block scoring its tokens: its attention module has its own row
+        block = name.rpartition(".")[0] or TOP
+        outer = graph.layers.get(block)
+        gate = ""
+        if outer is not None and block in scoring:
+            gate = "threshold" if "ge" in outer.ops else "top-k" if "topk" in outer.ops else "gate"
+        tokens_out = outer.tokens if outer is not None else None
+        rows.append(BlockTokens(block, name, graph.layers[name].tokens, tokens_out, gate))
+    return rows
+
+
 def build(
     name: str,
     source: str,

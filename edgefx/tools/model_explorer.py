@@ -2,10 +2,15 @@
 open the ONNX file there, then load this JSON as "custom node data" to colour its nodes by
 our MACs or measured latency.
 
-The file is Model Explorer's ``GraphNodeData`` JSON (see its ``node_data_builder.py``):
-``{"results": {KEY: {"value": N}}, "gradient": [{"stop": 0, "bgColor": ...}, ...]}``. Keys
-are node output tensor names, which Model Explorer matches against each node's
-``tensor_name`` for any model adapter (node ids differ between its ONNX adapters).
+The file is Model Explorer's ``GraphNodeData`` JSON (``model_explorer.node_data_builder``):
+``{"name": ..., "results": {KEY: {"value": N}}, "gradient": [{"stop": 0, "bgColor": ...},
+...]}``. Model Explorer resolves a KEY as a node's output ``tensor_name`` if some node
+declares one, else as a node id. Its ONNX adapter (the ``model-explorer-onnx`` extension)
+declares no ``tensor_name`` (it tags outputs ``__tensor_tag``) and uses the ONNX node name as
+the node id, so the keys are ONNX node names: ``layer1.0.conv1/conv2d_1`` for a model from
+the ONNX backend, whose ``<module>/`` prefix also becomes the adapter's namespace (the
+node's group). tests/tools/test_model_explorer.py checks this against Model Explorer's own
+code when it is installed.
 """
 
 from __future__ import annotations
@@ -23,13 +28,12 @@ GRADIENT = [
 ]
 
 
-def node_data(model: Any, values: dict[str, float]) -> dict[str, Any]:
-    """``values`` per ONNX node name -> GraphNodeData keyed by each node's first output."""
-    results = {}
-    for node in model.graph.node:
-        if node.name in values and node.output:
-            results[node.output[0]] = {"value": values[node.name]}
-    return {"results": results, "gradient": GRADIENT}
+def node_data(model: Any, values: dict[str, float], name: str = "edgefx") -> dict[str, Any]:
+    """``values`` per ONNX node name -> GraphNodeData keyed by node name (Model Explorer's
+    node id), for the nodes of ``model``."""
+    nodes = {node.name for node in model.graph.node}
+    results = {key: {"value": value} for key, value in values.items() if key in nodes}
+    return {"name": name, "results": results, "gradient": GRADIENT}
 
 
 def macs_per_node(
@@ -39,8 +43,10 @@ def macs_per_node(
     return {name: float(atom.macs) for name, atom in graph.atoms.items() if atom.macs}
 
 
-def write_node_data(path: str | Path, model: Any, values: dict[str, float]) -> Path:
+def write_node_data(
+    path: str | Path, model: Any, values: dict[str, float], name: str = "edgefx"
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(node_data(model, values), indent=1))
+    path.write_text(json.dumps(node_data(model, values, name), indent=1))
     return path

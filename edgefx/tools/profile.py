@@ -1,14 +1,24 @@
-"""Where the time goes: run an ONNX model under onnxruntime's profiler and map every node's
-kernel time back to the FX node and source module it came from.
+"""Where the time goes: run a compiled folder under a profiler and map every kernel's time
+back to the FX node and source module it came from.
 
-The ONNX backend names nodes ``<module>/<fx node>`` and writes the map to
-``onnx_nodes.json``; onnxruntime's profile names kernels after the nodes it ran, including
-nodes it fused (which keep the name of the node they were built from, sometimes with a
-suffix, and without the module prefix), so a kernel is charged to its ONNX node by name, or
+ONNX (onnxruntime's profiler): the ONNX backend names nodes ``<module>/<fx node>`` and writes
+the map to ``onnx_nodes.json``; onnxruntime's profile names kernels after the nodes it ran,
+including nodes it fused (which keep the name of the node they were built from, sometimes with
+a suffix, and without the module prefix), so a kernel is charged to its ONNX node by name, or
 else to the FX node whose name it keeps. Layout conversions onnxruntime inserts itself
 (``ReorderInput`` / ``ReorderOutput``) have no origin and are reported as unmapped. A fused
 kernel (onnxruntime runs Conv -> Relu as one Conv named after the Relu) is charged to the
 node it starts from (the conv).
+
+TVM (the Relax VM's instrument and ``time_evaluator``, see backends/tvm/profiling.py): TVM's
+kernels are named after ops (``conv2d3``, ``fused_conv2d_add_relu``), not after source
+modules, so a kernel call is mapped by value: its output is compared with the output of every
+node of the folder's Program run on the same inputs. A kernel whose output is a node's output
+is charged to that node, or, when it computed several nodes (a fused kernel, the nodes between
+its inputs and its output), to the costliest of them (the conv, not its ReLU); a kernel whose
+output is no node's output (TVM splits ``linear`` into transpose, matmul and add; a
+decomposed op) is charged to the kernel that consumes it. What is left is reported unmapped.
+
 Kernel times are medians over the measured runs (warm-up runs are dropped).
 """
 
@@ -30,19 +40,23 @@ from edgefx.tools.layers import TOP
 from edgefx.tools.target import Target
 
 _KERNEL_SUFFIX = "_kernel_time"
+UNMAPPED = "(unmapped)"
 
 
 class ProfileError(EdgefxError):
-    """A model that cannot be profiled (no ONNX model, bad inputs, onnxruntime failure)."""
+    """A model that cannot be profiled (no ONNX model or TVM library, bad inputs, a runtime
+    failure)."""
 
 
 @dataclass
 class NodeTime:
-    onnx_node: str
+    kernel: str  # the ONNX node onnxruntime ran, or the TVM kernel (PrimFunc) called
     op_type: str
     module: str
     fx_node: str
     ms: float  # median kernel time over the measured runs
+    call: int | None = None  # TVM: the call's position in a run (a kernel runs many times)
+    mapped_by: str = ""  # how the kernel was tied to fx_node ("" when it was not)
 
 
 @dataclass
@@ -51,9 +65,11 @@ class ProfileReport:
     runs: int
     threads: int
     nodes: list[NodeTime]
-    run_ms: float  # median wall time of one whole run, as onnxruntime measured it
-    unmapped_ms: float  # kernel time of nodes with no FX origin (e.g. added by ORT)
+    run_ms: float  # median wall time of one whole run, as the runtime measured it
+    unmapped_ms: float  # kernel time with no FX origin (e.g. nodes added by ORT)
     inputs: dict[str, list[int]] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
+    notes: list[str] = field(default_factory=list)  # what the mapping could not do, and why
 
     @property
     def kernel_ms(self) -> float:
@@ -62,7 +78,8 @@ class ProfileReport:
     def by_module(self) -> dict[str, float]:
         times: dict[str, float] = {}
         for n in self.nodes:
-            times[n.module or "(unmapped)"] = times.get(n.module or "(unmapped)", 0.0) + n.ms
+            key = n.module or (TOP if n.fx_node else UNMAPPED)
+            times[key] = times.get(key, 0.0) + n.ms
         return times
 
     def by_fx_node(self) -> dict[str, float]:
@@ -72,56 +89,68 @@ class ProfileReport:
                 times[n.fx_node] = times.get(n.fx_node, 0.0) + n.ms
         return times
 
-    def by_onnx_node(self) -> dict[str, float]:
-        return {n.onnx_node: n.ms for n in self.nodes}
+    def by_kernel(self) -> dict[str, float]:
+        """Time per ONNX node (for onnxruntime; TVM kernels run many times: see ``nodes``)."""
+        times: dict[str, float] = {}
+        for n in self.nodes:
+            times[n.kernel] = times.get(n.kernel, 0.0) + n.ms
+        return times
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "runtime": self.runtime,
             "runs": self.runs,
             "threads": self.threads,
             "inputs": self.inputs,
             "run_ms": self.run_ms,
             "kernel_ms": self.kernel_ms,
             "unmapped_ms": self.unmapped_ms,
+            "notes": self.notes,
             "modules": dict(sorted(self.by_module().items(), key=lambda kv: -kv[1])),
             "nodes": [vars(n) for n in sorted(self.nodes, key=lambda n: -n.ms)],
         }
 
     def table(self, *, nodes: bool = False, top: int | None = None) -> Table:
         title = (
-            f"Profile of {self.name}: median of {self.runs} runs, {self.threads} thread(s), "
-            f"run {self.run_ms:.3f} ms"
+            f"Profile of {self.name} ({self.runtime}): median of {self.runs} runs, "
+            f"{self.threads} thread(s), run {self.run_ms:.3f} ms"
         )
-        table = Table(title=title)
+        table = Table(title=title, caption="\n".join(self.notes) or None)
+        tvm = self.runtime != "onnxruntime"
         if nodes:
             rows = [
-                (n.onnx_node, n.op_type, n.fx_node, n.ms)
+                (
+                    n.kernel + (f" #{n.call}" if n.call is not None else ""),
+                    n.op_type,
+                    n.fx_node,
+                    n.module or (TOP if n.fx_node else UNMAPPED),
+                    n.mapped_by,
+                    n.ms,
+                )
                 for n in sorted(self.nodes, key=lambda n: -n.ms)
             ]
-            columns = ("ONNX node", "op", "FX node")
+            columns = ("TVM kernel call" if tvm else "ONNX node", "op", "FX node", "module",
+                       "mapped by")  # fmt: skip
         else:
-            rows = [
-                (m, "", "", ms) for m, ms in sorted(self.by_module().items(), key=lambda kv: -kv[1])
-            ]
-            columns = ("module", "", "")
+            rows = [(m, ms) for m, ms in sorted(self.by_module().items(), key=lambda kv: -kv[1])]
+            columns = ("module",)
         for column in columns:
-            if column:
-                table.add_column(column)
+            table.add_column(column)
         table.add_column("ms", justify="right")
         table.add_column("% of kernels", justify="right")
         total = self.kernel_ms or 1.0
         hidden = 0 if top is None else max(len(rows) - top, 0)
         for row in rows[: len(rows) - hidden]:
-            cells = [c for c, col in zip(row[:3], columns, strict=True) if col]
-            table.add_row(*cells, f"{row[3]:.4f}", f"{100 * row[3] / total:.1f}%")
+            *cells, ms = row
+            table.add_row(*cells, f"{ms:.4f}", f"{100 * ms / total:.1f}%")
         if hidden:
-            table.add_row(f"… {hidden} more", *[""] * (len([c for c in columns if c]) + 1))
+            table.add_row(f"… {hidden} more", *[""] * len(columns))
         table.add_section()
-        width = len([c for c in columns if c])
         table.add_row(
-            "kernels total", *[""] * (width - 1), f"{self.kernel_ms:.4f}", "100%", style="bold"
-        )
+            "kernels total", *[""] * (len(columns) - 1), f"{self.kernel_ms:.4f}", "100%",
+            style="bold",
+        )  # fmt: skip
         return table
 
 
@@ -184,6 +213,14 @@ def _fusion_sources(
     return sources
 
 
+def _check_counts(runs: int, warmup: int, threads: int, batch: int) -> None:
+    if runs < 1 or warmup < 0 or threads < 1 or batch < 1:
+        raise ProfileError(
+            f"runs, threads and batch must be >= 1 and warmup >= 0 (got runs={runs}, "
+            f"warmup={warmup}, threads={threads}, batch={batch})"
+        )
+
+
 def profile_onnx(
     target: Target,
     *,
@@ -199,11 +236,10 @@ def profile_onnx(
     if target.onnx_path is None:
         raise ProfileError(
             f"{target.name} has no ONNX model to profile",
-            hint="profile a folder written by `edgefx compile --backend onnx -o DIR`, or an "
-            ".onnx file",
+            hint="profile a folder written by `edgefx compile -o DIR` (ONNX or TVM backend), "
+            "or an .onnx file",
         )
-    if runs < 1 or warmup < 0 or threads < 1 or batch < 1:
-        raise ProfileError("runs, threads and batch must be >= 1 and warmup >= 0")
+    _check_counts(runs, warmup, threads, batch)
     target.onnx_model  # noqa: B018  (validates the file with a clear error first)
     with tempfile.TemporaryDirectory(prefix="edgefx-profile-") as tmp:
         options = ort.SessionOptions()
@@ -245,14 +281,20 @@ def profile_onnx(
     for name, times in kernel.items():
         measured = times[warmup:] if len(times) > warmup else times
         origin = _origin(name, target.node_map, by_fx)
+        fused = False
         if origin and op_types[name] and origin.get("op_type") not in (None, op_types[name]):
             # a fused kernel (Conv+Relu) named after its last node: charge its first one
-            origin = fused_into.get((origin.get("fx_node", ""), op_types[name]), origin)
+            first = fused_into.get((origin.get("fx_node", ""), op_types[name]))
+            fused = first is not None
+            origin = first or origin
         module = origin.get("module", "") or (name.rsplit("/", 1)[0] if "/" in name else "")
         ms = statistics.median(measured)
         if not origin.get("fx_node"):
             unmapped += ms
-        nodes.append(NodeTime(name, op_types[name], module, origin.get("fx_node", ""), ms))
+        how = ("fused kernel" if fused else "node name") if origin.get("fx_node") else ""
+        nodes.append(
+            NodeTime(name, op_types[name], module, origin.get("fx_node", ""), ms, mapped_by=how)
+        )
     measured_runs = run_times[warmup:] if len(run_times) > warmup else run_times
     return ProfileReport(
         name=target.name,
@@ -265,6 +307,182 @@ def profile_onnx(
     )
 
 
+def profile(target: Target, **options: Any) -> ProfileReport:
+    """Profile a compiled folder (ONNX or TVM) or an .onnx file; ``options`` as in
+    ``profile_onnx`` / ``profile_tvm``."""
+    if target.manifest.get("backend") == "tvm":
+        return profile_tvm(target, **options)
+    return profile_onnx(target, **options)
+
+
+def _fx_outputs(program: Any, inputs: list[np.ndarray]) -> dict[str, Any]:
+    """Signature of the output of every call_function node of ``program`` on ``inputs``."""
+    import torch
+
+    from edgefx.backends.tvm.profiling import Signature
+
+    signatures: dict[str, Signature] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_function" and isinstance(out, torch.Tensor):
+                signatures[n.name] = Signature.of(out.detach().cpu().double().numpy())
+            return out
+
+    with torch.no_grad():
+        Recorder(program.graph_module).run(*(torch.from_numpy(x) for x in inputs))
+    return signatures
+
+
+def _tvm_origins(
+    program: Any, calls: list[Any], costs: dict[str, int], inputs: list[np.ndarray]
+) -> list[tuple[str, str]]:
+    """(fx node, how it was found) per kernel call, ("", "") where none was; ``costs``: the
+    MACs of every node that is not plumbing. See the module docstring."""
+    signatures = _fx_outputs(program, inputs)
+    graph = program.graph_module.graph
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    nodes = {n.name: n for n in graph.nodes}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name, signature in signatures.items():
+        by_shape.setdefault(signature.shape, []).append(name)
+    # the node each output of a call is: the first in graph order whose output equals it and
+    # that comes after the nodes the call's producers computed (a tensor can equal several
+    # nodes' outputs: a ReLU's output and the 1x1 average pool of it)
+    chosen: dict[int, list[str]] = {}
+    done: set[str] = set()
+    for call in calls:
+        after = max((order[n] for p in call.producers for n in chosen.get(p, ())), default=-1)
+        for out in call.outputs:
+            candidates = [
+                name for name in by_shape.get(out.shape, ())
+                if order[name] > after and name not in done and signatures[name].matches(out)
+            ]  # fmt: skip
+            if candidates:
+                first = min(candidates, key=order.__getitem__)
+                chosen.setdefault(call.index, []).append(first)
+                done.add(first)
+    origins: list[tuple[str, str]] = [("", "")] * len(calls)
+    for index, outputs in chosen.items():
+        # the nodes this kernel computed: back from its outputs until a node another kernel
+        # computed (or an input, a weight)
+        region, stack = set(outputs), list(outputs)
+        while stack:
+            for src in nodes[stack.pop()].all_input_nodes:
+                if src.op == "call_function" and not (src.name in region or src.name in done):
+                    region.add(src.name)
+                    stack.append(src.name)
+        # charged to its costliest node, else (no MACs: BatchNorm -> ReLU) to the first
+        # node that is not plumbing, as onnxruntime's fused kernels are
+        primary = max(region, key=lambda n: (costs.get(n, 0), n in costs, -order[n]))
+        how = "output" if len(region) == 1 else f"output, {len(region)} nodes"
+        origins[index] = (primary, how)
+    consumers: dict[int, list[int]] = {}
+    for call in calls:
+        for producer in call.producers:
+            consumers.setdefault(producer, []).append(call.index)
+    for call in reversed(calls):
+        if origins[call.index][0]:
+            continue
+        for consumer in consumers.get(call.index, ()):
+            if origins[consumer][0]:
+                origins[call.index] = (origins[consumer][0], f"consumer #{consumer}")
+                break
+    return origins
+
+
+def profile_tvm(
+    target: Target,
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 1,
+    batch: int = 1,
+    seed: int = 0,
+) -> ProfileReport:
+    """Profile a TVM deploy folder in the Relax VM (see the module docstring)."""
+    from edgefx.backends.tvm.deploy_runtime import example_inputs
+    from edgefx.backends.tvm.profiling import profile_folder
+
+    if target.folder is None or target.manifest.get("backend") != "tvm":
+        raise ProfileError(f"{target.name} is not a TVM deploy folder")
+    _check_counts(runs, warmup, threads, batch)
+    inputs = example_inputs(target.manifest, batch, seed)
+    measured = profile_folder(target.folder, inputs, runs=runs, warmup=warmup, threads=threads)
+    calls = measured.calls
+    notes = [
+        "TVM kernels carry op names, not module names: each call is mapped by comparing its "
+        "output with the Program's node outputs on the same inputs"
+    ]
+    if target.program is not None:
+        graph = target.graph()
+        costs = {name: atom.macs for name, atom in graph.atoms.items() if not atom.plumbing}
+        origins = _tvm_origins(target.program, calls, costs, inputs)
+    else:
+        graph = None
+        origins = [("", "")] * len(calls)
+        notes.append(f"{target.folder} has no program.pt2: no kernel can be mapped")
+    nodes = []
+    for call, (fx_node, how) in zip(calls, origins, strict=True):
+        module = graph.atoms[fx_node].module if graph is not None and fx_node else ""
+        op = re.sub(r"\d+$", "", call.name)
+        nodes.append(NodeTime(call.name, op, module, fx_node, call.ms, call.index, how))
+    unmapped = [n for n in nodes if not n.fx_node]
+    if unmapped:
+        names = sorted({n.kernel for n in unmapped})
+        notes.append(
+            f"{len(unmapped)} of {len(nodes)} kernel calls ({sum(n.ms for n in unmapped):.3f} "
+            f"ms) computed no tensor of the Program and feed no kernel that did: "
+            + ", ".join(names[:6])
+            + (" …" if len(names) > 6 else "")
+        )
+    if measured.other_calls:
+        notes.append(
+            "not timed (not kernels of the library): "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(measured.other_calls.items()))
+        )
+    if measured.threads != threads:
+        notes.append(
+            f"TVM ran {measured.threads} thread(s), not {threads}: its pool stops at what it "
+            "counts as this machine's cores (set TVM_NUM_THREADS to change that)"
+        )
+    names = [s["name"] for s in target.manifest.get("inputs", [])]
+    return ProfileReport(
+        name=target.name,
+        runs=runs,
+        threads=measured.threads,
+        nodes=nodes,
+        run_ms=measured.run_ms,
+        unmapped_ms=sum(n.ms for n in unmapped),
+        inputs={
+            names[i] if i < len(names) else f"input{i}": list(x.shape) for i, x in enumerate(inputs)
+        },
+        runtime="TVM Relax VM",
+        notes=notes,
+    )
+
+
+def onnx_node_times(report: ProfileReport, target: Target) -> dict[str, float]:
+    """Kernel time per node of ``target``'s ONNX model (for Model Explorer, which draws the
+    model file): a kernel named after a node goes to it; one onnxruntime rebuilt or fused
+    (``conv2d_1_nchwc``) to the node of the FX node it was charged to; the rest (layout
+    reorders onnxruntime added) to none."""
+    names = [node.name for node in target.onnx_model.graph.node]
+    present = set(names)
+    by_fx: dict[str, str] = {}
+    for name in names:  # the first ONNX node lowered from each FX node
+        fx_node = target.node_map.get(name, {}).get("fx_node")
+        if fx_node:
+            by_fx.setdefault(fx_node, name)
+    times: dict[str, float] = {}
+    for n in report.nodes:
+        node = n.kernel if n.kernel in present else by_fx.get(n.fx_node)
+        if node is not None:
+            times[node] = times.get(node, 0.0) + n.ms
+    return times
+
+
 def latency_data(target: Target, report: ProfileReport) -> dict[str, float]:
     """Per-atom latency for the picture of ``target.graph()``: FX node names when the graph
     is the Program's, ONNX node names when it is the ONNX model's.
@@ -273,7 +491,7 @@ def latency_data(target: Target, report: ProfileReport) -> dict[str, float]:
     model was lowered from (torch.export renames e.g. ``view`` to ``reshape``); such a
     node's time goes to the first op of the same module."""
     if target.program is None:
-        return report.by_onnx_node()
+        return report.by_kernel()
     graph = target.graph()
     data: dict[str, float] = {}
     for fx_node, ms in report.by_fx_node().items():

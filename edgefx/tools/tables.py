@@ -9,10 +9,18 @@ from rich.table import Table
 from edgefx.analysis.cost import CostReport, NodeCost, human
 from edgefx.analysis.depgraph import ChannelDependencyGraph
 from edgefx.analysis.vit import ViTStructure
-from edgefx.tools.layers import Layer, LayerGraph
+from edgefx.tools.layers import BlockTokens, Layer, LayerGraph
 from edgefx.tools.quant import QuantLayer
 
-__all__ = ["block_table", "channel_table", "cost_table", "human", "layer_table", "quant_table"]
+__all__ = [
+    "block_table",
+    "channel_table",
+    "cost_table",
+    "human",
+    "layer_table",
+    "quant_table",
+    "token_table",
+]
 
 CostSort = Literal["graph", "macs", "params"]
 
@@ -263,4 +271,34 @@ def block_table(vit: ViTStructure) -> Table:
         "the queries"
     )
     table.caption = prefix + "".join(f"; {n}" for n in vit.notes if vit.uses_cls)
+    return table
+
+
+def token_table(rows: list[BlockTokens], gate_passes: list[str]) -> Table:
+    """Tokens into and out of every attention block, and the gates (see
+    ``layers.block_tokens``). ``gate_passes``: the TokenGate entries of the Program's
+    history."""
+    table = Table(title="Tokens through the attention blocks")
+    for column, justify in (("block", "left"), ("attention", "left"), ("tokens in", "right"),
+                            ("tokens out", "right"), ("gate", "left")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        gate = row.gate
+        if gate == "top-k" and row.tokens_in and row.tokens_out is not None:
+            gate += f": keeps {row.tokens_out} of {row.tokens_in}"
+        elif gate == "threshold" and row.tokens_in and row.tokens_out is not None:
+            # data-dependent: what the example inputs kept (a masking gate keeps the shape)
+            gate += (
+                f": kept {row.tokens_out} of {row.tokens_in} on the example inputs"
+                if row.tokens_out < row.tokens_in
+                else ": no token dropped from the shape on the example inputs"
+            )
+        table.add_row(
+            row.block,
+            row.attention,
+            "" if row.tokens_in is None else str(row.tokens_in),
+            "" if row.tokens_out is None else str(row.tokens_out),
+            gate,
+        )
+    table.caption = "; ".join(f"applied: {entry}" for entry in gate_passes) or None
     return table

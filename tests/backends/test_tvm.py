@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import edgefx
 from edgefx import ArtifactError, BackendError
 from edgefx.backends.tvm import PRESETS, TvmArtifact
 from edgefx.backends.tvm.backend import LIBRARY_FILE, RUN_SCRIPT
+from edgefx.backends.tvm.profiling import Signature
 from edgefx.frontend import capture
 from edgefx.passes import FoldBatchNorm, PotQuantize
 from edgefx.tools import cli
@@ -180,6 +182,43 @@ def test_missing_cross_compiler_names_the_debian_package(small_rpi4, tmp_path, m
     with pytest.raises(BackendError, match="aarch64-linux-gnu-g\\+\\+") as info:
         compiled.save(tmp_path / "out")
     assert "g++-aarch64-linux-gnu" in info.value.hint
+
+
+def test_profile_folder_traces_the_dataflow_and_times_every_kernel_call(small_tvm, x4, tmp_path):
+    """The VM instrument sees every kernel call: each reads what earlier calls wrote, the last
+    one wrote the model's output, and each was timed ``runs`` times on its own."""
+    from edgefx.backends.tvm.profiling import profile_folder, tvm_threads
+
+    folder = small_tvm.save(tmp_path / "deploy")
+    pool = tvm_threads()  # the thread pool is the process's: profiling puts it back
+    x = x4[:2].numpy()
+    profile = profile_folder(folder, [x], runs=3, warmup=1, threads=1)
+    assert tvm_threads() == pool
+    calls = profile.calls
+    assert [c.index for c in calls] == list(range(len(calls)))
+    assert all(p < c.index for c in calls for p in c.producers)
+    # the last call computed the output, and its inputs go back to a call that read only the
+    # model's input (and weights)
+    output = small_tvm(torch.from_numpy(x)).numpy()
+    assert calls[-1].outputs[-1].matches(Signature.of(output))
+    chain, seen = [calls[-1].index], set()
+    while chain:
+        index = chain.pop()
+        seen.add(index)
+        chain.extend(calls[index].producers)
+    assert any(not calls[i].producers for i in seen) and len(seen) >= 4
+    assert all(len(c.times) == 3 and c.ms == statistics.median(c.times) for c in calls)
+    assert profile.run_ms > 0 and profile.threads == 1
+
+
+def test_signatures_tell_tensors_apart_to_float_rounding():
+    gen = np.random.default_rng(0)
+    a = gen.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    same = Signature.of(a)
+    assert same.matches(Signature.of(a * (1 + 1e-6)))  # another runtime's rounding
+    assert not same.matches(Signature.of(a.reshape(2, 8, 25)))  # another shape
+    assert not same.matches(Signature.of(np.maximum(a, 0)))  # another op's output
+    assert not same.matches(Signature.of(a + 0.01 * np.abs(a).mean()))
 
 
 # ----------------------------------------------------------------------------- targets

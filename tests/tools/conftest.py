@@ -1,5 +1,6 @@
-"""Programs the inspection tests share: DeiT-Tiny, and real ChannelPrune / PotQuantize
-results on resnet18 / mobilenet_v2 (from the session fixtures in tests/conftest.py)."""
+"""Programs the inspection tests share: DeiT-Tiny, and real ChannelPrune / PotQuantize /
+TokenGate results on resnet18 / mobilenet_v2 / DeiT-Tiny (from the session fixtures in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from edgefx.frontend import capture
-from edgefx.passes import ChannelPrune, PassManager, PotQuantize
+from edgefx.passes import ChannelPrune, PassManager, PotQuantize, TokenGate
 
 sys.path.insert(0, str(Path(__file__).parent))  # cli_models, as the CLI tests load it
 
@@ -40,3 +41,11 @@ def mobilenet_v2_quantized(mobilenet_v2_folded):
     calib = [torch.randn(1, 3, 32, 32, generator=gen) for _ in range(2)]  # static batch 1
     quantized, _ = PassManager([PotQuantize(calib, weight_bits=4, search="minmax")]).run(folded)
     return folded, quantized
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_gated(deit_tiny):
+    """(before, after) of a real top-k TokenGate (keep half the patch tokens at blocks 3, 6
+    and 9, the default gates of 12 blocks) on DeiT-Tiny: 4 patch tokens + CLS."""
+    gated, _ = PassManager([TokenGate(keep=0.5)]).run(deit_tiny)
+    return deit_tiny, gated

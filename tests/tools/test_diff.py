@@ -1,4 +1,5 @@
-"""edgefx diff: across a real ChannelPrune, a real PotQuantize, and a Program vs its ONNX."""
+"""edgefx diff: across a real ChannelPrune, PotQuantize and TokenGate, and a Program vs its
+ONNX."""
 
 import json
 
@@ -61,6 +62,54 @@ def test_diff_across_pot_quantize_reports_bits_dtype_and_weight_sqnr(mobilenet_v
     expected = 10 * torch.log10((w**2).sum() / ((deq - w) ** 2).sum())
     assert conv.weight_sqnr_db == pytest.approx(float(expected), rel=1e-9)
     assert 5 < conv.weight_sqnr_db < 40  # 4-bit weights: a real, finite error
+
+
+def test_diff_across_token_gate_reports_tokens_kept(deit_tiny_gated):
+    from edgefx.tools.commands import _tokens_kept
+
+    before, after = deit_tiny_gated
+    diff = diff_targets(Target("dense", program=before), Target("gated", program=after))
+    assert diff.macs_delta == after.cost().total_macs - before.cost().total_macs < 0
+    assert diff.params_delta == 0 and not diff.of("added") and not diff.of("removed")
+    by_module = {c.module: c for c in diff.changes}
+    # 5 tokens (CLS + 4 patches) until block 3's gate, 3 after it, 2 after block 6's
+    assert by_module["blocks.2.mlp.fc1"].status == "same"
+    assert by_module["blocks.4.mlp.fc1"].changed["tokens"] == (5, 3)
+    assert by_module["blocks.7.mlp.fc1"].changed["tokens"] == (5, 2)
+    fc1 = by_module["blocks.7.mlp.fc1"]
+    assert fc1.macs_delta == fc1.b.macs - fc1.a.macs == -(5 - 2) * 192 * 768
+    kept = _tokens_kept(diff)  # what `edgefx diff --color tokens` colours by
+    assert kept["blocks.4.attn.qkv"] == 3 / 5 and kept["blocks.11.mlp.fc2"] == 2 / 5
+    assert kept["blocks.0.attn.qkv"] == 1.0
+
+
+def test_inspect_blocks_shows_the_gates(capsys, tmp_path, deit_tiny_gated):
+    from edgefx.tools.cli import main
+
+    before, after = deit_tiny_gated
+    before.save(tmp_path / "dense.pt2")
+    after.save(tmp_path / "gated.pt2")
+    assert main(["inspect", str(tmp_path / "dense.pt2"), "--blocks", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Transformer blocks" in out and "blocks.11.attn" in out and "3 x 64" in out
+    assert "Tokens through" not in out  # no gates: nothing more to show
+    # a gated model: TokenGate's analysis no longer reads the gated blocks; the token table
+    # shows where the gates are and what each keeps
+    assert main(["inspect", str(tmp_path / "gated.pt2"), "--blocks", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ blocks.")}
+    assert "top-k: keeps 3 of 5" in rows["blocks.3"] and "top-k: keeps 2 of 3" in rows["blocks.6"]
+    assert "top-k" in rows["blocks.9"]  # keeps all of its 2 tokens, but is a gate
+    gates = [block for block, line in rows.items() if "top-k" in line]
+    assert gates == ["blocks.3", "blocks.6", "blocks.9"]
+    assert "applied: TokenGate(keep=0.5" in out
+    # threshold gates are told apart from top-k ones (whether they mask or drop tokens)
+    from edgefx.passes import PassManager, TokenGate
+    from edgefx.tools.layers import block_tokens, program_graph
+
+    thresholded, _ = PassManager([TokenGate(mode="threshold", threshold=0.2)]).run(before)
+    gated = [(row.block, row.gate) for row in block_tokens(program_graph(thresholded)) if row.gate]
+    assert gated == [(f"blocks.{i}", "threshold") for i in (3, 6, 9)]
 
 
 def test_diff_program_against_its_onnx(resnet18_onnx, resnet18_folded):

@@ -4,10 +4,10 @@ checked in a real headless browser."""
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from browser import chrome
 
 from edgefx.tools.layers import program_graph
 from edgefx.tools.render import (
@@ -38,6 +38,29 @@ def test_repeated_blocks_collapse_and_expand(deit_tiny, resnet18):
     # resnet18: layer1.0 and layer1.1 are one structure; layer2.0 has a downsample
     resnet = {g.id for g in collapse(program_graph(resnet18[2])).values()}
     assert resnet == {"group:layer1.0..layer1.1"}
+
+
+def test_a_24_block_model_stays_a_readable_picture():
+    """24 ViT blocks collapse into one box: the picture is a screen tall, not 30."""
+    timm = pytest.importorskip("timm")
+    import torch
+
+    from edgefx.frontend import capture
+
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=32, depth=24, num_heads=2, num_classes=10
+    ).eval()
+    graph = program_graph(capture(model, (torch.randn(1, 3, 32, 32),), dynamic_batch=False))
+
+    def size(svg: str) -> tuple[int, int]:
+        found = re.search(r'<svg width="(\d+)pt" height="(\d+)pt"', svg)
+        return int(found.group(1)), int(found.group(2))
+
+    collapsed, expanded = svg_of(graph), svg_of(graph, expand=True)
+    assert "blocks.0 … blocks.23" in collapsed and "24x Block" in collapsed
+    assert collapsed.count('class="node"') <= 12 < 200 < expanded.count('class="node"')
+    assert size(collapsed)[1] < 1000 and size(expanded)[1] > 10 * size(collapsed)[1]
 
 
 def test_boxes_are_coloured_by_the_metric_with_a_legend(resnet18):
@@ -75,58 +98,25 @@ def test_channels_kept_colouring_of_a_pruned_model(resnet18_pruned):
     assert "channels kept" in svg and "channels: 1.00" in svg and "channels: 0." in svg
 
 
-def _chromium() -> tuple[str, str]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (browser and driver):  # not a skip: CI must install them
-        pytest.fail(
-            "the browser check needs Debian's chromium and chromium-driver: "
-            "apt-get install -y chromium chromium-driver",
-            pytrace=False,
-        )
-    return browser, driver
-
-
 def screenshot(page: Path, png: Path) -> dict:
-    """Open ``page`` in headless chromium (fresh profile, no network features), save a
-    screenshot, and return what the page shows."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    """Open ``page`` in headless chromium, save a screenshot, and return what the page
+    shows."""
     from selenium.webdriver.common.by import By
 
-    browser, driver = _chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,900",
-    ):
-        options.add_argument(flag)
-    with tempfile.TemporaryDirectory() as profile:
-        options.add_argument(f"--user-data-dir={profile}")
-        chrome = webdriver.Chrome(options=options, service=Service(driver))
-        try:
-            chrome.get(page.resolve().as_uri())
-            assert chrome.save_screenshot(str(png))
-            svg = chrome.find_element(By.CSS_SELECTOR, ".picture svg")
-            return {
-                "title": chrome.title,
-                "svg_size": svg.size,
-                "boxes": len(chrome.find_elements(By.CSS_SELECTOR, ".picture svg g.node")),
-                "svg_text": svg.text,
-                "tables": len(chrome.find_elements(By.CSS_SELECTOR, "pre.table")),
-                "errors": [e for e in chrome.get_log("browser") if e.get("level") == "SEVERE"]
-                if hasattr(chrome, "get_log")
-                else [],
-            }
-        finally:
-            chrome.quit()
+    with chrome() as browser:
+        browser.get(page.resolve().as_uri())
+        assert browser.save_screenshot(str(png))
+        svg = browser.find_element(By.CSS_SELECTOR, ".picture svg")
+        return {
+            "title": browser.title,
+            "svg_size": svg.size,
+            "boxes": len(browser.find_elements(By.CSS_SELECTOR, ".picture svg g.node")),
+            "svg_text": svg.text,
+            "tables": len(browser.find_elements(By.CSS_SELECTOR, "pre.table")),
+            "errors": [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+            if hasattr(browser, "get_log")
+            else [],
+        }
 
 
 def test_html_report_opens_in_a_real_browser(capsys, tmp_path):
