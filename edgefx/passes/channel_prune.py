@@ -30,7 +30,7 @@ from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup, class
 from edgefx.analysis.graph import ACTIVATIONS, COPIES
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
-from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under
+from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under, unmerge_heads
 from edgefx.program import Program
 
 aten = torch.ops.aten
@@ -132,6 +132,7 @@ class ChannelPrune(Pass):
     # ------------------------------------------------------------------ the pass
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         gm = program.copy_graph()
+        unmerge_heads(gm)  # nn.MultiheadAttention folds its heads into the batch
         dep = ChannelDependencyGraph(gm)
         scores = _scores(dep, self.importance)
         candidates, skipped = self._candidates(dep, scores)
@@ -433,6 +434,11 @@ class _MacsModel:
                 self.terms.append((macs, out_id, in_id))
             elif node.target is aten.scaled_dot_product_attention.default and out_axis:
                 self.terms.append((macs, dep.class_of(out_axis).id, None))  # per head
+            elif node.target in (aten.matmul.default, aten.bmm.default) and not _is_constant(
+                node.args[1]
+            ):
+                # attention written out: scores or scores @ v, per head (the output's class)
+                self.terms.append((macs, dep.class_of(out_axis).id if out_axis else None, None))
             elif node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
                 out_id = dep.class_of(out_axis).id if out_axis else None
                 in_id = dep.class_of(in_axis).id if in_axis else None
@@ -450,6 +456,10 @@ class _MacsModel:
                     scale *= left[cls_id] / self.size[cls_id]
             total += macs * scale
         return round(total)
+
+
+def _is_constant(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def _groups(node: fx.Node) -> int:
