@@ -158,8 +158,17 @@ _BATCH_NORMS = {
 }
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
-# ops on a tensor's shape only: they read no channel values
-_SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+# ops on a tensor's shape only: they read no channel values (new_zeros & co. take only the
+# dtype and device of their input; their sizes are given)
+_SHAPE_ONLY = {
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+}
 _SDPA = {aten.scaled_dot_product_attention.default}
 _MATMULS = {aten.matmul.default, aten.bmm.default}
 # ops that carry an axis split over several dims (attention heads) through; any other op
@@ -246,6 +255,9 @@ class ChannelDependencyGraph:
         self._layer_norms: list[tuple[fx.Node, Axis, torch.Tensor]] = []
         self._weights: list[tuple[fx.Node, Axis, torch.Tensor, int]] = []
         self._producers: dict[Axis, str] = {}
+        # values computed from constants and shapes alone, not from the model's inputs
+        # (Swin's shifted-window mask): they carry no channels of their own
+        self._input_free: set[str] = set()
         for node in gm.graph.nodes:
             self._visit(node)
         self._build_classes()
@@ -360,6 +372,9 @@ class ChannelDependencyGraph:
                     self._fix(self._constant_axis(arg, dim), reason)
             else:
                 self._fix(self._input_axis(arg), reason)
+        if node.name in self._input_free:
+            self._set(node, None)  # a mask or table made from shapes: no channels to track
+            return
         shape = _shape(node)
         out = self._new_axis(node, 1 if shape and len(shape) > 1 else None)
         self._fix(out, f"made by {getattr(node.target, '__name__', node.target)}")
@@ -375,8 +390,13 @@ class ChannelDependencyGraph:
             for arg in node.all_input_nodes:
                 self._fix(self._input_axis(arg), "model output")
         elif node.op == "call_function":
+            if node.target in _SHAPE_ONLY or all(
+                a.name in self._input_free for a in node.all_input_nodes
+            ):
+                self._input_free.add(node.name)
             self._visit_call(node)
         elif node.op == "get_attr":
+            self._input_free.add(node.name)
             self._axis[node.name] = None  # constants get axes where an op reads them
 
     def _visit_call(self, node: fx.Node) -> None:
@@ -500,12 +520,16 @@ class ChannelDependencyGraph:
                 self._unknown(node, f"{node.target} of attention heads with a tensor")
             return
         tracked = [
-            (self._axis[a.name], len(_shape(a) or ()))
+            (self._axis[a.name], len(_shape(a) or ()), a.name in self._input_free)
             for a in operands
             if a.op != "get_attr" and self._axis.get(a.name) is not None
         ]
+        if any(not free for _, _, free in tracked):
+            # a tensor computed without the model's inputs (a mask) follows the other's
+            # channel dim: it either broadcasts along it or is coupled / fixed below
+            tracked = [t for t in tracked if not t[2]]
         # the channel dim counted from the right, which is how broadcasting lines dims up
-        from_right = {axis.dim - rank for axis, rank in tracked}
+        from_right = {axis.dim - rank for axis, rank, _ in tracked}
         if out_shape is None or len(from_right) > 1:
             self._unknown(node, f"{node.target} of tensors with different channel dims")
             return

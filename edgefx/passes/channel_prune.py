@@ -175,6 +175,7 @@ class ChannelPrune(Pass):
             "layers": _layer_report(dep, left, scores),
             "dependency_graph": dep.summary(),
             "not_ranked": skipped,
+            "kept_whole": _fixed_report(dep),
         }
         if removed:
             folds = _compensation(gm, dep, removed) if self.compensate else []
@@ -488,6 +489,16 @@ def _layer_report(
                 }
             )
     return rows
+
+
+def _fixed_report(dep: ChannelDependencyGraph) -> list[dict[str, Any]]:
+    """The layers whose channels cannot be removed, with the first reason (no silent
+    no-ops: a Swin V2 attention block whose heads stay is listed here)."""
+    return [
+        {"modules": cls.modules[:4], "channels": cls.size, "reason": cls.fixed[0]}
+        for cls in dep.classes
+        if cls.fixed and cls.modules
+    ]
 
 
 # ---------------------------------------------------------------------- bias compensation
