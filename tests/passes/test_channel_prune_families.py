@@ -20,7 +20,7 @@ from edgefx.frontend import capture
 from edgefx.passes import ChannelPrune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
-from vit_models import hf_vit, torchvision_vit  # noqa: E402
+from vit_models import hf_vit, torchvision_vit
 
 GEN = torch.Generator().manual_seed(11)
 
