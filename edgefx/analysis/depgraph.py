@@ -551,6 +551,10 @@ class ChannelDependencyGraph:
                 self._identity(self._constant_axis(operand, dim), out, node)
             elif self._axis.get(operand.name) is None:
                 self._fix(out, f"{node.target} with an untracked operand")
+            elif self._axis[operand.name].dim != dim:  # an input-free operand's other axis
+                reason = f"{node.target} of tensors with different channel dims"
+                self._fix(out, reason)
+                self._fix(self._axis[operand.name], reason)
             else:
                 self._identity(self._axis[operand.name], out, node)
 
