@@ -171,6 +171,13 @@ _SHAPE_ONLY = {
 }
 _SDPA = {aten.scaled_dot_product_attention.default}
 _MATMULS = {aten.matmul.default, aten.bmm.default}
+_SIZE_ONE_RESHAPES = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+}
 # ops that carry an axis split over several dims (attention heads) through; any other op
 # reading one fixes its channels
 _SPLIT_AXIS_OPS = {
@@ -550,13 +557,45 @@ class ChannelDependencyGraph:
             if constant:
                 self._identity(self._constant_axis(operand, dim), out, node)
             elif self._axis.get(operand.name) is None:
-                self._fix(out, f"{node.target} with an untracked operand")
+                if not self._reshaped_constant(operand, dim, out, node):
+                    self._fix(out, f"{node.target} with an untracked operand")
             elif self._axis[operand.name].dim != dim:  # an input-free operand's other axis
                 reason = f"{node.target} of tensors with different channel dims"
                 self._fix(out, reason)
                 self._fix(self._axis[operand.name], reason)
             else:
                 self._identity(self._axis[operand.name], out, node)
+
+    def _reshaped_constant(self, operand: fx.Node, dim: int, out: Axis | None, op: fx.Node) -> bool:
+        """``operand`` is a constant seen through reshapes that only add or drop dims of size
+        1 (timm's layer scale ``gamma.reshape(1, -1, 1, 1)``): couple the constant's dim
+        behind ``operand``'s ``dim`` with ``out`` and give every step an axis, so slimming
+        cuts the constant and rewrites the steps' sizes. False: not such a chain."""
+        steps: list[tuple[fx.Node, int]] = []
+        node = operand
+        while node.op != "get_attr":
+            source = node.args[0] if node.args else None
+            if node.target not in _SIZE_ONE_RESHAPES or not isinstance(source, fx.Node):
+                return False
+            in_shape = self._constant(source).shape if _is_constant(source) else _shape(source)
+            out_shape = _shape(node)
+            if in_shape is None or out_shape is None:
+                return False
+            ins = [i for i, size in enumerate(in_shape) if size != 1]
+            outs = [o for o, size in enumerate(out_shape) if size != 1]
+            if [in_shape[i] for i in ins] != [out_shape[o] for o in outs] or dim not in outs:
+                return False
+            steps.append((node, dim))
+            dim = ins[outs.index(dim)]
+            node = source
+        previous = self._constant_axis(node, dim)
+        for step, step_dim in reversed(steps):
+            axis = self._new_axis(step, step_dim)
+            self._identity(previous, axis, op)
+            self._set(step, axis)
+            previous = axis
+        self._identity(previous, out, op)
+        return True
 
     def _visit_batch_norm(self, node: fx.Node, source: Axis | None) -> None:
         if source is None:

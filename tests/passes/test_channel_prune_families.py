@@ -83,6 +83,26 @@ def hf_convnext() -> nn.Module:
     return Logits(model).eval()
 
 
+def timm_convnext() -> nn.Module:
+    """timm ConvNeXt-atto's architecture (1x1-conv MLP, layer scale applied as
+    ``x.mul(gamma.reshape(1, -1, 1, 1))``), small: one block per stage, 16, 16, 32 and 32
+    channels, layer scale drawn at random."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "convnext_atto",
+        pretrained=False,
+        depths=(1, 1, 1, 1),
+        dims=(16, 16, 32, 32),
+        num_classes=10,
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(torch.rand(param.shape, generator=GEN) + 0.5)
+    return model.eval()
+
+
 def timm_swin() -> nn.Module:
     """timm Swin-T's architecture, small: 56x56 input, 2 stages of 2 blocks (stage 0's second
     block uses shifted windows and their attention mask), 2 and 4 heads of 16."""
@@ -140,6 +160,13 @@ def silence_hf_convnext(model: nn.Module, hidden: list[int]) -> int:
     return len(hidden) * len(layers)
 
 
+def silence_timm_convnext(model: nn.Module, hidden: list[int]) -> int:
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    for block in blocks:
+        zero_rows(block.mlp.fc1, hidden)
+    return len(hidden) * len(blocks)
+
+
 def silence_timm_swin(model: nn.Module, heads: dict[int, list[int]], hidden: list[int]) -> int:
     blocks = [block for stage in model.layers for block in stage.blocks]
     for index, block in enumerate(blocks):
@@ -173,6 +200,7 @@ FAMILIES: dict[str, tuple[Callable, Callable, int, str | None]] = {
         "model.vit.layers.1.attention.q_proj.weight",
     ),
     "hf_convnext": (hf_convnext, lambda m: silence_hf_convnext(m, [3, 17, 50]), 32, None),
+    "timm_convnext": (timm_convnext, lambda m: silence_timm_convnext(m, [3, 17, 50]), 32, None),
     "torchvision_vit": (
         lambda: torchvision_vit(num_layers=2, num_classes=10),
         lambda m: silence_torchvision_vit(m, {0: [1], 1: [0, 3]}, [5, 40, 77]),
@@ -232,6 +260,9 @@ def test_a_macs_budget_is_met_and_the_pruned_model_runs_in_onnx_runtime(name):
     assert prune.after.macs <= 0.5 * prune.before.macs
     assert prune.report["estimated_macs"] == prune.after.macs
     assert set(prune.report["ranked_by"]) == {"l2"}  # no BatchNorm in these families
+    # nothing but the model's own inputs and outputs is kept whole
+    kept = {row["reason"] for row in prune.report["kept_whole"]}
+    assert kept == {"model input", "model output"}, prune.report["kept_whole"]
     # channels left are multiples of 8 where a whole layer width is cut (round_to=8)
     widths = [row["kept"] for row in prune.report["layers"] if row["channels"] % 8 == 0]
     assert widths and all(w % 8 == 0 for w in widths)
