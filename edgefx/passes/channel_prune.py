@@ -242,8 +242,8 @@ class ChannelPrune(Pass):
                 report["compensated_layers"] = len(folds)
             remove_dead_code(gm)
             new = program.with_graph(gm, repr(self)).refreshed()
-        else:
-            new = program.with_graph(gm, repr(self))
+        else:  # nothing removed: the graph as it came (not the heads-unmerged copy)
+            new = program.with_graph(program.copy_graph(), repr(self))
         return new, report
 
     def _candidates(
