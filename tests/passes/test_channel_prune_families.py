@@ -20,7 +20,7 @@ from edgefx.frontend import capture
 from edgefx.passes import ChannelPrune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
-from vit_models import hf_vit, torchvision_vit
+from vit_models import Logits, hf_vit, torchvision_vit
 
 GEN = torch.Generator().manual_seed(11)
 
@@ -52,15 +52,6 @@ def zero_heads_of_qkv(qkv: nn.Linear, num_heads: int, heads: list[int]) -> None:
 
 
 # ------------------------------------------------------------------------------- models
-class Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
-
-
 def hf_convnext() -> nn.Module:
     """A two-stage Hugging Face ConvNextForImageClassification (16 and 32 channels), random
     init from its config, layer scale drawn at random (its 1e-6 init would hide the blocks)."""
