@@ -6,6 +6,9 @@ model (``FoldBatchNorm`` only) and each MACs budget x ``round_to`` setting
 backend="onnx")``; the ONNX model is then timed in an onnxruntime CPU session with one
 intra-op thread at batch 1 and batch 8, alternately run by run with the dense model
 (medians of ``--repeat`` runs each), so a change in the machine's load hits both.
+``--latency`` budgets add rows pruned with ``ChannelPrune(latency=f, backend="onnx")``
+(bisection on the latency predicted from per-layer onnxruntime timings, see
+edgefx.analysis.latency) and show the predicted ratio next to the measured one.
 ``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
 timed.
 
@@ -15,7 +18,8 @@ BatchNorm are ranked by weight magnitude (importance="auto"). The SNR column say
 pruned outputs are from the dense ones before any fine-tuning.
 
     python benchmarks/prune.py --models resnet50,mobilenet_v2,deit_small_patch16_224 \\
-        --budgets 0.75,0.5,0.3 --round-to 1,8 --pass-time vit_base_patch16_224
+        --budgets 0.75,0.5,0.3 --round-to 1,8 --latency 0.75,0.5,0.3 \\
+        --pass-time resnet50,vit_base_patch16_224
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def run_model(
     batches: list[int],
     repeat: int,
     on_row: Any = None,
+    latency_budgets: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
@@ -104,16 +109,32 @@ def run_model(
     rows: list[dict[str, Any]] = []
     reference = None
     dense_session = None
-    for budget, round_to in [(1.0, None), *((b, r) for b in budgets for r in rounds)]:
+    configs = [
+        (1.0, None, None),
+        *((b, r, None) for b in budgets for r in rounds),
+        *((None, 8, f) for f in latency_budgets),
+    ]
+    for budget, round_to, latency in configs:
         passes: list[Any] = [FoldBatchNorm()]
-        if round_to is not None:
+        if latency is not None:
+            passes.insert(0, ChannelPrune(latency=latency, backend="onnx", batch=batches[0]))
+        elif round_to is not None:
             passes.insert(0, ChannelPrune(macs=budget, round_to=round_to))
         start = time.perf_counter()
         try:
             compiled = edgefx.compile(program, passes=passes, backend="onnx", progress=False)
         except edgefx.EdgefxError as exc:
-            print(f"[prune] {name} macs<={budget:g} round_to={round_to}: {exc}", file=sys.stderr)
-            rows.append({"model": name, "budget": budget, "round_to": round_to, "error": str(exc)})
+            what = f"latency<={latency:g}" if latency is not None else f"macs<={budget:g}"
+            print(f"[prune] {name} {what} round_to={round_to}: {exc}", file=sys.stderr)
+            rows.append(
+                {
+                    "model": name,
+                    "budget": budget,
+                    "latency_budget": latency,
+                    "round_to": round_to,
+                    "error": str(exc),
+                }
+            )
             if on_row:
                 on_row(rows[-1])
             continue
@@ -132,6 +153,10 @@ def run_model(
             {
                 "model": name,
                 "budget": budget,
+                "latency_budget": latency,
+                "predicted_latency_ratio": None
+                if prune is None
+                else prune.report.get("predicted_latency_ratio"),
                 "round_to": round_to,
                 "macs": final.macs,
                 "params": final.params,
@@ -148,7 +173,9 @@ def run_model(
             on_row(rows[-1])
         ratios = ", ".join(f"b{b} {ms[b] / dense[b]:.2f}" for b in batches)
         print(
-            f"[prune] {name} macs<={budget:g} round_to={round_to}: MACs "
+            f"[prune] {name} "
+            f"{f'latency<={latency:g}' if latency is not None else f'macs<={budget:g}'} "
+            f"round_to={round_to}: MACs "
             f"{rows[-1]['macs_ratio']:.3f}, latency {ratios}",
             file=sys.stderr,
         )
@@ -188,17 +215,26 @@ def render(data: dict[str, Any]) -> str:
         "outputs (no fine-tuning); the dense row is the reference itself, so it has none. "
         "`latency` is the pruned model's latency over the dense model's at that batch (the "
         "dense row times the dense model against itself: its distance from 1 is the noise); the "
-        "target is a latency ratio within 10% of the MACs ratio and never above 1.",
+        "target is a latency ratio within 10% of the MACs ratio and never above 1. A budget "
+        '`latency f` prunes with `ChannelPrune(latency=f, backend="onnx")`; `predicted` is '
+        "the latency ratio its per-layer table predicted (at the first batch size).",
         "",
-        "| model | MACs budget | round_to | MACs ratio | params | SNR dB | "
+        "| model | budget | round_to | MACs ratio | predicted | params | SNR dB | "
         + " | ".join(f"dense ms b{b} | ms b{b} | latency b{b}" for b in batches)
         + " | prune s |",
-        "|---|--:|--:|--:|--:|--:|" + "--:|--:|--:|" * len(batches) + "--:|",
+        "|---|--:|--:|--:|--:|--:|--:|" + "--:|--:|--:|" * len(batches) + "--:|",
     ]
     for r in data["rows"]:
+        budget = (
+            f"{r['budget']:g}"
+            if r.get("latency_budget") is None
+            else f"latency {r['latency_budget']:g}"
+        )
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['budget']:g} | {r['round_to']} | {r['error']} |")
+            lines.append(f"| {r['model']} | {budget} | {r['round_to']} | {r['error']} |")
             continue
+        predicted = r.get("predicted_latency_ratio")
+        predicted = "-" if predicted is None else f"{predicted:.3f}"
         snr = (
             "reference"
             if r["round_to"] is None
@@ -211,8 +247,8 @@ def render(data: dict[str, Any]) -> str:
         )
         prune_s = "-" if r["prune_s"] is None else f"{r['prune_s']:.1f}"
         lines.append(
-            f"| {r['model']} | {r['budget']:g} | {r['round_to'] or '-'} | {r['macs_ratio']:.3f} "
-            f"| {r['params'] / 1e6:.2f} M | {snr} | {cells} | {prune_s} |"
+            f"| {r['model']} | {budget} | {r['round_to'] or '-'} | {r['macs_ratio']:.3f} "
+            f"| {predicted} | {r['params'] / 1e6:.2f} M | {snr} | {cells} | {prune_s} |"
         )
     if data.get("stopped"):
         lines += ["", data["stopped"]]
@@ -236,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet50,mobilenet_v2,deit_small_patch16_224")
     parser.add_argument("--budgets", default="0.75,0.5,0.3")
     parser.add_argument("--round-to", default="1,8")
+    parser.add_argument("--latency", default="", help="latency budgets, e.g. 0.75,0.5,0.3")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--pass-time", default="")
     parser.add_argument("--size", type=int, default=224)
@@ -259,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.out, "prune", data, render(data))
 
     for name in args.models.split(","):
-        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep)
+        latency = tuple(float(f) for f in args.latency.split(",") if f)
+        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep, latency)
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
         write_results(args.out, "prune", data, render(data))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+import sympy
 import torch
 from networkx.utils import UnionFind
 from torch import fx
@@ -157,9 +158,26 @@ _BATCH_NORMS = {
 }
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
-# ops on a tensor's shape only: they read no channel values
-_SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+# ops on a tensor's shape only: they read no channel values (new_zeros & co. take only the
+# dtype and device of their input; their sizes are given)
+_SHAPE_ONLY = {
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+}
 _SDPA = {aten.scaled_dot_product_attention.default}
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+_SIZE_ONE_RESHAPES = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+}
 # ops that carry an axis split over several dims (attention heads) through; any other op
 # reading one fixes its channels
 _SPLIT_AXIS_OPS = {
@@ -179,6 +197,10 @@ _SPLIT_AXIS_OPS = {
 }
 
 
+def _is_constant(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
 def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -195,6 +217,23 @@ def _is_static(dim: Any) -> bool:
 def _same_dim(a: Any, b: Any) -> bool:
     """Equal sizes; symbolic ones (the batch) compared by their expression."""
     return a == b if _is_static(a) and _is_static(b) else str(a) == str(b)
+
+
+def _expr(dim: Any) -> sympy.Expr:
+    """A size as a sympy expression (symbolic sizes by their expression)."""
+    if _is_static(dim):
+        return sympy.Integer(dim)
+    node = getattr(dim, "node", None)
+    return node.expr if node is not None and hasattr(node, "expr") else sympy.sympify(str(dim))
+
+
+def _equal_products(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """The products of two runs of sizes are equal (symbolic ones compared as expressions)."""
+    if all(map(_is_static, a)) and all(map(_is_static, b)):
+        return math.prod(a) == math.prod(b)
+    pa = sympy.Mul(*map(_expr, a))
+    pb = sympy.Mul(*map(_expr, b))
+    return sympy.simplify(pa - pb) == 0
 
 
 def _norm_dim(dim: int, rank: int) -> int:
@@ -223,6 +262,9 @@ class ChannelDependencyGraph:
         self._layer_norms: list[tuple[fx.Node, Axis, torch.Tensor]] = []
         self._weights: list[tuple[fx.Node, Axis, torch.Tensor, int]] = []
         self._producers: dict[Axis, str] = {}
+        # values computed from constants and shapes alone, not from the model's inputs
+        # (Swin's shifted-window mask): they carry no channels of their own
+        self._input_free: set[str] = set()
         for node in gm.graph.nodes:
             self._visit(node)
         self._build_classes()
@@ -337,6 +379,9 @@ class ChannelDependencyGraph:
                     self._fix(self._constant_axis(arg, dim), reason)
             else:
                 self._fix(self._input_axis(arg), reason)
+        if node.name in self._input_free:
+            self._set(node, None)  # a mask or table made from shapes: no channels to track
+            return
         shape = _shape(node)
         out = self._new_axis(node, 1 if shape and len(shape) > 1 else None)
         self._fix(out, f"made by {getattr(node.target, '__name__', node.target)}")
@@ -352,8 +397,13 @@ class ChannelDependencyGraph:
             for arg in node.all_input_nodes:
                 self._fix(self._input_axis(arg), "model output")
         elif node.op == "call_function":
+            if node.target in _SHAPE_ONLY or all(
+                a.name in self._input_free for a in node.all_input_nodes
+            ):
+                self._input_free.add(node.name)
             self._visit_call(node)
         elif node.op == "get_attr":
+            self._input_free.add(node.name)
             self._axis[node.name] = None  # constants get axes where an op reads them
 
     def _visit_call(self, node: fx.Node) -> None:
@@ -363,7 +413,9 @@ class ChannelDependencyGraph:
         split_inputs = [
             a for a in node.all_input_nodes if (ax := self._input_axis(a)) is not None and ax.sub
         ]
-        if split_inputs and target not in _SPLIT_AXIS_OPS and target not in _BINARY:
+        if target in _MATMULS and not _is_constant(_arg(node, 1, "other")):
+            self._visit_attention_product(node)
+        elif split_inputs and target not in _SPLIT_AXIS_OPS and target not in _BINARY:
             self._unknown(node, f"{getattr(target, '__name__', target)} of attention heads")
         elif target in _SHAPE_ONLY:
             self._axis[node.name] = None
@@ -413,6 +465,16 @@ class ChannelDependencyGraph:
             self._same_axis(node, source)
         elif target in _SDPA:
             self._visit_attention(node)
+        elif target is aten.index.Tensor:
+            self._visit_index(node)
+        elif target is aten.roll.default:
+            rank = len(_shape(node) or ())
+            dims = _arg(node, 2, "dims", [])
+            rolled = [_norm_dim(d, rank) for d in dims] if dims else list(range(rank))
+            if source is not None and any(d in rolled for d, _ in source.parts):
+                self._unknown(node, "rolled along channels")
+            else:
+                self._same_axis(node, source)
         elif target is aten.slice.Tensor:
             dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(first) or ()))
             if source is not None and dim == source.dim:
@@ -465,12 +527,16 @@ class ChannelDependencyGraph:
                 self._unknown(node, f"{node.target} of attention heads with a tensor")
             return
         tracked = [
-            (self._axis[a.name], len(_shape(a) or ()))
+            (self._axis[a.name], len(_shape(a) or ()), a.name in self._input_free)
             for a in operands
             if a.op != "get_attr" and self._axis.get(a.name) is not None
         ]
+        if any(not free for _, _, free in tracked):
+            # a tensor computed without the model's inputs (a mask) follows the other's
+            # channel dim: it either broadcasts along it or is coupled / fixed below
+            tracked = [t for t in tracked if not t[2]]
         # the channel dim counted from the right, which is how broadcasting lines dims up
-        from_right = {axis.dim - rank for axis, rank in tracked}
+        from_right = {axis.dim - rank for axis, rank, _ in tracked}
         if out_shape is None or len(from_right) > 1:
             self._unknown(node, f"{node.target} of tensors with different channel dims")
             return
@@ -491,9 +557,45 @@ class ChannelDependencyGraph:
             if constant:
                 self._identity(self._constant_axis(operand, dim), out, node)
             elif self._axis.get(operand.name) is None:
-                self._fix(out, f"{node.target} with an untracked operand")
+                if not self._reshaped_constant(operand, dim, out, node):
+                    self._fix(out, f"{node.target} with an untracked operand")
+            elif self._axis[operand.name].dim != dim:  # an input-free operand's other axis
+                reason = f"{node.target} of tensors with different channel dims"
+                self._fix(out, reason)
+                self._fix(self._axis[operand.name], reason)
             else:
                 self._identity(self._axis[operand.name], out, node)
+
+    def _reshaped_constant(self, operand: fx.Node, dim: int, out: Axis | None, op: fx.Node) -> bool:
+        """``operand`` is a constant seen through reshapes that only add or drop dims of size
+        1 (timm's layer scale ``gamma.reshape(1, -1, 1, 1)``): couple the constant's dim
+        behind ``operand``'s ``dim`` with ``out`` and give every step an axis, so slimming
+        cuts the constant and rewrites the steps' sizes. False: not such a chain."""
+        steps: list[tuple[fx.Node, int]] = []
+        node = operand
+        while node.op != "get_attr":
+            source = node.args[0] if node.args else None
+            if node.target not in _SIZE_ONE_RESHAPES or not isinstance(source, fx.Node):
+                return False
+            in_shape = self._constant(source).shape if _is_constant(source) else _shape(source)
+            out_shape = _shape(node)
+            if in_shape is None or out_shape is None:
+                return False
+            ins = [i for i, size in enumerate(in_shape) if size != 1]
+            outs = [o for o, size in enumerate(out_shape) if size != 1]
+            if [in_shape[i] for i in ins] != [out_shape[o] for o in outs] or dim not in outs:
+                return False
+            steps.append((node, dim))
+            dim = ins[outs.index(dim)]
+            node = source
+        previous = self._constant_axis(node, dim)
+        for step, step_dim in reversed(steps):
+            axis = self._new_axis(step, step_dim)
+            self._identity(previous, axis, op)
+            self._set(step, axis)
+            previous = axis
+        self._identity(previous, out, op)
+        return True
 
     def _visit_batch_norm(self, node: fx.Node, source: Axis | None) -> None:
         if source is None:
@@ -644,32 +746,38 @@ class ChannelDependencyGraph:
     def _reshape_one_dim(
         self, node: fx.Node, source: Axis, in_shape: tuple[Any, ...], out_shape: tuple[Any, ...]
     ) -> bool:
-        """A reshape keeping the batch at dim 0 that keeps the channel dim or flattens it with
-        the dims after it (into a linear layer). False: not this kind of reshape."""
+        """A reshape that keeps the channel dim whole (the dims before it and after it may be
+        split or merged among themselves: windows into the batch, tokens into a grid), or
+        merges it with static dims next to it into one dim (a flatten into a linear layer;
+        Swin's 2x2 patch merging). False: not this kind of reshape."""
         d = source.dim
-        if d == 0 or not _same_dim(in_shape[0], out_shape[0]):
-            return False
-        if not all(map(_is_static, in_shape[1:] + out_shape[1:])):
-            return False
-        before, after = math.prod(in_shape[1:d]), math.prod(in_shape[d + 1 :])
-        # the out dim starting where the channel dim starts
-        prefix, e = 1, 1
-        while e < len(out_shape) and prefix < before:
-            prefix *= out_shape[e]
-            e += 1
-        if prefix == before and e < len(out_shape):
-            size = out_shape[e]
-            if size == source.size and math.prod(out_shape[e + 1 :]) == after:
-                self._same_axis(node, source, dim=e)
-                return True
-            if size == source.size * after and e == len(out_shape) - 1 and after > 1:
-                # flatten: channel c becomes features c * after ... (c + 1) * after - 1
-                out = self._new_axis(node, e)
-                self._set(node, out)
-                for c in range(source.size):
-                    for k in range(after):
-                        self._index(source, c, out, c * after + k, node)
-                return True
+        rank = len(in_shape)
+        for e, size in enumerate(out_shape):
+            if not _is_static(size) or size % source.size:
+                continue
+            for j in range(d, -1, -1):  # in dims j .. k become out dim e
+                if not _is_static(in_shape[j]) or not _equal_products(in_shape[:j], out_shape[:e]):
+                    continue
+                for k in range(d, rank):
+                    if not all(map(_is_static, in_shape[j : k + 1])):
+                        break
+                    if math.prod(in_shape[j : k + 1]) != size:
+                        continue
+                    if not _equal_products(in_shape[k + 1 :], out_shape[e + 1 :]):
+                        continue
+                    before, after = math.prod(in_shape[j:d]), math.prod(in_shape[d + 1 : k + 1])
+                    if before * after == 1:
+                        self._same_axis(node, source, dim=e)
+                        return True
+                    # channel c at (b, c, a) of the merged dims becomes feature
+                    # (b * channels + c) * after + a
+                    out = self._new_axis(node, e)
+                    self._set(node, out)
+                    for b in range(before):
+                        for c in range(source.size):
+                            for a in range(after):
+                                self._index(source, c, out, (b * source.size + c) * after + a, node)
+                    return True
         return False
 
     def _visit_select(self, node: fx.Node, source: Axis | None) -> None:
@@ -735,7 +843,9 @@ class ChannelDependencyGraph:
     def _visit_attention(self, node: fx.Node) -> None:
         """scaled_dot_product_attention(q, k, v): (batch, heads, tokens, head dim) each. Whole
         heads go together: head h of q, k, v and the output, every channel of it (removing
-        part of a head would change the softmax scale 1 / sqrt(head dim))."""
+        part of a head would change the softmax scale 1 / sqrt(head dim)). A mask that
+        broadcasts over the heads (Hugging Face passes an all-true one) couples nothing; one
+        per head (a relative position bias) goes with its head."""
         q, k, v = (self._input_axis(a) for a in node.args[:3])
         mask = _arg(node, 3, "attn_mask")
         shapes = [_shape(a) for a in node.args[:3]]
@@ -746,7 +856,20 @@ class ChannelDependencyGraph:
             and [d for d, _ in a.parts] == [1, 3]
             for a, shape in zip((q, k, v), shapes, strict=True)
         )
-        if mask is not None or not heads_ok:
+        mask_axis, mask_shape = self._input_axis(mask), _shape(mask)
+        per_head = mask_shape is not None and len(mask_shape) >= 3 and mask_shape[-3] != 1
+        mask_ok = mask is None or (
+            mask_shape is not None
+            and (
+                not per_head
+                or (
+                    mask_axis is not None
+                    and not mask_axis.sub
+                    and mask_axis.dim == len(mask_shape) - 3
+                )
+            )
+        )
+        if not heads_ok or not mask_ok:
             self._unknown(node, "attention with a mask or over untracked heads")
             return
         assert q is not None and k is not None and v is not None
@@ -755,14 +878,84 @@ class ChannelDependencyGraph:
         self._identity(q, k, node)
         self._identity(v, out, node)
         heads, dq, dv = q.parts[0][1], q.parts[1][1], v.parts[1][1]
-        if v.parts[0][1] != heads:
+        if v.parts[0][1] != heads or (per_head and mask_axis.size != heads):
             self._unknown(node, "attention with different head counts")
             return
+        if per_head:
+            for h in range(heads):
+                self._index(mask_axis, h, q, h * dq, node)
+        else:
+            self._fix(mask_axis, "attention mask")
         for h in range(heads):
             for d in range(dq):
                 self._index(q, h * dq + d, v, h * dv, node)
             for d in range(1, dv):
                 self._index(v, h * dv + d, v, h * dv, node)
+
+    def _visit_attention_product(self, node: fx.Node) -> None:
+        """Attention written out (Swin, timm/torchvision with fused attention off): the scores
+        ``q @ k^T`` on (..., heads, tokens, head dim) x (..., heads, head dim, tokens) have one
+        channel per head (dim -3); ``scores @ v`` has ``v``'s heads x head dim. As with
+        scaled_dot_product_attention, whole heads go together: head h of q, k, the scores
+        (and whatever is added to them, e.g. a relative position bias), v and the output.
+        Any other product of two computed tensors fixes the channels it reads."""
+        a, b = node.args[:2]
+        ax, bx = self._input_axis(a), self._input_axis(b)
+        shapes = [_shape(a), _shape(b), _shape(node)]
+        rank = len(shapes[2] or ())
+        if ax is None or bx is None or rank < 3 or any(len(s or ()) != rank for s in shapes):
+            self._unknown(node, "product of two computed tensors")
+            return
+        heads = rank - 3
+        a_dims, b_dims = [d for d, _ in ax.parts], [d for d, _ in bx.parts]
+        if ax.sub and a_dims == [heads, rank - 1] and b_dims == [heads, rank - 2]:
+            # scores = q @ k^T
+            (_, n_heads), (_, head_dim) = ax.parts
+            if bx.parts[0][1] != n_heads:
+                self._unknown(node, "attention scores with different head counts")
+                return
+            out = self._new_axis(node, heads)
+            self._set(node, out)
+            self._identity(ax, bx, node)
+            if out is None:
+                return
+            for h in range(n_heads):
+                for d in range(head_dim):
+                    self._index(ax, h * head_dim + d, out, h, node)
+        elif not ax.sub and ax.dim == heads and bx.sub and b_dims == [heads, rank - 1]:
+            # out = softmax(scores) @ v
+            (_, n_heads), (_, head_dim) = bx.parts
+            if ax.size != n_heads:
+                self._unknown(node, "attention weights with different head counts")
+                return
+            out = self._split_axis(node, [heads, rank - 1])
+            self._set(node, out)
+            self._identity(bx, out, node)
+            for h in range(n_heads):
+                for d in range(head_dim):
+                    self._index(bx, h * head_dim + d, ax, h, node)
+        else:
+            self._unknown(node, "product of two computed tensors")
+
+    def _visit_index(self, node: fx.Node) -> None:
+        """A constant table indexed along dim 0 (a relative position bias: (positions,
+        heads) -> (tokens, tokens, heads)): the table's last dim is the output's last dim.
+        Any other indexing fixes the channels it reads."""
+        table, indices = node.args[0], list(node.args[1])
+        shape = _shape(node)
+        if not (
+            _is_constant(table)
+            and len(indices) == 1
+            and isinstance(indices[0], fx.Node)
+            and self._constant(table).dim() >= 2
+            and shape is not None
+        ):
+            self._unknown(node)
+            return
+        self._fix(self._input_axis(indices[0]), "used as an index")
+        out = self._new_axis(node, len(shape) - 1)
+        self._set(node, out)
+        self._identity(self._constant_axis(table, self._constant(table).dim() - 1), out, node)
 
     def _visit_cat(self, node: fx.Node) -> None:
         tensors = list(node.args[0])
@@ -934,36 +1127,46 @@ def _reshape_groups(
     in_shape: Sequence[Any], out_shape: Sequence[Any]
 ) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of input dims with runs of output dims holding the same elements (dims of
-    size 1 left out); None where a symbolic dim is not passed through unchanged."""
+    size 1 left out); symbolic sizes (the batch) are compared as expressions, so windows
+    folded into the batch pair up too. None where no such pairing exists."""
     ins = [i for i, s in enumerate(in_shape) if not (_is_static(s) and s == 1)]
     outs = [o for o, s in enumerate(out_shape) if not (_is_static(s) and s == 1)]
     groups: list[tuple[list[int], list[int]]] = []
     i = o = 0
     while i < len(ins) and o < len(outs):
-        a, b = in_shape[ins[i]], out_shape[outs[o]]
-        if not (_is_static(a) and _is_static(b)):
-            if not _same_dim(a, b):
-                return None
-            groups.append(([ins[i]], [outs[o]]))
-            i, o = i + 1, o + 1
-            continue
-        gi, go, pa, pb = [ins[i]], [outs[o]], a, b
+        gi, go = [ins[i]], [outs[o]]
         i, o = i + 1, o + 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(ins) or not _is_static(in_shape[ins[i]]):
+        while not _equal_products([in_shape[d] for d in gi], [out_shape[d] for d in go]):
+            grow = _larger_side([in_shape[d] for d in gi], [out_shape[d] for d in go])
+            if grow is None:
+                return None
+            if grow == "out":
+                if o >= len(outs):
                     return None
-                pa *= in_shape[ins[i]]
-                gi.append(ins[i])
-                i += 1
-            else:
-                if o >= len(outs) or not _is_static(out_shape[outs[o]]):
-                    return None
-                pb *= out_shape[outs[o]]
                 go.append(outs[o])
                 o += 1
+            else:
+                if i >= len(ins):
+                    return None
+                gi.append(ins[i])
+                i += 1
         groups.append((gi, go))
     return groups if i == len(ins) and o == len(outs) else None
+
+
+def _larger_side(a: Sequence[Any], b: Sequence[Any]) -> str | None:
+    """Which run of sizes must grow to reach the other's product: "out" when ``a``'s product
+    is larger (or a symbolic multiple of ``b``'s), "in" when smaller; None when neither
+    divides the other symbolically."""
+    if all(map(_is_static, a)) and all(map(_is_static, b)):
+        return "out" if math.prod(a) > math.prod(b) else "in"
+    ratio = sympy.together(sympy.Mul(*map(_expr, a)) / sympy.Mul(*map(_expr, b)))
+    numerator, denominator = sympy.fraction(ratio)
+    if denominator == 1:
+        return "out"
+    if numerator == 1:
+        return "in"
+    return None
 
 
 def _reshape_parts(

@@ -28,9 +28,17 @@ from torch import fx
 
 from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup, class_sizes_after
 from edgefx.analysis.graph import ACTIVATIONS, COPIES
+from edgefx.analysis.latency import (
+    TIMERS,
+    LatencyTable,
+    LayerShape,
+    default_cache,
+    onnx_timer,
+    torch_timer,
+)
 from edgefx.errors import PassError
 from edgefx.passes.base import Pass
-from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under
+from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under, unmerge_heads
 from edgefx.program import Program
 
 aten = torch.ops.aten
@@ -44,11 +52,25 @@ Importance = str | Callable[[ChannelGroup], float]
 
 
 class ChannelPrune(Pass):
-    """Remove the least important channel groups down to a MACs budget or below a threshold.
+    """Remove the least important channel groups down to a MACs or latency budget, or below
+    a threshold.
 
     Args:
         macs: fraction of the original MACs to keep, in (0, 1] (e.g. 0.5 halves them).
         threshold: alternatively, remove every group whose score is below this.
+        latency: alternatively, a fraction of the predicted latency to keep, in (0, 1]: every
+            conv2d / linear layer is timed alone at the channel counts the bisection asks
+            about (a table cached per machine, see :mod:`edgefx.analysis.latency`), the
+            graph's latency predicted as their sum (other ops with MACs at the layers'
+            seconds per MAC; ops without MACs left out), and the bisection runs on that
+            prediction instead of MACs. The same ranking decides which groups go; only
+            how many differs.
+        backend: the runtime the latency table is measured on: ``"onnx"`` (onnxruntime
+            CPU, ``threads`` intra-op threads; the default) or ``"torch"`` (eager aten ops).
+        measure: instead of ``backend``, a function ``(LayerShape) -> seconds`` (a cost
+            model, or a timer for another runtime); its results are not cached on disk.
+        batch: the batch size layers are timed at when the graph's batch is dynamic.
+        threads: onnxruntime intra-op threads for the latency table.
         importance: how groups are ranked: ``"bn"`` mean |gamma| of their BatchNorms;
             ``"l1"`` / ``"l2"`` the norm of each producing conv/linear layer's weights for the
             channel, divided by that layer's mean (so layers compare), averaged over the
@@ -76,17 +98,24 @@ class ChannelPrune(Pass):
         macs: float | None = None,
         *,
         threshold: float | None = None,
+        latency: float | None = None,
+        backend: str = "onnx",
+        measure: Callable[[LayerShape], float] | None = None,
+        batch: int = 1,
+        threads: int = 1,
         importance: Importance = "auto",
         round_to: int | None = None,
         compensate: bool = True,
         min_keep: float = 0.1,
         exclude: Sequence[str] = (),
     ) -> None:
-        if (macs is None) == (threshold is None):
+        if sum(v is not None for v in (macs, threshold, latency)) != 1:
             raise PassError(
-                "ChannelPrune needs exactly one of macs= or threshold=",
+                "ChannelPrune needs exactly one of macs=, latency= or threshold=",
                 hint="e.g. ChannelPrune(macs=0.5) keeps at most half of the MACs",
             )
+        if latency is not None:
+            _check_latency(latency, backend, measure, batch, threads)
         if macs is not None and not (isinstance(macs, (int, float)) and 0 < macs <= 1):
             raise PassError(
                 f"macs must be a fraction of the original MACs in (0, 1], got {macs!r}",
@@ -112,6 +141,12 @@ class ChannelPrune(Pass):
         check_module_paths("exclude", exclude, example='["fc", "layer4"]')
         self.macs = macs
         self.threshold = threshold
+        self.latency = latency
+        if latency is not None:
+            self.backend = backend if measure is None else None
+            self.measure = measure
+            self.batch = batch
+            self.threads = threads
         self.importance = importance
         self.round_to = round_to
         self.compensate = bool(compensate)
@@ -127,11 +162,12 @@ class ChannelPrune(Pass):
     def _round(self) -> int:
         if self.round_to is not None:
             return self.round_to
-        return 8 if self.macs is not None else 1
+        return 1 if self.threshold is not None else 8
 
     # ------------------------------------------------------------------ the pass
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
         gm = program.copy_graph()
+        unmerge_heads(gm)  # nn.MultiheadAttention folds its heads into the batch
         dep = ChannelDependencyGraph(gm)
         scores = _scores(dep, self.importance)
         candidates, skipped = self._candidates(dep, scores)
@@ -149,9 +185,28 @@ class ChannelPrune(Pass):
                 if self.importance == "bn"
                 else "the channels are fixed by the ops that read them (see the reasons)",
             )
+        latency_report: dict[str, Any] = {}
         if self.macs is not None:
             budget = self.macs * cost.total_macs
-            count = self._bisect(dep, candidates, estimate, budget, units)
+            count = self._bisect(dep, candidates, estimate, budget, units, self.macs, "MACs")
+        elif self.latency is not None:
+            table = self._latency_table()
+            predict = _LatencyModel(gm, dep, base, table, self.batch)
+            dense = predict({cls.id: cls.size for cls in dep.classes})
+            count = self._bisect(
+                dep, candidates, predict, self.latency * dense, units, self.latency, "latency"
+            )
+            table.save()
+            chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
+            latency_report = {
+                "target_latency": self.latency,
+                "latency_backend": self.backend or "callable",
+                "predicted_latency_ratio": predict(class_sizes_after(dep, chosen)) / dense,
+                "predicted_dense_ms": dense * 1e3,
+                "timed_layers": predict.timed,
+                "layer_timings": {"measured": table.measured, "cached": table.cached},
+                "timing_noise": table.noise(),
+            }
         else:
             count = sum(scores[g.id][0] < self.threshold for g in candidates)
         removed = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
@@ -174,6 +229,8 @@ class ChannelPrune(Pass):
             "layers": _layer_report(dep, left, scores),
             "dependency_graph": dep.summary(),
             "not_ranked": skipped,
+            "kept_whole": _fixed_report(dep),
+            **latency_report,
         }
         if removed:
             folds = _compensation(gm, dep, removed) if self.compensate else []
@@ -185,8 +242,8 @@ class ChannelPrune(Pass):
                 report["compensated_layers"] = len(folds)
             remove_dead_code(gm)
             new = program.with_graph(gm, repr(self)).refreshed()
-        else:
-            new = program.with_graph(gm, repr(self))
+        else:  # nothing removed: the graph as it came (not the heads-unmerged copy)
+            new = program.with_graph(program.copy_graph(), repr(self))
         return new, report
 
     def _candidates(
@@ -240,31 +297,46 @@ class ChannelPrune(Pass):
         self,
         dep: ChannelDependencyGraph,
         candidates: list[ChannelGroup],
-        estimate: _MacsModel,
+        estimate: Callable[[dict[int, int]], float],
         budget: float,
         units: _RoundingUnits,
+        fraction: float,
+        what: str,
     ) -> int:
-        """The fewest least-important candidates whose removal (rounded) meets ``budget``."""
+        """The fewest least-important candidates whose removal (rounded) meets ``budget``
+        by ``estimate`` (MACs, or predicted latency)."""
 
-        def macs_after(count: int) -> int:
+        def cost_after(count: int) -> float:
             chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
             return estimate(class_sizes_after(dep, chosen))
 
         lo, hi = 0, len(candidates)
-        if macs_after(hi) > budget:
-            reachable = macs_after(hi) / max(estimate.total, 1)
+        if cost_after(hi) > budget:
+            full = estimate({cls.id: cls.size for cls in dep.classes})
+            reachable = cost_after(hi) / max(full, 1e-30)
+            arg = "macs" if what == "MACs" else "latency"
             raise PassError(
-                f"ChannelPrune cannot reach {self.macs:.3g} of the MACs: removing every "
+                f"ChannelPrune cannot reach {fraction:.3g} of the {what}: removing every "
                 f"removable channel (min_keep={self.min_keep}) leaves {reachable:.3g}",
-                hint="ask for a larger macs=, lower min_keep, or exclude fewer modules",
+                hint=f"ask for a larger {arg}=, lower min_keep, or exclude fewer modules",
             )
         while lo < hi:
             mid = (lo + hi) // 2
-            if macs_after(mid) <= budget:
+            if cost_after(mid) <= budget:
                 hi = mid
             else:
                 lo = mid + 1
         return lo
+
+    def _latency_table(self) -> LatencyTable:
+        if self.measure is not None:
+            return LatencyTable(self.measure)
+        if self.backend == "onnx":
+            timer = onnx_timer(threads=self.threads)
+            threads = self.threads
+        else:
+            timer, threads = torch_timer(), torch.get_num_threads()
+        return LatencyTable(timer, default_cache(self.backend, threads))
 
 
 def _scores(dep: ChannelDependencyGraph, importance: Importance) -> dict[int, tuple[float, str]]:
@@ -418,10 +490,12 @@ class _MacsModel:
         self.total = sum(base.values())
         self.terms: list[tuple[int, int | None, int | None]] = []  # (macs, out class, in class)
         self.fixed = 0
+        self.term_of: dict[str, tuple[int | None, int | None]] = {}  # node -> its classes
         for node in gm.graph.nodes:
             macs = base.get(node.name, 0)
             if not macs:
                 continue
+            count = len(self.terms)
             out_axis = dep.axis_of(node)
             in_axis = dep.axis_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
             if node.target in _GROUPED or node.target is aten.convolution.default:
@@ -433,12 +507,19 @@ class _MacsModel:
                 self.terms.append((macs, out_id, in_id))
             elif node.target is aten.scaled_dot_product_attention.default and out_axis:
                 self.terms.append((macs, dep.class_of(out_axis).id, None))  # per head
+            elif node.target in (aten.matmul.default, aten.bmm.default) and not _is_constant(
+                node.args[1]
+            ):
+                # attention written out: scores or scores @ v, per head (the output's class)
+                self.terms.append((macs, dep.class_of(out_axis).id if out_axis else None, None))
             elif node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
                 out_id = dep.class_of(out_axis).id if out_axis else None
                 in_id = dep.class_of(in_axis).id if in_axis else None
                 self.terms.append((macs, out_id, in_id))
             else:
                 self.fixed += macs
+            if len(self.terms) > count:
+                self.term_of[node.name] = self.terms[-1][1:]
         self.size = {cls.id: cls.size for cls in dep.classes}
 
     def __call__(self, left: dict[int, int]) -> int:
@@ -450,6 +531,172 @@ class _MacsModel:
                     scale *= left[cls_id] / self.size[cls_id]
             total += macs * scale
         return round(total)
+
+
+class _LatencyModel:
+    """Predicted seconds of the graph at given channel counts per class: every conv2d and
+    linear layer with a constant weight looked up in the latency table at its kept input
+    and output channels; other ops with MACs (attention, products of computed tensors)
+    scaled like the MACs model and converted at the timed layers' dense seconds per MAC;
+    ops without MACs left out (the same for the dense and the pruned graph)."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        dep: ChannelDependencyGraph,
+        base: dict[str, int],
+        table: LatencyTable,
+        batch: int,
+    ) -> None:
+        self.table = table
+        self.size = {cls.id: cls.size for cls in dep.classes}
+        self.layers: list[tuple[LayerShape, int | None, int | None]] = []
+        untimed: list[tuple[int, int | None, int | None]] = []
+        timed_macs = 0
+        macs_model = _MacsModel(gm, dep, base)
+        layer_nodes = {}
+        for node in gm.graph.nodes:
+            shape = _layer_shape(node, batch) if base.get(node.name) else None
+            if shape is not None:
+                layer_nodes[node.name] = shape
+        for node in gm.graph.nodes:
+            macs = base.get(node.name, 0)
+            if not macs:
+                continue
+            term = macs_model.term_of.get(node.name, (None, None))
+            if node.name in layer_nodes:
+                self.layers.append((layer_nodes[node.name], *term))
+                timed_macs += macs
+            else:
+                untimed.append((macs, *term))
+        self.timed = len(self.layers)
+        full = {cls_id: size for cls_id, size in self.size.items()}
+        dense_layers = sum(self._layer(shape, o, i, full) for shape, o, i in self.layers)
+        self.seconds_per_mac = dense_layers / timed_macs if timed_macs else 0.0
+        self.untimed = untimed
+
+    def _layer(
+        self, shape: LayerShape, out_id: int | None, in_id: int | None, left: dict[int, int]
+    ) -> float:
+        out = left[out_id] if out_id is not None else shape.out_channels
+        if shape.depthwise:  # its inputs follow its outputs (channel multiplier m)
+            multiplier = shape.out_channels // shape.in_channels
+            return self.table(shape.with_channels(out // multiplier, out))
+        inp = left[in_id] if in_id is not None else shape.in_channels
+        return self.table(shape.with_channels(inp, out))
+
+    def __call__(self, left: dict[int, int]) -> float:
+        total = sum(self._layer(shape, o, i, left) for shape, o, i in self.layers)
+        for macs, out_id, in_id in self.untimed:
+            scale = 1.0
+            for cls_id in (out_id, in_id):
+                if cls_id is not None:
+                    scale *= left[cls_id] / self.size[cls_id]
+            total += macs * scale * self.seconds_per_mac
+        return total
+
+
+def _layer_shape(node: fx.Node, batch: int) -> LayerShape | None:
+    """The conv2d / linear layer ``node`` computes, with a dynamic batch set to ``batch``;
+    None for anything else (timed by MACs instead)."""
+    if node.op != "call_function" or not node.args or not _is_constant(node.args[1]):
+        return None
+    x, weight = node.args[0].meta.get("val"), node.args[1].meta.get("val")
+    if x is None or weight is None:
+        return None
+    dims = [_concrete(d, batch) for d in x.shape]
+    bias = len(node.args) > 2 and node.args[2] is not None
+    if node.target is aten.linear.default and weight.dim() == 2:
+        return LayerShape(
+            "linear",
+            int(weight.shape[1]),
+            int(weight.shape[0]),
+            rows=math.prod(dims[:-1]),
+            bias=bias,
+        )
+    if node.target is aten.conv2d.default:
+        stride, padding, dilation, groups = (
+            _arg_or(node, i, default) for i, default in ((3, 1), (4, 0), (5, 1), (6, 1))
+        )
+    elif node.target is aten.convolution.default and not node.args[6]:
+        stride, padding, dilation, groups = (node.args[i] for i in (3, 4, 5, 8))
+    else:
+        return None
+    if x.dim() != 4 or isinstance(padding, str):
+        return None
+    return LayerShape(
+        "conv2d",
+        int(dims[1]),
+        int(weight.shape[0]),
+        batch=dims[0],
+        size=(dims[2], dims[3]),
+        kernel=(int(weight.shape[2]), int(weight.shape[3])),
+        stride=_pair(stride),
+        padding=_pair(padding),
+        dilation=_pair(dilation),
+        groups=int(groups),
+        bias=bias,
+    )
+
+
+def _arg_or(node: fx.Node, index: int, default: Any) -> Any:
+    names = {3: "stride", 4: "padding", 5: "dilation", 6: "groups"}
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(names[index], default)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    values = [int(v) for v in value]
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _concrete(dim: Any, batch: int) -> int:
+    """A size with the dynamic batch symbol set to ``batch`` (windows folded into it too)."""
+    if isinstance(dim, int):
+        return dim
+    expr = dim.node.expr
+    return int(expr.subs({symbol: batch for symbol in expr.free_symbols}))
+
+
+def _check_latency(
+    latency: object, backend: object, measure: object, batch: object, threads: object
+) -> None:
+    if not (isinstance(latency, (int, float)) and 0 < latency <= 1):
+        raise PassError(
+            f"latency must be a fraction of the predicted latency in (0, 1], got {latency!r}",
+            hint="ChannelPrune(latency=0.5) keeps at most half of it",
+        )
+    for name, value in (("batch", batch), ("threads", threads)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise PassError(f"{name} must be an integer >= 1, got {value!r}")
+    if measure is not None:
+        if not callable(measure):
+            raise PassError(
+                f"measure must be a function (LayerShape) -> seconds, got {measure!r}",
+                hint="or leave it out and name a backend: backend='onnx'",
+            )
+        return
+    if backend not in TIMERS:
+        raise PassError(
+            f"no per-layer latency table for backend {backend!r}",
+            hint=f"backend= is one of {', '.join(map(repr, TIMERS))} (TVM's untuned "
+            "kernels would time naive loops), or pass measure=(LayerShape) -> seconds",
+        )
+    module = "onnxruntime" if backend == "onnx" else "torch"
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise PassError(
+            f"a latency budget on backend {backend!r} needs {module}, which is not installed",
+            hint=f"pip install {module}, or use backend='torch'",
+        ) from exc
+
+
+def _is_constant(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def _groups(node: fx.Node) -> int:
@@ -478,6 +725,16 @@ def _layer_report(
                 }
             )
     return rows
+
+
+def _fixed_report(dep: ChannelDependencyGraph) -> list[dict[str, Any]]:
+    """The layers whose channels cannot be removed, with the first reason (no silent
+    no-ops: a Swin V2 attention block whose heads stay is listed here)."""
+    return [
+        {"modules": cls.modules[:4], "channels": cls.size, "reason": cls.fixed[0]}
+        for cls in dep.classes
+        if cls.fixed and cls.modules
+    ]
 
 
 # ---------------------------------------------------------------------- bias compensation

@@ -18,6 +18,7 @@ __all__ = [
     "module_path",
     "remove_dead_code",
     "under",
+    "unmerge_heads",
 ]
 
 
@@ -102,3 +103,72 @@ def remove_dead_code(gm: fx.GraphModule) -> tuple[int, list[str]]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return before - len(gm.graph.nodes), removed
+
+
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+
+
+def _sizes(args: list[object]) -> list[object]:
+    """A shape argument's sizes as values (symbolic ones from their nodes' ``meta['val']``)."""
+    return [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+
+
+def unmerge_heads(gm: fx.GraphModule) -> int:
+    """Rewrite ``reshape (tokens, batch, heads * dim) -> (tokens, batch * heads, dim)``,
+    ``transpose(0, 1)``, ``reshape -> (batch, heads, tokens, dim)`` (nn.MultiheadAttention,
+    so torchvision's ViT) into ``reshape -> (tokens, batch, heads, dim)``,
+    ``permute(1, 2, 0, 3)``: the same tensor, but the heads never share a dim with the
+    batch, so a channel analysis can follow them at any batch size. In place; returns the
+    number of rewrites. New nodes get ``meta['val']`` from the old ones' fake tensors."""
+    count = 0
+    for last in list(gm.graph.nodes):
+        if last.op != "call_function" or last.target not in _RESHAPES:
+            continue
+        swap = last.args[0]
+        if not (
+            isinstance(swap, fx.Node)
+            and swap.target is torch.ops.aten.transpose.int
+            and sorted(d % 3 for d in swap.args[1:3]) == [0, 1]
+            and len(swap.users) == 1
+        ):
+            continue
+        merge = swap.args[0]
+        if not (isinstance(merge, fx.Node) and merge.target in _RESHAPES and len(merge.users) == 1):
+            continue
+        x = merge.args[0]
+        x_val, merged, out = x.meta.get("val"), merge.meta.get("val"), last.meta.get("val")
+        if x_val is None or merged is None or out is None:
+            continue
+        if not (x_val.dim() == 3 and merged.dim() == 3 and out.dim() == 4):
+            continue
+        tokens, batch, width = x_val.shape
+        heads, dim = out.shape[1], merged.shape[2]
+        same = (
+            str(out.shape[0]) == str(batch)
+            and str(out.shape[2]) == str(tokens)
+            and str(merged.shape[0]) == str(tokens)
+            and str(out.shape[3]) == str(dim)
+            and isinstance(heads, int)
+            and isinstance(dim, int)
+            and width == heads * dim
+        )
+        if not same:
+            continue
+        batch_arg = last.args[1][0]
+        tokens_arg = merge.args[1][0]
+        shape = [tokens_arg, batch_arg, heads, dim]
+        if sum(1 for a in shape if a == -1) > 1:
+            continue
+        with gm.graph.inserting_before(last):
+            split = gm.graph.call_function(merge.target, (x, shape))
+            moved = gm.graph.call_function(torch.ops.aten.permute.default, (split, [1, 2, 0, 3]))
+        split.meta = {**merge.meta, "val": x_val.reshape(_sizes(shape))}
+        moved.meta = {**last.meta, "val": split.meta["val"].permute(1, 2, 0, 3)}
+        last.replace_all_uses_with(moved)
+        for node in (last, swap, merge):
+            gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count

@@ -54,7 +54,9 @@ def tiny_deit():
     return timm_vit("deit_tiny_patch16_224", depth=4), (images(1),)
 
 
-class _Logits(nn.Module):
+class Logits(nn.Module):
+    """A Hugging Face image classifier seen as ``pixels -> logits``."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -79,4 +81,4 @@ def hf_vit(seed: int = 0, attn_implementation: str = "sdpa", layers: int = 4) ->
         num_labels=10,
         attn_implementation=attn_implementation,
     )
-    return _Logits(ViTForImageClassification(config)).eval()
+    return Logits(ViTForImageClassification(config)).eval()

@@ -1,0 +1,323 @@
+"""ChannelPrune coverage across the model zoo: which models prune at a MACs budget, which
+are refused (and why), which fail; the MACs ratio reached, the pass time, and whether the
+pruned model lowered to ONNX matches the pruned Program.
+
+For each model of benchmarks/zoo.py's list (every torchvision classifier and the timm
+families; random weights, nothing downloaded) in a fresh subprocess: resolve it, make its
+random weights non-degenerate as the zoo sweep does (``zoo.make_nondegenerate``), draw the
+BatchNorm gammas from U(0.1, 1) (so BatchNorm ranking has something to rank), capture it
+with a dynamic batch, run ``ChannelPrune(macs=BUDGET)`` (importance "auto"), then
+``edgefx.compile(pruned, backend="onnx")`` and compare onnxruntime with the pruned Program
+at batch 1 and batch 4 (max abs error / max |Program output| <= 1e-4).
+
+Status: ``pruned``; ``refused`` (ChannelPrune said why: nothing removable, budget out of
+reach); ``failed`` (capture, the pass or ONNX raised, or the process timed out / died).
+
+    python benchmarks/prune_zoo.py --models all                  # the full table (hours)
+    python benchmarks/prune_zoo.py --models resnet18,timm:convnext_atto --size 64 --out /tmp/pz
+    python benchmarks/prune_zoo.py --models all --resume         # finish an interrupted run
+    python benchmarks/prune_zoo.py --one resnet18                # one model, in-process
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zoo import (
+    DEFAULT_OUT,
+    _leaves,
+    _now,
+    _one_line,
+    _peak_rss_mb,
+    _write_atomic,
+    edgefx_revision,
+    machine_info,
+    make_nondegenerate,
+    relative_error,
+    select_models,
+    source_of,
+)
+
+TOLERANCE = 1e-4
+RUN_BATCH = 4
+GAMMA_SEED = 3
+DEFAULT_TIMEOUT_S = 1200
+
+
+def _gammas(model: Any) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(GAMMA_SEED)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.copy_(torch.rand(m.num_features, generator=generator) * 0.9 + 0.1)
+
+
+def prune_model(name: str, budget: float, size: int | None) -> dict[str, Any]:
+    """Prune ``name`` at ``budget`` and check its ONNX lowering; never raises for a model
+    that fails (the result says where and why)."""
+    import torch
+
+    import edgefx
+    from edgefx.errors import EdgefxError, PassError
+    from edgefx.frontend import capture
+    from edgefx.frontend.zoo import resolve_model
+    from edgefx.passes import ChannelPrune
+
+    result: dict[str, Any] = {
+        "model": name,
+        "source": source_of(name),
+        "status": "failed",
+        "stage": "resolve",
+        "reason": None,
+        "budget": budget,
+        "edgefx_git": edgefx_revision(),
+    }
+    start = time.perf_counter()
+    try:
+        resolved = resolve_model(name, None if size is None else (1, 3, size, size))
+        x1 = tuple(resolved.example_inputs)
+        result["input_shape"] = [list(x.shape) for x in x1]
+        generator = torch.Generator().manual_seed(1)
+        x4 = tuple(torch.randn((RUN_BATCH, *x.shape[1:]), generator=generator) for x in x1)
+        make_nondegenerate(resolved.model, x1, batch=RUN_BATCH)
+        _gammas(resolved.model)
+        result["stage"] = "capture"
+        program = capture(resolved.model, x1)
+        result["stage"] = "prune"
+        try:
+            pruned = ChannelPrune(macs=budget)(program)
+        except PassError as exc:
+            result.update(status="refused", reason=_one_line(exc.message))
+            return result
+        report = pruned.report
+        result.update(
+            macs=pruned.before.macs,
+            macs_ratio=pruned.after.macs / pruned.before.macs,
+            params_ratio=pruned.after.params / pruned.before.params,
+            prune_s=round(pruned.wall_s, 2),
+            groups_removed=report["groups_removed"],
+            ranked_by=report["ranked_by"],
+            kept_whole=[
+                f"{'/'.join(r['modules'][:2])}: {r['reason']}"
+                for r in report["kept_whole"]
+                if r["reason"] not in ("model input", "model output")
+            ],
+        )
+        result["stage"] = "onnx"
+        compiled = edgefx.compile(
+            pruned.program, backend="onnx", progress=False, tolerance=math.inf
+        )
+        result["onnx_rel_err_b1"] = relative_error(
+            pruned.program.run_flat(list(x1)), _leaves(compiled(*x1))
+        )
+        result["onnx_rel_err_b4"] = relative_error(
+            pruned.program.run_flat(list(x4)), _leaves(compiled(*x4))
+        )
+        worst = max(result["onnx_rel_err_b1"], result["onnx_rel_err_b4"])
+        result["onnx_match"] = worst <= TOLERANCE
+        result.update(status="pruned", stage=None)
+    except Exception as exc:  # a failing model is a result, not a crash of the sweep
+        message = exc.message if isinstance(exc, EdgefxError) else f"{type(exc).__name__}: {exc}"
+        result.update(status="failed", reason=_one_line(message), error=str(exc)[:4000])
+    finally:
+        result["total_s"] = round(time.perf_counter() - start, 2)
+        result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def run_in_subprocess(name: str, budget: float, size: int | None, timeout: float) -> dict:
+    """:func:`prune_model` in a fresh interpreter (memory isolation), killed at ``timeout``."""
+    with tempfile.TemporaryDirectory(prefix="edgefx-prune-zoo-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--one",
+            name,
+            "--budget",
+            str(budget),
+            "--result-file",
+            str(out),
+        ]
+        if size is not None:
+            cmd += ["--size", str(size)]
+        repo = str(Path(__file__).resolve().parent.parent)  # this checkout's edgefx
+        path = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path}
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            reason = f"exit code {proc.returncode}: {_one_line(proc.stderr[-2000:])}"
+        except subprocess.TimeoutExpired:
+            reason = f"timeout after {timeout:g} s"
+        if out.is_file():
+            return json.loads(out.read_text())
+    return {
+        "model": name,
+        "source": source_of(name),
+        "status": "failed",
+        "stage": None,
+        "reason": reason,
+        "budget": budget,
+        "total_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def render(data: dict[str, Any]) -> str:
+    results = data["results"]
+    done = [results[n] for n in data["models"] if n in results]
+    machine = data["machine"]
+    lines = [
+        f"# ChannelPrune across the model zoo at macs={data['budget']:g}",
+        "",
+        "Produced by" + (" (in steps)" if len(data["commands"]) > 1 else "") + ":",
+        "",
+        "```",
+        *data["commands"],
+        "```",
+        "",
+        f"- started {data['started']}, "
+        + (f"finished {data['finished']}" if data.get("finished") else "**not finished**"),
+        f"- commit {data.get('commit') or 'unknown'}; machine: {machine.get('cpus')} CPU cores "
+        f"({machine.get('cpu', '?')}), {machine.get('platform', '')}",
+        "- random weights made non-degenerate as in zoo.md, BatchNorm gammas U(0.1, 1); "
+        "captured with a dynamic batch"
+        + (
+            f" at {data['size']}x{data['size']}"
+            if data.get("size")
+            else " at each model's default input size"
+        )
+        + "; `ChannelPrune(macs="
+        f"{data['budget']:g})` (importance auto, round_to 8); the pruned Program lowered with "
+        '`edgefx.compile(..., backend="onnx")` and compared at batch 1 and 4 (ONNX match: '
+        f"max abs error / max |output| <= {TOLERANCE:g}). `prune s` is the pass alone.",
+        "",
+    ]
+    for source in ("torchvision", "timm"):
+        rows = sorted((r for r in done if r["source"] == source), key=lambda r: r["model"])
+        if not rows:
+            continue
+        count = {s: sum(r["status"] == s for r in rows) for s in ("pruned", "refused", "failed")}
+        match = sum(bool(r.get("onnx_match")) for r in rows)
+        lines += [
+            f"## {source}: {count['pruned']} pruned ({count['pruned'] / len(rows):.0%}), "
+            f"{count['refused']} refused, {count['failed']} failed of {len(rows)} run; "
+            f"ONNX matches {match} of {count['pruned']} pruned",
+            "",
+            "| model | status | MACs | MACs ratio | params ratio | prune s | ONNX match "
+            "| ranked by | kept whole / reason |",
+            "|---|---|--:|--:|--:|--:|---|---|---|",
+        ]
+        for r in rows:
+            if r["status"] == "pruned":
+                onnx = (
+                    "yes"
+                    if r.get("onnx_match")
+                    else (
+                        f"**no** ({r.get('onnx_rel_err_b1', 0):.1e} / "
+                        f"{r.get('onnx_rel_err_b4', 0):.1e})"
+                    )
+                )
+                ranked = ", ".join(f"{k} {v}" for k, v in r.get("ranked_by", {}).items())
+                kept = r.get("kept_whole") or []
+                note = "; ".join(kept[:3]) + (f"; +{len(kept) - 3} more" if len(kept) > 3 else "")
+            else:
+                onnx, ranked, note = "", "", f"{r.get('stage') or ''}: {r.get('reason')}"
+            macs = "" if r.get("macs") is None else f"{r['macs'] / 1e9:.3g} G"
+            lines.append(
+                f"| {r['model'].removeprefix('timm:')} | {r['status']} "
+                f"| {macs} | {_ratio(r.get('macs_ratio'))} "
+                f"| {_ratio(r.get('params_ratio'))} | {r.get('prune_s') or ''} | {onnx} "
+                f"| {ranked} | {note.replace('|', '/')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def sweep(names: Sequence[str], args: argparse.Namespace, command: str) -> dict[str, Any]:
+    json_path, md_path = args.out / "prune_zoo.json", args.out / "prune_zoo.md"
+    data: dict[str, Any] | None = None
+    if args.resume and json_path.is_file():
+        data = json.loads(json_path.read_text())
+        data["commands"].append(command)
+        data["models"] = list(dict.fromkeys([*data["models"], *names]))
+    if data is None:
+        data = {
+            "commands": [command],
+            "commit": edgefx_revision(),
+            "started": _now(),
+            "finished": None,
+            "budget": args.budget,
+            "size": args.size,
+            "machine": machine_info(),
+            "models": list(names),
+            "results": {},
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    todo = [n for n in names if n not in data["results"]]
+    for i, name in enumerate(todo, start=1):
+        result = run_in_subprocess(name, args.budget, args.size, args.timeout)
+        data["results"][name] = result
+        _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
+        _write_atomic(md_path, render(data))
+        print(
+            f"[prune_zoo] {i}/{len(todo)} {name}: {result['status']} "
+            f"{_ratio(result.get('macs_ratio'))} {result.get('reason') or ''}",
+            flush=True,
+        )
+    data["finished"] = _now()
+    _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
+    _write_atomic(md_path, render(data))
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="all", help="tv | timm | all | ci | NAME,NAME,...")
+    parser.add_argument("--budget", type=float, default=0.5, help="ChannelPrune(macs=BUDGET)")
+    parser.add_argument("--size", type=int, help="input size instead of each model's default")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--one", metavar="NAME", help="one model in this process (JSON out)")
+    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        result = prune_model(args.one, args.budget, args.size)
+        text = json.dumps(result, indent=1)
+        if args.result_file:
+            args.result_file.write_text(text)
+        else:
+            print(text)
+        return 0
+    data = sweep(
+        select_models(args.models), args, shlex.join(["python", "benchmarks/prune_zoo.py", *argv])
+    )
+    counts = {
+        s: sum(r["status"] == s for r in data["results"].values())
+        for s in ("pruned", "refused", "failed")
+    }
+    print(f"[prune_zoo] {counts}; wrote {args.out / 'prune_zoo.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
