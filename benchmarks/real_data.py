@@ -63,8 +63,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "ft_epochs": 2,
         "ft_lr": 2e-4,
         "qat_lr": 5e-5,
-        "gate_epochs": 3,
-        "gate_lr": 1e-4,
+        "gate_epochs": 20,
+        "gate_lr": 3e-4,
     },
 }
 QAT_EPOCHS = 1
@@ -566,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="a line for the results' header")
+    parser.add_argument(
+        "--stem", default="real_data", help="results file name (OUT/STEM.json and .md)"
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help="rows to run: " + ",".join(PARTS))
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--searches", default=",".join(SEARCHES))
@@ -615,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {**header("real_data.py", argv), "note": args.note, "models": models}
     if args.note:  # the note is printed below the command, not inside it
         data["command"] = data["command"].replace(args.note, '"<the paragraph below>"')
-    write_results(args.out, "real_data", data, render(data))
+    write_results(args.out, args.stem, data, render(data))
     return 0
 
 
