@@ -4,6 +4,10 @@ part of a graph with float islands cut out, and running any of them on onnxrunti
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +145,20 @@ def assert_equal_integers(want: list[torch.Tensor], got: list, where: str) -> No
         assert not w.dtype.is_floating_point, f"{where}: output {i} is {w.dtype}"
         assert g.dtype == w.numpy().dtype, f"{where}: output {i} is {g.dtype}, not {w.dtype}"
         np.testing.assert_array_equal(g, w.numpy(), err_msg=f"{where}: output {i}")
+
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def real_data_benchmark():
+    """benchmarks/real_data.py as a module (its models, data and QDQToShift rows), loaded by
+    path as tests/test_zoo.py loads benchmarks/zoo.py; it imports its neighbour common.py."""
+    name = "edgefx_benchmarks_real_data"
+    if name not in sys.modules:
+        if str(_BENCHMARKS) not in sys.path:
+            sys.path.append(str(_BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / "real_data.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
