@@ -83,7 +83,6 @@ def integer_regions(program: edgefx.Program, x: torch.Tensor) -> tuple[edgefx.Pr
     gm = program.copy_graph()
     graph = gm.graph
     entries = [n for n in graph.nodes if n.target is TO_CODES]
-    exits = list(dict.fromkeys(n.args[0] for n in graph.nodes if n.target is TO_FLOAT))
     names = [n.name for n in entries]
 
     recorded: dict[str, torch.Tensor] = {}
@@ -98,12 +97,22 @@ def integer_regions(program: edgefx.Program, x: torch.Tensor) -> tuple[edgefx.Pr
     with torch.no_grad():
         Recorder(program.graph_module).run(x)
     first = next(n for n in graph.nodes if n.op != "placeholder")
+    source: dict[str, str] = {}  # placeholder -> the float_to_codes it stands for
     for entry in entries:
         with graph.inserting_before(first):
             placeholder = graph.placeholder(f"{entry.name}_codes")
+        source[placeholder.name] = entry.name
         placeholder.meta["val"] = entry.meta["val"]
         entry.replace_all_uses_with(placeholder)
+        if entry.args[0].op == "placeholder":
+            # the model input's shape (a dynamic batch size read off it) is the codes' shape
+            entry.args[0].replace_all_uses_with(placeholder)
         graph.erase_node(entry)
+    # codes dequantized straight from an input (quantize -> dequantize, no integer op
+    # between) are no integer arithmetic: not outputs
+    exits = list(dict.fromkeys(
+        n.args[0] for n in graph.nodes if n.target is TO_FLOAT and n.args[0].op != "placeholder"
+    ))  # fmt: skip
     out = next(n for n in graph.nodes if n.op == "output")
     out.args = (tuple(exits),)
     graph.eliminate_dead_code()
@@ -112,7 +121,7 @@ def integer_regions(program: edgefx.Program, x: torch.Tensor) -> tuple[edgefx.Pr
             graph.erase_node(node)
     graph.set_codegen(torch.fx.graph.CodeGen())  # plain positional inputs, a tuple out
     gm.recompile()
-    inputs = [recorded[n] for n in names]
+    inputs = [recorded[source[n.name]] for n in graph.find_nodes(op="placeholder")]
     cut = edgefx.Program(gm, inputs, out_spec=pytree.tree_structure(tuple(exits)),
                          dynamic_batch=False, name=f"{program.name}_integer")  # fmt: skip
     return cut.refreshed(), inputs
