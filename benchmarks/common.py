@@ -18,7 +18,11 @@ import torch
 
 from edgefx.analysis.numerics import NumericError
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+# `python benchmarks/x.py` puts this folder first on sys.path, where its tvm.py would shadow
+# the tvm package for every later `import tvm` (edgefx's TVM backend included): last instead
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 
 def latency_ms(run: Callable[[], Any], repeat: int, warmup: int = 5) -> float:

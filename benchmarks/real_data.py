@@ -17,6 +17,12 @@ pixels), then captured once; every row is the top-1 accuracy on the 597 test ima
 - ``qat``: a PotQuantize Program fine-tuned with straight-through rounding (FineTune on a
   quantized Program), for W4A4 where post-training quantization misses float by more than 1
   point and for W2A4.
+- ``shift WxAy``: QDQToShift of the W8A8 and W4A4 PotQuantize Programs (the best search of
+  the ``pot`` rows of this run or of a cached one; ``joint`` if there are none): the integer
+  model's top-1 run by onnxruntime at opset 28 (the row's figure), by the integer reference
+  (the Program in PyTorch) and by TVM x86 (``llvm``, no schedules), beside the fake-quant
+  model's; the share of output elements where the integer reference and the fake-quant
+  model differ; integer layers and float islands.
 
 PotQuantize Programs are evaluated in PyTorch (the Program itself: its ONNX lowering matches it
 bit for bit, see tests/passes/test_pot_quantize.py); the float and onnxruntime-int8 rows through
@@ -26,6 +32,7 @@ Trained float weights are cached in ``.cache/real_data/`` (gitignored) and each 
 in ``.cache/real_data/<model>.json``, so a rerun skips what is done (``--redo`` to recompute).
 
     python benchmarks/real_data.py --models resnet18,mobilenet_v2,vit
+    python benchmarks/real_data.py --parts shift --tag shift   # only the QDQToShift rows
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ TRAIN, TEST = 1200, 597
 SIZE = 32
 CALIB = 256
 BITS = ("8/8", "4/8", "4/4", "2/4")
+SHIFT_BITS = ("8/8", "4/4")  # the QDQToShift rows
 SEARCHES = ("minmax", "mse", "joint", "joint-bn")  # joint-bn: objective="bn_stats" (RAPQ)
 # per model: float training epochs and learning rate, fine-tune epochs and learning rate
 RECIPES: dict[str, dict[str, Any]] = {
@@ -225,8 +233,49 @@ def ort_int8(float_program: Any, calib: list[torch.Tensor], x: torch.Tensor, y: 
 
 
 # ---------------------------------------------------------------------------- one model
-PARTS = ("prune", "pot", "ort", "combo", "qat", "gate")
+PARTS = ("prune", "pot", "ort", "combo", "qat", "shift", "gate")
 GATE_MACS = 0.65  # TokenGate rows (ViTs): the MACs budget
+
+
+def shift_row(
+    qdq: Any, x: torch.Tensor, y: torch.Tensor, tvm: bool = True
+) -> tuple[float, dict[str, Any]]:
+    """QDQToShift of a PotQuantize Program: the integer model's top-1 on onnxruntime (opset
+    28), beside the fake-quant (QDQ) model's, the integer reference's (the Program in PyTorch)
+    and TVM x86's; how many output elements and predicted classes differ between the integer
+    reference and the fake-quant model; the report's integer layers and float islands."""
+    import edgefx
+    from edgefx.passes import QDQToShift
+
+    result = QDQToShift()(qdq)
+    shift = result.program
+    with torch.no_grad():
+        want = torch.cat([qdq.run_flat([x[i : i + 200]])[0] for i in range(0, len(y), 200)])
+        got = torch.cat([shift.run_flat([x[i : i + 200]])[0] for i in range(0, len(y), 200)])
+    onnx_model = edgefx.compile(shift, backend="onnx", backend_options={"opset": 28},
+                                progress=False)  # fmt: skip
+    report = result.report
+    islands: dict[str, int] = {}
+    for island in report["islands"]:
+        key = f"{island['op']}: {island['reason']}"
+        islands[key] = islands.get(key, 0) + 1
+    extra: dict[str, Any] = {
+        "fake_quant_top1": round(top1(qdq, x, y), 2),
+        "integer_ref_top1": round(top1(shift, x, y), 2),
+        "output_elements_differing": round(float((want != got).float().mean()), 6),
+        "top1_class_differing": round(float((want.argmax(1) != got.argmax(1)).float().mean()), 6),
+        "integer_layers": report["integer_layers"],
+        "layers": len(report["layers"]),
+        "islands": islands,
+        "rounding": report["rounding"],
+    }
+    if tvm:
+        try:
+            tvm_model = edgefx.compile(shift, backend="tvm", progress=False)
+            extra["integer_tvm_top1"] = round(top1(tvm_model, x, y), 2)
+        except Exception as exc:  # TVM is a column, not the row: keep the row, say why
+            extra["tvm_error"] = first_line(exc)
+    return top1(onnx_model, x, y), extra
 
 
 def run_model(
@@ -362,6 +411,31 @@ def run_model(
 
         lr_note = f" lr {qat_lr:g}" if qat_recipe else ""  # the recipe's lr is in the header
         row(f"pot {label} {search} + QAT {qat_epochs} ep{lr_note}", qat)
+
+    for bits in SHIFT_BITS if "shift" in parts else ():
+        # the integer rewrite of the best post-training search at these bits (joint when the
+        # pot rows were not run)
+        label = f"W{bits.replace('/', 'A')}"
+        done = [
+            r for r in rows + cached_rows(name)
+            if r["config"].startswith(f"pot {label} ") and "QAT" not in r["config"]
+            and r["top1"] is not None
+        ]  # fmt: skip
+        search = max(done, key=lambda r: r["top1"])["config"].split()[-1] if done else "joint"
+
+        def integer(bits: str = bits, search: str = search) -> tuple[float, dict[str, Any]]:
+            key = f"{bits}:{search}"
+            if key not in ptq:
+                weight_bits, act_bits = (int(b) for b in bits.split("/"))
+                options, source = {"search": search}, folded
+                if search == "joint-bn":  # RAPQ's objective reads the unfolded BatchNorms
+                    options, source = {"search": "joint", "objective": "bn_stats"}, program
+                quantize = PotQuantize(calib, weight_bits=weight_bits, act_bits=act_bits,
+                                       **options)  # fmt: skip
+                ptq[key] = quantize(source).program
+            return shift_row(ptq[key], test_x, test_y)
+
+        row(f"shift {label} {search}", integer)
     if "gate" in parts and name == "vit":
         gate_rows(program, row, calib, recipe, (train_x, train_y, test_x, test_y))
     del edgefx
@@ -415,6 +489,14 @@ def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tupl
     )
 
 
+def cached_rows(name: str) -> list[dict[str, Any]]:
+    """The rows earlier runs cached for ``name`` (none if there are none)."""
+    try:
+        return merged(name)["rows"]
+    except SystemExit:
+        return []
+
+
 def run_passes(passes: list, program: Any) -> Any:
     from edgefx.passes import PassManager
 
@@ -438,6 +520,7 @@ def render(data: dict[str, Any]) -> str:
     if data.get("note"):
         lines += [data["note"], ""]
     lines += summary(data["models"])
+    lines += shift_summary(data["models"])
     for model in data["models"]:
         float_acc = model["rows"][0]["top1"]
         r = model["recipe"]
@@ -468,6 +551,8 @@ def render(data: dict[str, Any]) -> str:
                 notes.append(f"train loss {row['loss_before']} -> {row['loss_after']}")
             if "float_onnx_top1" in row:
                 notes.append(f"float ONNX {row['float_onnx_top1']}")
+            if "fake_quant_top1" in row:
+                notes.append(f"integer on ORT opset 28; fake-quant {row['fake_quant_top1']}")
             if "error" in row:
                 notes.append(f"FAILED: {row['error']}")
             shown = "failed" if acc is None else f"{acc:.2f}"
@@ -530,7 +615,45 @@ def summary(models: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-_ORDER = ("float", "prune", "pot", "ort", "QAT")
+def shift_summary(models: list[dict[str, Any]]) -> list[str]:
+    """The QDQToShift rows: the integer model against the fake-quant model it comes from."""
+    found = [(m["model"], r) for m in models for r in m["rows"] if r["config"].startswith("shift ")]
+    if not found:
+        return []
+    lines = [
+        "## QDQToShift: integer model vs fake-quant",
+        "",
+        "Top-1 % of the fake-quant (PotQuantize) Program and of its QDQToShift integer "
+        "rewrite: run by onnxruntime at opset 28, by the integer reference (the Program in "
+        "PyTorch) and by TVM x86 (`llvm`, no schedules). `differing`: share of the output "
+        "elements (logits) and of the predicted classes where the integer reference and the "
+        "fake-quant model differ, on the test split. Float islands: ops left in float "
+        "between a dequantize and a quantize (count: op: reason).",
+        "",
+        "| model | config | fake-quant | integer ORT | integer ref | integer TVM "
+        "| ORT - fake-quant | logits differing | classes differing | integer layers "
+        "| float islands |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for model, r in found:
+        if r["top1"] is None:
+            lines.append(f"| {model} | {r['config']} | failed: {r.get('error', '')} "
+                         "| | | | | | | | |")  # fmt: skip
+            continue
+        tvm = r.get("integer_tvm_top1")
+        tvm_cell = f"{tvm:.2f}" if tvm is not None else f"failed: {r.get('tvm_error', 'not run')}"
+        islands = "; ".join(f"{n}x {k}" for k, n in r["islands"].items()) or "none"
+        lines.append(
+            f"| {model} | {r['config']} | {r['fake_quant_top1']:.2f} | {r['top1']:.2f} "
+            f"| {r['integer_ref_top1']:.2f} | {tvm_cell} "
+            f"| {r['top1'] - r['fake_quant_top1']:+.2f} | {r['output_elements_differing']:.4%} "
+            f"| {r['top1_class_differing']:.2%} | {r['integer_layers']}/{r['layers']} "
+            f"| {islands} |"
+        )
+    return [*lines, ""]
+
+
+_ORDER = ("float", "prune", "pot", "ort", "QAT", "shift")
 
 
 def merged(name: str) -> dict[str, Any]:
@@ -553,6 +676,8 @@ def merged(name: str) -> dict[str, Any]:
         kind = next((i for i, k in enumerate(_ORDER) if k in config), 2)
         if "finetune + pot" in config:
             kind = 3
+        if config.startswith("shift "):
+            kind = 5
         return (4 if "QAT" in config else kind, 0)
 
     ordered = sorted(rows.values(), key=lambda r: rank(r["config"]))

@@ -14,6 +14,8 @@ MAC rules (multiply-accumulates; a FLOP counter would report twice these numbers
   the output (so grouped-query attention counts the query heads)
 - einsum: the MACs of the mm/bmm calls torch evaluates it with (counted by
   ``torch.utils.flop_counter`` on the fake operands)
+- edgefx's integer ``conv_int`` / ``linear_int`` (QDQToShift): as the float convolution /
+  linear they replace (integer multiply-accumulates are MACs too)
 - every other op, including ops edgefx does not know: 0. Bias adds, normalisation,
   activations and pooling are not MACs.
 """
@@ -30,7 +32,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.utils import _pytree as pytree
 
-import edgefx.ops  # noqa: F401  (registers edgefx::dequantize_pot, read below)
+import edgefx.ops  # noqa: F401  (registers edgefx's quantized and integer ops, read below)
 from edgefx.analysis.graph import module_path
 from edgefx.errors import EdgefxError
 
@@ -55,9 +57,10 @@ class CostReport:
     """Per-node costs in graph order, and totals.
 
     ``total_params`` counts every parameter read by the graph once, however many nodes
-    share it; quantized weights (integer codes read by ``edgefx::dequantize_pot``) count as
-    parameters. ``total_activation_bytes`` sums ``output_bytes`` of every node except
-    ``operator.getitem``, whose value is a piece of its producer's output (already counted);
+    share it; quantized weights (integer codes read by ``edgefx::dequantize_pot``, or by
+    ``edgefx::conv_int`` / ``linear_int`` in an integer graph) count as parameters.
+    ``total_activation_bytes`` sums ``output_bytes`` of every node except ``operator.getitem``,
+    whose value is a piece of its producer's output (already counted);
     views count as if materialised.
     """
 
@@ -169,8 +172,17 @@ _MAC_RULES: dict[Any, MacRule] = {
     aten._scaled_dot_product_flash_attention: _sdpa_macs,
     aten._scaled_dot_product_efficient_attention: _sdpa_macs,
     aten._scaled_dot_product_cudnn_attention: _sdpa_macs,
+    torch.ops.edgefx.conv_int: _conv_macs(None),
+    torch.ops.edgefx.linear_int: _linear_macs,
 }
 """Keyed by OpOverloadPacket, so every overload (e.g. ``conv2d.padding``) shares a rule."""
+
+# ops reading integer-code buffers that are a model's weights: op -> argument positions
+_CODE_READERS: dict[Any, tuple[int, ...]] = {
+    torch.ops.edgefx.dequantize_pot.default: (0,),
+    torch.ops.edgefx.conv_int.default: (1, 2),
+    torch.ops.edgefx.linear_int.default: (1, 2),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,13 +241,16 @@ def graph_cost(gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> CostR
     ]
     recorder = _ValueRecorder(gm)
     parameters: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
-    # quantized weights are integer-code buffers that edgefx::dequantize_pot reads
-    dequantize = torch.ops.edgefx.dequantize_pot.default
+    # quantized weights are integer-code buffers that edgefx::dequantize_pot reads, or, in
+    # an integer graph (QDQToShift), the weight and bias codes conv_int / linear_int read
     buffers = dict(gm.named_buffers(remove_duplicate=False))
-    for node in gm.graph.find_nodes(op="call_function", target=dequantize):
-        codes = node.args[0]
-        if codes.op == "get_attr" and str(codes.target) in buffers:
-            parameters[str(codes.target)] = buffers[str(codes.target)]
+    for target, positions in _CODE_READERS.items():
+        for node in gm.graph.find_nodes(op="call_function", target=target):
+            for codes in (node.args[i] for i in positions if i < len(node.args)):
+                if isinstance(codes, Node) and codes.op == "get_attr" and str(
+                    codes.target
+                ) in buffers:
+                    parameters[str(codes.target)] = buffers[str(codes.target)]
 
     def parameter_of(node: Node) -> torch.Tensor | None:
         return parameters.get(str(node.target)) if node.op == "get_attr" else None

@@ -8,18 +8,24 @@ codes only and the exponents live in the rewriting pass:
 - ``conv_int`` / ``linear_int``: int8/uint8 codes times int8 weight codes, summed in int32,
   plus the int32 bias codes (on the accumulator's grid, exponent = input + weight exponent).
 - ``requant_shift``: moves codes from one exponent to another by a shift, per tensor or per
-  channel. ``shift > 0`` divides by ``2**shift`` rounding **half up** (add ``2**(shift-1)``,
-  then an arithmetic right shift: floor), ``shift < 0`` multiplies by ``2**-shift`` (a left
-  shift, exact), then the result is clamped to ``bits``-bit codes (and optionally to a
-  narrower [low, high], which is how a ReLU/ReLU6 before the requantization is folded in).
-  This is THE rounding rule of the integer graph: every reference kernel, the ONNX lowering
-  and the TVM lowering compute exactly ``clamp(floor((x * 2**l + 2**(r-1)) / 2**r))`` with
-  ``l = max(-shift, 0)``, ``r = max(shift, 0)`` (no offset when ``r == 0``).
-  ``quantize_pot`` in the QDQ graph rounds half to even instead, so the two differ by one
-  step where ``x / 2**shift`` is exactly halfway between codes and the lower code is even.
-  ``rounding="half_even"`` (one more shift, AND and add per requantization) adds
-  ``2**(r-1) - 1 + (bit r of x)`` instead: ties go to the even code, exactly as in the QDQ
-  graph. A graph uses one rule throughout; the reference, ONNX and TVM agree on both.
+  channel. ``shift > 0`` divides by ``2**shift`` rounding to nearest, ``shift < 0``
+  multiplies by ``2**-shift`` (a left shift, exact), then the result is clamped to
+  ``bits``-bit codes (and optionally to a narrower [low, high], which is how a ReLU/ReLU6
+  before the requantization is folded in). Two rounding rules, on ties only:
+  ``rounding="half_even"`` (the default) computes
+  ``floor((x * 2**l + 2**(r-1) - 1 + b) / 2**r)`` with ``b`` = bit ``r`` of ``x * 2**l``
+  (the lowest bit of the floor quotient): ties go to the even code;
+  ``rounding="half_up"`` computes ``floor((x * 2**l + 2**(r-1)) / 2**r)``: ties go up, one
+  right shift, one AND and one add fewer per requantization. Here ``l = max(-shift, 0)``,
+  ``r = max(shift, 0)`` and there is no offset when ``r == 0``. Every reference kernel, the
+  ONNX lowering and the TVM lowering compute exactly these integers, for both rules; a graph
+  uses one rule throughout.
+  Why half to even by default: ``quantize_pot``, the Q of PotQuantize's fake-quant graph,
+  rounds half to even (``torch.round``, like ONNX QuantizeLinear), so with the same rule the
+  integer graph computes the fake-quant graph's codes exactly (wherever the fake-quant
+  graph's float32 sums are themselves exact) and keeps its accuracy. Half up moves every
+  tie with an even lower code one step, and the difference propagates: on load_digits at
+  W4A4 it cost 1.1 points of top-1 against fake-quant (``benchmarks/results/shift_digits.md``).
 - ``max_pool_int``: max pooling on codes (max commutes with any monotone requantization).
 
 The reference kernels are exact: integer shifts in int64, and the convolution / matrix
@@ -47,6 +53,7 @@ import torch
 from onnxscript import opset21 as op
 
 __all__ = [
+    "DEFAULT_ROUNDING",
     "INT32",
     "ROUNDINGS",
     "codes_to_float",
@@ -95,13 +102,19 @@ def _along(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-ROUNDINGS = ("half_up", "half_even")
+ROUNDINGS = ("half_even", "half_up")
+# the fake-quant graph's own rule (quantize_pot rounds half to even): see the module docstring
+DEFAULT_ROUNDING = "half_even"
 
 
-def round_shift(x: torch.Tensor, shift: torch.Tensor, rounding: str = "half_up") -> torch.Tensor:
-    """The rounding rule, on int64: ``floor((x * 2**l + 2**(r-1)) / 2**r)`` (see the module
-    docstring); ``shift`` broadcasts against ``x``. ``rounding="half_even"`` instead adds
-    ``2**(r-1) - 1 + (bit r of x)``: ties go to the even code, as in ``quantize_pot``."""
+def round_shift(
+    x: torch.Tensor, shift: torch.Tensor, rounding: str = DEFAULT_ROUNDING
+) -> torch.Tensor:
+    """The rounding rule, on int64 (see the module docstring); ``shift`` broadcasts against
+    ``x``. ``"half_even"`` adds ``2**(r-1) - 1 + (bit r of x)`` before the right shift: ties
+    go to the even code, as in ``quantize_pot``; ``"half_up"`` adds ``2**(r-1)``."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     x = x.to(torch.int64)
     shift = shift.to(torch.int64)
     left = torch.clamp(-shift, min=0)
@@ -125,10 +138,10 @@ def requant_shift(
     signed: bool,
     low: int | None = None,
     high: int | None = None,
-    rounding: str = "half_up",
+    rounding: str = DEFAULT_ROUNDING,
 ) -> torch.Tensor:
-    """Integer codes -> codes at an exponent ``shift`` higher, rounded half up (or half to
-    even with ``rounding="half_even"``), clamped to ``bits``-bit codes and to [low, high] when
+    """Integer codes -> codes at an exponent ``shift`` higher, rounded half to even (or half
+    up with ``rounding="half_up"``), clamped to ``bits``-bit codes and to [low, high] when
     given (see the module docstring).
 
     ``shift`` is a compile-time constant: one amount (per tensor) or one per channel along
@@ -142,7 +155,7 @@ def requant_shift(
 
 
 @requant_shift.register_fake
-def _(x, shift, axis, bits, signed, low=None, high=None, rounding="half_up"):
+def _(x, shift, axis, bits, signed, low=None, high=None, rounding=DEFAULT_ROUNDING):
     return torch.empty_like(x, dtype=out_dtype(bits, signed))
 
 
@@ -280,7 +293,8 @@ def _rank(value) -> int | None:
 
 
 def _onnx_requant_shift(
-    x, shift, axis: int, bits: int, signed: bool, low=None, high=None, rounding="half_up"
+    x, shift, axis: int, bits: int, signed: bool, low=None, high=None,
+    rounding=DEFAULT_ROUNDING,
 ):
     lo, hi = _clamp_range(bits, signed, low, high)
     amounts = np.asarray(list(shift), dtype=np.int64)
@@ -402,7 +416,7 @@ def _tvm_requant_shift(node: torch.fx.Node, importer: Any) -> Any:
     x, shift, axis, bits, signed = args[:5]
     low = node.kwargs.get("low", args[5] if len(args) > 5 else None)
     high = node.kwargs.get("high", args[6] if len(args) > 6 else None)
-    rounding = node.kwargs.get("rounding", args[7] if len(args) > 7 else "half_up")
+    rounding = node.kwargs.get("rounding", args[7] if len(args) > 7 else DEFAULT_ROUNDING)
     lo, hi = _clamp_range(bits, signed, low, high)
     bb = importer.block_builder
     amounts = np.asarray(list(shift), dtype=np.int64)

@@ -34,8 +34,11 @@ report also gives the cruder fan_in * max|w| * max|x| + max|b|. Left shifts (ali
 negative requantization shifts) and sums (pooling) scale the bounds. A bound beyond int32 is a
 PassError naming the layer.
 
-Rounding: the integer graph rounds half up (``edgefx.ops.integer``); the QDQ graph's
-``quantize_pot`` rounds half to even, so they may differ by one step on exact ties.
+Rounding: by default the integer graph rounds half to even, as the QDQ graph's
+``quantize_pot`` does, so it computes the fake-quant graph's codes (wherever the QDQ graph's
+float32 sums are exact); ``rounding="half_up"`` saves three integer ops per requantization
+but differs by one step on exact ties, and the difference propagates (``edgefx.ops.integer``
+says why half to even is the default).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import torch
 from torch import fx
 
 from edgefx.errors import PassError
-from edgefx.ops.integer import INT32, ROUNDINGS, out_dtype, shift_range
+from edgefx.ops.integer import DEFAULT_ROUNDING, INT32, ROUNDINGS, out_dtype, shift_range
 from edgefx.ops.pot import qrange
 from edgefx.passes.base import Pass
 from edgefx.passes.rewrite import (
@@ -121,12 +124,13 @@ class QDQToShift(Pass):
 
     Args:
         exclude: module paths (prefixes) whose conv/linear layers stay float islands.
-        rounding: "half_up" (default: add 2**(s-1), shift) or "half_even" (three more integer
-            ops per requantization; ties go to the even code as in the QDQ graph, so the
-            integer graph then equals the QDQ graph wherever its float sums were exact).
+        rounding: "half_even" (default: ties go to the even code, as in the QDQ graph, so the
+            integer graph computes the QDQ graph's codes wherever its float sums were exact)
+            or "half_up" (add 2**(s-1), shift: three integer ops fewer per requantization,
+            but one step off the QDQ graph on ties, and that difference propagates).
 
-    With "half_up" the rewritten graph may differ from the QDQ Program by one step on ties,
-    and that difference propagates (the pass is not declared exact).
+    The pass is not declared exact: the QDQ graph sums in float32, which is inexact once an
+    accumulator passes 2**24, where the integer graph sums exactly in int32.
     Export with ``backend_options={"opset": 28}``: the requantization uses ONNX BitShift on
     signed int32, which exists from opset 28 on.
     """
@@ -134,13 +138,13 @@ class QDQToShift(Pass):
     name = "QDQToShift"
 
     def __init__(
-        self, *, exclude: list[str] | tuple[str, ...] = (), rounding: str = "half_up"
+        self, *, exclude: list[str] | tuple[str, ...] = (), rounding: str = DEFAULT_ROUNDING
     ) -> None:
         check_module_paths("exclude", exclude, example='["fc"]')
         if rounding not in ROUNDINGS:
             raise PassError(
                 f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}",
-                hint='"half_up" is cheapest; "half_even" matches the QDQ graph on ties',
+                hint='"half_even" (default) matches the QDQ graph on ties; "half_up" is cheaper',
             )
         self.exclude = tuple(exclude)
         self.rounding = rounding
@@ -394,14 +398,13 @@ class _Rewriter:
             low = _requant_bound(lo_real, exp, self.rounding)
         if hi_real is not None:
             high = _requant_bound(hi_real, exp, self.rounding)
-        left = torch.clamp(-shift, min=0)
+        left, right = torch.clamp(-shift, min=0), torch.clamp(shift, min=0)
         scale = torch.ldexp(torch.ones_like(left, dtype=torch.float64), left)
-        self._check_bound(node, v.lo * scale, v.hi * scale, f"requantization {node.name}")
-        args: tuple = (v.codes, _amounts(shift), shift_axis, bits, signed)
-        if self.rounding != "half_up":
-            args = (*args, low, high, self.rounding)
-        elif low is not None or high is not None:
-            args = (*args, low, high)
+        # the rounding offset (at most 2**(r-1)) is added in int32 before the right shift
+        offset = torch.where(right > 0, torch.ldexp(torch.ones_like(scale), right - 1), 0.0)
+        self._check_bound(node, v.lo * scale, v.hi * scale + offset,
+                          f"requantization {node.name}")
+        args = (v.codes, _amounts(shift), shift_axis, bits, signed, low, high, self.rounding)
         requant = self._emit(node, _REQUANT, args)
         node.replace_all_uses_with(requant)
         info = {

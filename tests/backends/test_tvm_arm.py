@@ -1,5 +1,6 @@
 """aarch64 libraries run on an emulated board (qemu-user + an arm64 Python with TVM's runtime,
-prepared once and cached by edgefx.backends.tvm.emulation) and match the Program."""
+prepared once and cached by edgefx.backends.tvm.emulation) and match the Program: float models
+to 1e-4, QDQToShift integer programs element for element."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from prune_models import randomize
+from shift_models import (
+    Tiny,
+    assert_equal_integers,
+    fresh,
+    integer_outputs,
+    quantized,
+    real_data_benchmark,
+)
 
 import edgefx
 from edgefx.backends.tvm import emulation, runners
@@ -54,3 +64,42 @@ def test_resnet18_for_arm_boards_matches_under_emulation(emulator, resnet18_fold
     (got,) = runners.run_emulated(folder, [x.numpy()])
     assert rel_err(got, folded(x)) <= REL_TOL
     assert cli.main(["run", str(folder), "--emulate"]) == 0
+
+
+def _assert_integer_codes_on_aarch64(shift: edgefx.Program, x: torch.Tensor, target: str,
+                                     folder) -> None:  # fmt: skip
+    """The shift Program's integer outputs (the int32 codes before the final dequantize),
+    built for ``target`` and run on the emulated board, equal the integer reference's."""
+    ints = integer_outputs(shift)
+    compiled = edgefx.compile(ints, backend="tvm", target=target, progress=False)
+    got = runners.run_emulated(compiled.save(folder), [x.numpy()])
+    assert_equal_integers(ints.run_flat([x]), got, f"aarch64 ({target})")
+
+
+def test_shift_program_is_bit_exact_on_aarch64(emulator, tmp_path):
+    """conv_int with per-channel shifts, max pooling on codes, an aligned residual add, a
+    concat, ReLU6 folded into the clamp, a sum as the average, linear_int: W8A8, rpi4."""
+    _, shift, report = quantized(randomize(Tiny(), 1), 8, (8, 8))
+    assert report["islands"] == [] and report["rounding"].startswith("half to even")
+    _assert_integer_codes_on_aarch64(shift, fresh(8, 3), "rpi4", tmp_path / "tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4)], ids=["W8A8", "W4A4"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_real_data_cnns_shift_programs_are_bit_exact_on_aarch64(emulator, name, bits,
+                                                                tmp_path):  # fmt: skip
+    """The CNNs of benchmarks/real_data.py (10 classes, 3x32x32 input), random weights."""
+    real_data = real_data_benchmark()
+    model = randomize(real_data.make_model(name), 0)
+    _, shift, report = quantized(model, real_data.SIZE, bits)
+    assert report["islands"] == [] and report["integer_layers"] == len(report["layers"])
+    x = fresh(real_data.SIZE, 2)
+    _assert_integer_codes_on_aarch64(shift, x, "aarch64", tmp_path / name)
+
+
+@pytest.mark.slow
+def test_half_up_shift_program_is_bit_exact_on_aarch64(emulator, tmp_path):
+    _, shift, report = quantized(randomize(Tiny(), 1), 8, (4, 4), rounding="half_up")
+    assert report["rounding"].startswith("half up")
+    _assert_integer_codes_on_aarch64(shift, fresh(8, 3), "rpi5", tmp_path / "tiny")

@@ -15,23 +15,28 @@ import edgefx.ops as ops
 from edgefx.ops.integer import round_shift, shift_range
 
 
-def test_requant_shift_rounds_half_up_shifts_left_and_clamps():
+def test_requant_shift_rounds_half_to_even_by_default_shifts_left_and_clamps():
     x = torch.tensor([-5, -3, -1, 1, 3, 5, 6, 300, -300], dtype=torch.int32)
-    # shift 1: x / 2 rounded half up (ties go towards +inf): -2.5 -> -2, 1.5 -> 2
+    # shift 1: x / 2 rounded half to even (as quantize_pot): -2.5 -> -2, -1.5 -> -2, 2.5 -> 2
     y = ops.requant_shift(x, [1], 0, 8, True)
     assert y.dtype == torch.int8
-    assert y.tolist() == [-2, -1, 0, 1, 2, 3, 3, 127, -128]
+    assert y.tolist() == [-2, -2, 0, 0, 2, 2, 3, 127, -128]
+    # half up (ties go towards +inf): -2.5 -> -2, 1.5 -> 2
+    up = ops.requant_shift(x, [1], 0, 8, True, None, None, "half_up")
+    assert up.tolist() == [-2, -1, 0, 1, 2, 3, 3, 127, -128]
     assert ops.requant_shift(x, [-2], 0, 32, True).tolist() == [v * 4 for v in x.tolist()]
     # unsigned 4-bit output, with a ReLU6-style [0, 5] clamp folded in
     u = ops.requant_shift(x, [0], 0, 4, False, 0, 5)
     assert u.dtype == torch.uint8 and u.tolist() == [0, 0, 0, 1, 3, 5, 5, 5, 0]
+    with pytest.raises(ValueError, match="rounding"):
+        ops.requant_shift(x, [1], 0, 8, True, None, None, "nearest")
 
 
-def test_round_shift_is_floor_of_x_over_2s_plus_half():
+def test_half_up_round_shift_is_floor_of_x_over_2s_plus_half():
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(-(1 << 20), 1 << 20, (2000,), generator=gen)
     shift = torch.randint(-3, 12, (2000,), generator=gen)
-    got = round_shift(x, shift).tolist()
+    got = round_shift(x, shift, "half_up").tolist()
     for xi, si, yi in zip(x.tolist(), shift.tolist(), got, strict=True):
         exact = Fraction(xi) / Fraction(2) ** si
         assert yi == (exact + Fraction(1, 2)).__floor__()
@@ -44,6 +49,9 @@ def test_half_even_rounding_sends_ties_to_the_even_code():
     got = round_shift(x, shift, "half_even").tolist()
     for xi, si, yi in zip(x.tolist(), shift.tolist(), got, strict=True):
         assert yi == round(Fraction(xi) / Fraction(2) ** si)  # Fraction rounds half to even
+    assert round_shift(x, shift).tolist() == got  # the default rule
+    # and exactly quantize_pot's rounding (torch.round) of the same value
+    assert got == torch.round(x.double() * torch.pow(2.0, -shift.double())).long().tolist()
     ties = torch.tensor([-5, -3, -1, 1, 3, 5], dtype=torch.int32)
     assert ops.requant_shift(ties, [1], 0, 8, True, None, None, "half_even").tolist() == [
         -2, -2, 0, 0, 2, 2
@@ -97,8 +105,8 @@ class _AllOps(torch.nn.Module):
         acc = ops.conv_int(codes, self.w, self.b, [1, 1], [1, 1], [1, 1], 1)
         pooled = ops.max_pool_int(acc, [3, 3], [2, 2], [1, 1], [1, 1], False)
         mixed = ops.requant_shift(pooled, [3, 2, 1, 0, -1, 4], 1, 32, True)
-        small = ops.requant_shift(mixed, [2], 1, 8, False, 0, 100)
-        even = ops.requant_shift(mixed, [2, 1, 3, 0, 1, 2], 1, 6, True, None, None, "half_even")
+        small = ops.requant_shift(mixed, [2], 1, 8, False, 0, 100, "half_up")
+        even = ops.requant_shift(mixed, [2, 1, 3, 0, 1, 2], 1, 6, True)  # default: half even
         small_pool = ops.max_pool_int(small, [2, 2], [2, 2], [0, 0], [1, 1], True)
         summed = small_pool.to(torch.int32).sum(dim=(2, 3))
         u8 = ops.requant_shift(summed, [1], 1, 8, False)

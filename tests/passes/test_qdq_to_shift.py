@@ -1,92 +1,52 @@
-"""QDQToShift: PotQuantize's QDQ graph as integer arithmetic with shifts. The rewrite equals
-the QDQ graph except where half-up and half-to-even rounding disagree (proved by swapping the
-rounding rule), onnxruntime and TVM run it bit-exactly like the reference kernels, the layers
-the report calls integer have no float Mul/Div in ONNX, and bad input is refused clearly."""
+"""QDQToShift: PotQuantize's QDQ graph as integer arithmetic with shifts. With the default
+half-to-even rounding the rewrite computes the QDQ graph's values exactly (half up differs on
+ties), onnxruntime and TVM run it bit-exactly like the reference kernels (both rules), the
+layers the report calls integer have no float Mul/Div in ONNX, program.cost() counts the
+integer layers' MACs, and bad input is refused clearly."""
 
 from __future__ import annotations
 
 import collections
 
-import numpy as np
 import onnx
 import pytest
 import torch
 import torchvision
 from prune_models import Couplings, randomize
+from shift_models import (
+    Tiny,
+    assert_equal_integers,
+    fresh,
+    integer_outputs,
+    quantized,
+    tvm_outputs,
+)
 from torch import nn
 
 import edgefx
 import edgefx.ops
 from edgefx import PassError
 from edgefx.frontend import capture
-from edgefx.passes import PASSES, FoldBatchNorm, PassManager, PotQuantize, QDQToShift
+from edgefx.passes import PASSES, FoldBatchNorm, PotQuantize, QDQToShift
 
 CONV_INT = torch.ops.edgefx.conv_int.default
-TO_FLOAT = torch.ops.edgefx.codes_to_float.default
 INT_OPS = {"ConvInteger", "MatMulInteger", "BitShift", "Add", "Clip", "Cast", "MaxPool",
            "ReduceSum", "Reshape", "Max", "Min", "Concat", "Flatten", "Transpose", "Squeeze",
-           "Unsqueeze", "Identity", "Shape", "Gather", "Slice"}
+           "Unsqueeze", "Identity", "Shape", "Gather", "Slice", "BitwiseAnd"}
 INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32,
              onnx.TensorProto.INT64}
 
 
-class Tiny(nn.Module):
-    """conv -> ReLU -> max pool, a residual add, a concat, ReLU6, a global average, linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.pool = nn.MaxPool2d(3, 2, 1)
-        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-        self.b = nn.Conv2d(8, 4, 1)
-        self.c = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1, groups=4), nn.ReLU6())
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x):
-        x = self.pool(self.stem(x))
-        x = torch.relu(x + self.a(x))
-        x = torch.cat([x, self.b(x)], dim=1)
-        x = self.c(x)
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-def _quantized(model: nn.Module, size: int, bits: tuple[int, int], seed: int = 0,
-               rounding: str = "half_up"):
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    example = torch.randn(2, 3, size, size, generator=gen)
-    calib = [torch.randn(8, 3, size, size, generator=gen)]
-    program = capture(model, (example,))
-    passes = [FoldBatchNorm(), PotQuantize(calib, weight_bits=bits[0], act_bits=bits[1],
-                                           search="minmax")]
-    qdq, _ = PassManager(passes, progress=False).run(program)
-    shift, results = PassManager([QDQToShift(rounding=rounding)], progress=False).run(qdq)
-    return qdq, shift, results[0].report
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    return _quantized(randomize(Tiny(), 1), 8, (8, 8))
-
-
-def _fresh(size: int, n: int = 3) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(42))
-
-
-def _integer_outputs(program: edgefx.Program) -> edgefx.Program:
-    """The Program returning the int32 codes its float outputs are dequantized from."""
-    gm = program.copy_graph()
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    out.args = (tuple(a.args[0] if a.target is TO_FLOAT else a for a in out.args[0]),)
-    gm.recompile()
-    return program.with_graph(gm).refreshed()
+    return quantized(randomize(Tiny(), 1), 8, (8, 8))
 
 
 def _assert_onnx_bit_exact(shift: edgefx.Program, size: int) -> edgefx.Compiled:
-    ints = _integer_outputs(shift)
+    ints = integer_outputs(shift)
     compiled = edgefx.compile(ints, backend="onnx", backend_options={"opset": 28},
                               progress=False)
-    x = _fresh(size)
+    x = fresh(size)
     want, got = ints.run_flat([x]), compiled.artifact.run([x])
     for w, g in zip(want, got, strict=True):
         assert w.dtype == torch.int32 and g.dtype == torch.int32
@@ -118,33 +78,64 @@ def test_tiny_is_all_integer_with_pooling_as_a_shift(tiny):
 
 
 @pytest.mark.parametrize("case", ["tiny", "couplings"])
-def test_rewrite_equals_the_qdq_graph_but_for_tie_rounding(case, tiny):
-    """With half-to-even requantization the integer graph IS the QDQ graph (every element);
-    with the default half-up rounding it differs, on ties only."""
+def test_rewrite_equals_the_qdq_graph_but_for_half_up_tie_rounding(case, tiny):
+    """With the default half-to-even requantization the integer graph IS the QDQ graph (every
+    element); with rounding="half_up" it differs, on ties."""
     if case == "tiny":
-        qdq, shift, _ = tiny
-        x = _fresh(8, 64)
+        qdq, shift, report = tiny
+        x = fresh(8, 64)
     else:
-        qdq, shift, report = _quantized(randomize(Couplings(), 3), 16, (4, 4))
+        qdq, shift, report = quantized(randomize(Couplings(), 3), 16, (4, 4))
         assert report["islands"]  # the SE gate's sigmoid * x stays float
-        x = _fresh(16, 16)
-    even = QDQToShift(rounding="half_even")(qdq)
-    assert "half to even" in even.report["rounding"]
+        x = fresh(16, 16)
+    assert report["rounding"] == "half to even, as the QDQ graph"
+    requants = shift.graph_module.graph.find_nodes(
+        op="call_function", target=torch.ops.edgefx.requant_shift.default
+    )
+    # (torch.export drops an argument equal to the op schema's default)
+    assert requants and all(_rounding(n) == "half_even" for n in requants)
     want = qdq.run_flat([x])
-    for w, e in zip(want, even.program.run_flat([x]), strict=True):
+    for w, e in zip(want, shift.run_flat([x]), strict=True):
         assert torch.equal(w, e)
-    half_up = shift.run_flat([x])
-    assert any(not torch.equal(w, u) for w, u in zip(want, half_up, strict=True))
+    half_up = QDQToShift(rounding="half_up")(qdq)
+    assert half_up.report["rounding"].startswith("half up")
+    got = half_up.program.run_flat([x])
+    assert any(not torch.equal(w, u) for w, u in zip(want, got, strict=True))
 
 
-def test_half_even_graph_is_bit_exact_on_onnxruntime_and_tvm(tiny):
-    even = QDQToShift(rounding="half_even")(tiny[0]).program
-    _assert_onnx_bit_exact(even, 8)
-    _assert_tvm_bit_exact(even, 8)
+def _rounding(node: torch.fx.Node) -> str:
+    """A requant_shift node's rounding argument, or the op schema's default where absent."""
+    if "rounding" in node.kwargs:
+        return node.kwargs["rounding"]
+    if len(node.args) > 7:
+        return node.args[7]
+    return next(a.default_value for a in node.target._schema.arguments if a.name == "rounding")
+
+
+def test_half_up_graph_is_bit_exact_on_onnxruntime_and_tvm(tiny):
+    half_up = QDQToShift(rounding="half_up")(tiny[0]).program
+    _assert_onnx_bit_exact(half_up, 8)
+    _assert_tvm_bit_exact(half_up, 8)
+
+
+def test_cost_counts_the_integer_layers_like_the_float_ones(tiny):
+    """conv_int / linear_int cost the MACs of the conv / linear they replace, and their weight
+    codes count as parameters, as the QDQ graph's do."""
+    qdq, shift, _ = tiny
+    before, after = qdq.cost(), shift.cost()
+    layer_macs = sorted(n.macs for n in before.nodes if n.op in ("conv2d", "linear"))
+    int_macs = sorted(n.macs for n in after.nodes
+                      if n.op in ("edgefx.conv_int", "edgefx.linear_int"))  # fmt: skip
+    assert len(int_macs) == 5 and all(m > 0 for m in int_macs)
+    assert int_macs == layer_macs
+    assert after.total_macs == before.total_macs
+    assert after.total_params == before.total_params > 0
+    result = QDQToShift()(qdq)
+    assert result.after.macs == result.before.macs
 
 
 def test_island_where_the_average_is_not_over_a_power_of_two():
-    _, shift, report = _quantized(randomize(Tiny(), 1), 12, (8, 8))  # 6x6 = 36 positions
+    _, shift, report = quantized(randomize(Tiny(), 1), 12, (8, 8))  # 6x6 = 36 positions
     reasons = [i["reason"] for i in report["islands"]]
     assert reasons == ["average over 36 positions, not a power of two"]
     assert report["islands"][0]["op"] == "adaptive_avg_pool2d"
@@ -225,34 +216,17 @@ MODELS = [
 @pytest.mark.parametrize("name,bits", MODELS)
 def test_torchvision_models_run_bit_exactly_on_onnxruntime(name, bits):
     model = randomize(getattr(torchvision.models, name)(), 0)
-    _, shift, report = _quantized(model, 64, bits)  # 2x2 before the global pool: a shift
+    _, shift, report = quantized(model, 64, bits)  # 2x2 before the global pool: a shift
     assert report["islands"] == []
     assert report["integer_layers"] == len(report["layers"])
     compiled = _assert_onnx_bit_exact(shift, 64)
     assert _assert_no_float_between_integer_layers(compiled, report) == len(report["layers"])
 
 
-def _tvm_run(program: edgefx.Program, x: torch.Tensor) -> list[np.ndarray]:
-    tvm = pytest.importorskip("tvm")
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-
-    mod = from_exported_program(program.export(), keep_params_as_input=False,
-                                custom_convert_map=edgefx.ops.tvm_converters())
-    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x.numpy()))
-    return [t.numpy() for t in out] if isinstance(out, (list, tuple)) or hasattr(
-        out, "__len__"
-    ) else [out.numpy()]
-
-
 def _assert_tvm_bit_exact(shift: edgefx.Program, size: int) -> None:
-    ints = _integer_outputs(shift)
-    x = _fresh(size)
-    want = ints.run_flat([x])
-    got = _tvm_run(ints, x)
-    for w, g in zip(want, got, strict=True):
-        np.testing.assert_array_equal(g, w.numpy())
+    ints = integer_outputs(shift)
+    x = fresh(size)
+    assert_equal_integers(ints.run_flat([x]), tvm_outputs(ints, [x]), "TVM x86")
 
 
 def test_tiny_tvm_is_bit_exact(tiny):
@@ -263,7 +237,7 @@ def test_tiny_tvm_is_bit_exact(tiny):
 @pytest.mark.parametrize("name,bits", [m.values for m in MODELS], ids=[m.id for m in MODELS])
 def test_torchvision_models_run_bit_exactly_on_tvm(name, bits):
     model = randomize(getattr(torchvision.models, name)(), 0)
-    _, shift, _ = _quantized(model, 32, bits)
+    _, shift, _ = quantized(model, 32, bits)
     _assert_tvm_bit_exact(shift, 32)
 
 
