@@ -859,31 +859,10 @@ def _calib_batches(calib: Any, fallback: Sequence[torch.Tensor]) -> list[torch.T
     return batches
 
 
-class _MaskRecorder(torch.fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.masks: list[torch.Tensor] = []
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.op == "call_function" and n.target is threshold_mask:
-            self.masks.append(value)
-        return value
-
-
 def threshold_kept(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Per gate, the number of tokens alive after it for every image of ``batches``, read off
     a graph built by ``_build_threshold`` (before it is re-exported)."""
-    per_gate: list[list[torch.Tensor]] = []
-    with torch.no_grad():
-        for x in batches:
-            recorder = _MaskRecorder(gm)
-            recorder.run(x)
-            for i, mask in enumerate(recorder.masks):
-                if len(per_gate) <= i:
-                    per_gate.append([])
-                per_gate[i].append(mask.sum(1))
-    return [torch.cat(counts) for counts in per_gate]
+    return [counts for _, counts in _run_gates(gm, batches)]
 
 
 def _stats(counts: torch.Tensor) -> dict[str, float]:
@@ -972,12 +951,12 @@ def gate_cost(program: Program, vit: ViTStructure, gates: list[int]) -> GateCost
 
 
 class _ScoreRecorder(torch.fx.Interpreter):
-    """Runs a threshold-gated graph and records, per gate, the scores of the patch tokens and
-    which tokens were alive entering the gate."""
+    """Runs a threshold-gated graph and records, per gate, the scores of the patch tokens
+    alive entering it and each image's count of tokens alive after it."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
-        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -998,14 +977,15 @@ class _ScoreRecorder(torch.fx.Interpreter):
             before = (
                 torch.ones_like(scores, dtype=torch.bool) if alive is None else alive[:, prefix:]
             )
-            self.seen.append((scores, before, value))
+            self.seen.append((scores[before], value.sum(1)))
         return value
 
 
 def _run_gates(
     gm: fx.GraphModule, batches: Sequence[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per gate over all ``batches``: (patch scores, alive before, mask after), concatenated."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per gate over all ``batches``: (the scores of the patch tokens alive entering it, flat;
+    the tokens alive after it, per image). Batches may differ in token count (compacted)."""
     per_gate: list[list[tuple]] = []
     with torch.no_grad():
         for x in batches:
@@ -1015,7 +995,7 @@ def _run_gates(
                 if len(per_gate) <= i:
                     per_gate.append([])
                 per_gate[i].append(seen)
-    return [tuple(torch.cat(parts) for parts in zip(*seen, strict=True)) for seen in per_gate]
+    return [(torch.cat([s for s, _ in seen]), torch.cat([c for _, c in seen])) for seen in per_gate]
 
 
 def _set_thresholds(gm: fx.GraphModule, thresholds: Sequence[float]) -> None:
@@ -1043,8 +1023,7 @@ def _thresholds_for_rate(
     thresholds = [-math.inf] * n
     for k in range(n):
         _set_thresholds(gm, thresholds)
-        scores, before, _ = _run_gates(gm, batches)[k]
-        alive = scores[before]
+        alive, _ = _run_gates(gm, batches)[k]
         drop = min(alive.numel() - 1, round((1 - rate) * alive.numel()))
         ordered = torch.sort(alive).values
         # midway between the last dropped and the first kept score: no score sits on it, so
