@@ -1057,17 +1057,39 @@ def _calibrate_thresholds(
             f"keeping the fewest tokens still needs {ratio:.3f} of the MACs",
             hint="gate earlier blocks (gates=[...]) or ask for more MACs",
         )
-    low, high, best_ratio = 0.0, 1.0, ratio
-    for _ in range(10):
-        mid = (low + high) / 2
-        thresholds = _thresholds_for_rate(gm, batches, mid, offset)
-        ratio, _ = _effective_ratio(gm, batches, cost)
-        if ratio <= target:
-            low, best, best_ratio = mid, thresholds, ratio
-        else:
-            high = mid
+
+    def at(rate: float) -> tuple[list[float], float]:
+        thresholds = _thresholds_for_rate(gm, batches, rate, offset)
+        return thresholds, _effective_ratio(gm, batches, cost)[0]
+
+    best, best_ratio = _bisect(at, target, (best, ratio), steps=10, keep_more_up=True)
     _set_thresholds(gm, best)
     return best, best_ratio
+
+
+def _bisect(
+    at: Callable[[float], tuple[list[float], float]],
+    target: float,
+    fallback: tuple[list[float], float],
+    *,
+    steps: int,
+    keep_more_up: bool,
+) -> tuple[list[float], float]:
+    """Bisection on [0, 1] for the thresholds ``at(x)`` keeping the most tokens whose MACs
+    ratio is <= ``target``; ``keep_more_up``: a larger x keeps more tokens. ``fallback``: a
+    result known to meet the target."""
+    low, high, best = 0.0, 1.0, fallback
+    for _ in range(steps):
+        mid = (low + high) / 2
+        thresholds, ratio = at(mid)
+        meets = ratio <= target
+        if meets:
+            best = (thresholds, ratio)
+        if meets == keep_more_up:
+            low = mid
+        else:
+            high = mid
+    return best
 
 
 # ----------------------------------------------------------------------------- threshold training
@@ -1187,21 +1209,13 @@ def _shift_to_budget(
     best, ratio = at(0.0)
     if ratio <= target:
         return best, ratio
-    low, high = 0.0, 1.0  # scores sum to 1: a shift of 1 drops every patch token
-    top, top_ratio = at(high)
+    top, top_ratio = at(1.0)  # scores sum to 1: a shift of 1 drops every patch token
     if top_ratio > target:
         raise PassError(
             f"the trained thresholds cannot meet a MACs budget of {target:g} (keeping the "
             f"fewest tokens still needs {top_ratio:.3f})",
             hint="gate earlier blocks (gates=[...]) or ask for more MACs",
         )
-    best, ratio = top, top_ratio
-    for _ in range(20):
-        mid = (low + high) / 2
-        shifted, mid_ratio = at(mid)
-        if mid_ratio <= target:
-            high, best, ratio = mid, shifted, mid_ratio
-        else:
-            low = mid
+    best, ratio = _bisect(at, target, (top, top_ratio), steps=20, keep_more_up=False)
     _set_thresholds(gm, best)
     return best, ratio
