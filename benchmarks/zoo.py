@@ -443,6 +443,7 @@ def run_isolated(name: str, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any
     return {"model": name, "source": source_of(name), "status": "fail", "stage": stage,
             "reason": reason, "rel_err_b1": None, "rel_err_b4": None, "macs": None,
             "params": None, "capture_s": None, "build_s": None, "total_s": elapsed,
+            "check": CHECK_VERSION, "edgefx_git": edgefx_revision(),  # the tree that ran it
             "error": "\n".join(log[-40:])}
 
 

@@ -142,3 +142,12 @@ def test_sweep_records_its_commit_and_refuses_a_dirty_tree(
     with pytest.raises(zoo.ZooError, match="uncommitted"):
         zoo.sweep(["m"], tmp_path, timeout=1, jobs=1, command="cmd", resume=True)
     assert zoo.main(["--models", "m", "--out", str(tmp_path), "--resume"]) == 2
+
+
+def test_a_killed_model_is_recorded_with_the_commit_that_ran_it() -> None:
+    """A subprocess killed on timeout (or by the kernel for memory) still carries the sweep's
+    commit and check version, so the table does not call it another revision."""
+    result = zoo.run_isolated("resnet18", timeout=0.5)
+    assert result["status"] == "fail" and result["reason"].startswith("timeout")
+    assert result["edgefx_git"] == zoo.edgefx_revision()
+    assert result["check"] == zoo.CHECK_VERSION
