@@ -15,6 +15,7 @@ Random weights (nothing is downloaded): this measures speed only, not accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    load_start = os.getloadavg()[0]  # reported: the figures mean little on a busy machine
 
     import timm
 
@@ -134,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# TokenGate speed: {args.model} ({args.size}px, random weights)",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']} (shared by several engineers, loaded: medians of "
-        f"interleaved rounds); {meta['date']}; torch {torch.__version__}.  ",
+        f"Machine: {meta['machine']} (load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end; medians of interleaved rounds); "
+        f"{meta['date']}; torch {torch.__version__}.  ",
         f"Rounds: {args.repeat} at batch 1, {args.repeat_large} at batch {big} (median).  ",
         "Speed-up = dense median / gated median, same backend and batch; ideal = 1 / MACs ratio "
         "(MACs measured on the gated graph by edgefx.analysis.cost).",
