@@ -64,7 +64,7 @@ SEARCHES = ("minmax", "mse", "joint", "joint-bn")  # joint-bn: objective="bn_sta
 # per model: float training epochs and learning rate, fine-tune epochs and learning rate
 RECIPES: dict[str, dict[str, Any]] = {
     "resnet18": {"epochs": 6, "lr": 2e-3, "ft_epochs": 2, "ft_lr": 5e-4, "qat_lr": 1e-4},
-    "mobilenet_v2": {"epochs": 5, "lr": 3e-3, "ft_epochs": 2, "ft_lr": 1e-3, "qat_lr": 2e-4},
+    "mobilenet_v2": {"epochs": 30, "lr": 3e-3, "ft_epochs": 2, "ft_lr": 1e-3, "qat_lr": 2e-4},
     "vit": {
         "epochs": 60,
         "lr": 1e-3,
