@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -63,14 +64,29 @@ SHIFT_BITS = ("8/8", "4/4")  # the QDQToShift rows
 SEARCHES = ("minmax", "mse", "joint", "joint-bn")  # joint-bn: objective="bn_stats" (RAPQ)
 # per model: float training epochs and learning rate, fine-tune epochs and learning rate
 RECIPES: dict[str, dict[str, Any]] = {
-    "resnet18": {"epochs": 6, "lr": 2e-3, "ft_epochs": 2, "ft_lr": 5e-4, "qat_lr": 1e-4},
-    "mobilenet_v2": {"epochs": 30, "lr": 3e-3, "ft_epochs": 2, "ft_lr": 1e-3, "qat_lr": 2e-4},
+    "resnet18": {
+        "epochs": 6,
+        "lr": 2e-3,
+        "ft_epochs": 2,
+        "ft_lr": 5e-4,
+        "qat_epochs": 5,
+        "qat_lr": 1e-4,
+    },
+    "mobilenet_v2": {
+        "epochs": 30,
+        "lr": 3e-3,
+        "ft_epochs": 2,
+        "ft_lr": 1e-3,
+        "qat_epochs": 20,
+        "qat_lr": 1e-3,
+    },
     "vit": {
         "epochs": 60,
         "lr": 1e-3,
         "ft_epochs": 2,
         "ft_lr": 2e-4,
-        "qat_lr": 5e-5,
+        "qat_epochs": 10,
+        "qat_lr": 1e-4,
         "gate_epochs": 20,
         "gate_lr": 3e-4,
     },
@@ -392,7 +408,7 @@ def run_model(
         (r["top1"] for r in rows if r["config"].startswith("pot W4A4") and r["top1"] is not None),
         default=None,
     )
-    qat_epochs, qat_lr = qat_recipe or (QAT_EPOCHS, recipe["qat_lr"])
+    qat_epochs, qat_lr = qat_recipe or (recipe.get("qat_epochs", QAT_EPOCHS), recipe["qat_lr"])
     for bits in [b for b in ("4/4", "2/4") if b in bits_list] if "qat" in parts else ():
         if bits == "4/4" and best_w4a4 is not None and best_w4a4 >= float_acc - 1.0:
             continue
@@ -508,8 +524,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Top-1 on real data (scikit-learn digits) after every pass",
         "",
-        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}; a loaded "
-        "shared machine, so times are indicative only). Data: `sklearn.datasets.load_digits`, "
+        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}; "
+        f"{load_note(data)}). Data: `sklearn.datasets.load_digits`, "
         f"fixed split {TRAIN} train / {TEST} test (seed {SEED}), upsampled to 3x{SIZE}x{SIZE}. "
         "Top-1 in % on the test split. PotQuantize calibrates on "
         f"{CALIB} training images; `WxAy` = weight / activation bits. Models trained here "
@@ -534,7 +550,8 @@ def render(data: dict[str, Any]) -> str:
             ),
             f"Float training: {r['epochs']} epochs, AdamW lr {r['lr']} one-cycle, "
             f"{model['train_s']:.0f} s. Fine-tune after pruning: {r['ft_epochs']} epochs, "
-            f"Adam lr {r['ft_lr']} cosine; QAT: {QAT_EPOCHS} epoch(s), lr {r['qat_lr']}.",
+            f"Adam lr {r['ft_lr']} cosine; QAT: {r.get('qat_epochs', QAT_EPOCHS)} epoch(s), "
+            f"lr {r['qat_lr']}.",
             "",
             "| config | top-1 % | vs float | time s | notes |",
             "|---|--:|--:|--:|---|",
@@ -561,6 +578,17 @@ def render(data: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def load_note(data: dict[str, Any]) -> str:
+    """What the machine's load was during the run: the time columns mean little under load."""
+    load = data.get("load_average")
+    if not load:
+        return "load not recorded, so times are indicative only"
+    return (
+        f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end; times are "
+        "single runs, indicative only"
+    )
 
 
 def summary(models: list[dict[str, Any]]) -> list[str]:
@@ -719,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             log(f"{name}: trained in {train_float(name, train_x, train_y)[1]:.0f} s")
         return 0
+    load_start = os.getloadavg()[0]
     models = []
     for name in args.models.split(","):
         stem = f"{name}.{args.tag}" if args.tag else name
@@ -741,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.collect:
         models = [merged(name) for name in args.models.split(",")]
     data = {**header("real_data.py", argv), "note": args.note, "models": models}
+    if not args.collect:
+        data["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     if args.note:  # the note is printed below the command, not inside it
         data["command"] = data["command"].replace(args.note, '"<the paragraph below>"')
     write_results(args.out, args.stem, data, render(data))
