@@ -9,23 +9,25 @@ ChannelPrune's latency budget predicts a graph's latency at any channel counts f
               + sum of layers    every conv2d / linear table entry at the kept channel
                                  counts, less the o each one-op measurement paid
               + other MAC ops    attention products, at the layers' seconds per MAC
-              + a                the ops without MACs: a fixed part (dispatch overhead,
-              + s x bytes        work on fixed channels) and a part per byte they read and
-                                 write, each tensor scaled by its channel class's kept fraction
+              + residual(bytes)  the ops without MACs, as a function of the bytes they read
+                                 and write, each tensor scaled by its channel class's kept
+                                 fraction (:func:`traffic`: elementwise ops and activations,
+                                 BatchNorm, pooling, LayerNorm, softmax, concat, the copies
+                                 permutes make; views and indexing move nothing)
 
-The last two terms are the non-MAC work: elementwise ops and activations, BatchNorm,
-pooling, LayerNorm, softmax, concatenation, the copies permutes make (views, reshapes and
-indexing count as moving nothing; see :func:`traffic`). Their constants are fitted to the
-whole graph, measured end to end on the same runtime twice: dense, and pruned to about half
-of its removable channels (a *probe*). What each takes beyond the layers is its non-MAC time;
-two points give ``a`` and ``s`` (one point, or a fit that would make either negative, puts it
-all on the bytes, or all in ``a`` when the bytes did not explain the change). So the dense
-and the probe predictions equal their measurements, and each channel class carries the part
-of the non-MAC time that the tensors it spans move. Pruning stays a table lookup per layer;
-the approximations: every non-MAC byte costs the same whatever the op (ops a runtime fuses
-away, e.g. onnxruntime's Conv+BatchNorm+ReLU or TVM's elementwise chains, share the time the
-others cost), and a negative residual (layers timed alone slower than inside the graph) is
-reported and leaves ``a`` and ``s`` at zero.
+The residual is fitted to the whole graph measured end to end on the same runtime: dense,
+and pruned as the prediction so far says (*probes*: first what the layers alone would remove
+for the budget, then what the calibrated prediction removes). At each measured graph the
+residual is what the whole takes beyond o, the layers and the MAC ops: the ops without MACs,
+plus whatever the layers cost inside the graph beyond their solo timings (caches, fusion:
+onnxruntime folds BatchNorm and ReLU into the conv). Between measured graphs it is linear in
+the bytes (a segment may slope either way); below the most pruned one the segment continues
+only while it falls (held flat otherwise). So the prediction equals every measurement, and the
+final bisection lands next to a measured graph, where interpolation is short. Each probe is
+timed with the dense graph, alternately run by run, and scaled by the dense graph's first
+time over its new one, so the machine's load changing between probes cancels. Pruning stays a
+table lookup per layer plus a few whole-graph timings; the approximations: every non-MAC
+byte costs the same whatever the op, and the residual is linear between measurements.
 
 Timers (no edgefx backend is involved: passes may not import one):
 
@@ -39,8 +41,9 @@ Timers (no edgefx backend is involved: passes may not import one):
   with ``time_evaluator`` with TVM's thread pool at ``threads``; the graph imported with
   ``from_exported_program`` and built the same way.
 
-``o`` is the time of a run of one trivial op on one element (``Neg``). Each entry is the
-median of ``repeat`` runs after warm-up; the spread of those runs is kept with a layer's
+``o`` is the time of a run of one trivial op on one element (``Neg``). Each layer entry is the
+median of ``repeat`` runs after warm-up (a graph's: of as many alternate rounds as fit in
+about 3 s, 5 to 201); the spread of those runs is kept with a layer's
 entry so a report can say how noisy the table is. Entries are cached in memory and in a JSON
 file per runtime, machine and thread count (``$EDGEFX_CACHE`` or ``~/.cache/edgefx``), so a
 second pruning of the same architecture measures nothing (a graph is keyed by its code and
@@ -197,23 +200,32 @@ class LatencyTable:
         self, graphs: Sequence[tuple[fx.GraphModule, Sequence[torch.Tensor]]]
     ) -> list[float] | None:
         """Seconds one run of each (graph module, inputs) takes; those not in the table are
-        measured together (None: nothing here times graphs)."""
+        measured together (None: nothing here times graphs). The first graph is the anchor:
+        when it is in the table and others are not, it is timed again with them and their
+        times are scaled by its stored time over the new one, so a change in the machine's
+        load between two calls cancels out of their ratios."""
         if not self.can_time_graphs:
             return None
         keys = [graph_key(gm, inputs) for gm, inputs in graphs]
         todo = [i for i, key in enumerate(keys) if key not in self.entries]
         self.graphs["cached"] += len(keys) - len(todo)
         if todo:
+            anchored = todo[0] != 0
+            timed = [0, *todo] if anchored else todo
             if self.graph_timer is not None:
                 timer = self.graph_timer
-                found = [timer(*graphs[i]) for i in todo]
+                found = [timer(*graphs[i]) for i in timed]
             else:
-                found = self.timer.graphs([graphs[i] for i in todo])  # type: ignore[attr-defined]
-            for i, seconds in zip(todo, found, strict=True):
-                if isinstance(seconds, tuple):  # (median, spread) from the built-in timers
-                    seconds = seconds[0]
-                self._check(seconds, "graph", "")
-                self.entries[keys[i]] = float(seconds)
+                found = self.timer.graphs([graphs[i] for i in timed])  # type: ignore[attr-defined]
+            seconds = [t[0] if isinstance(t, tuple) else t for t in found]  # (median, spread)
+            for t in seconds:
+                self._check(t, "graph", "")
+            scale = 1.0
+            if anchored:
+                anchor, *seconds = seconds
+                scale = self.entries[keys[0]] / anchor if anchor > 0 else 1.0
+            for i, t in zip(todo, seconds, strict=True):
+                self.entries[keys[i]] = float(t) * scale
             self.graphs["measured"] += len(todo)
             self._changed = True
         return [self.entries[key] for key in keys]
@@ -391,7 +403,7 @@ def _summary(times: Sequence[float]) -> tuple[float, float]:
 
 
 def _interleaved(
-    runs: Sequence[Callable[[], Any]], seconds: float = 3.0, most: int = 51
+    runs: Sequence[Callable[[], Any]], seconds: float = 3.0, most: int = 201
 ) -> list[tuple[float, float]]:
     """(median, relative spread) of each run, timed in rounds of one run each, the order
     reversed every other round, so a change in the machine's load hits all alike. As many

@@ -16,6 +16,7 @@ BatchNorms it reads.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 import math
@@ -54,6 +55,7 @@ _GROUPED = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 
 
 IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")
+_PROBES = 2  # pruned graphs a latency budget times whole to calibrate its prediction
 Importance = str | Callable[[ChannelGroup], float]
 
 
@@ -66,12 +68,13 @@ class ChannelPrune(Pass):
         threshold: alternatively, remove every group whose score is below this.
         latency: alternatively, a fraction of the predicted latency to keep, in (0, 1]: every
             conv2d / linear layer is timed alone at the channel counts the bisection asks
-            about (a table cached per machine, see :mod:`edgefx.analysis.latency`), the
-            dense graph is timed once end to end, and the graph's latency is predicted as
-            the layers' sum plus the ops without MACs (elementwise, norms, pooling, softmax,
-            copies), whose measured share (whole graph - layers) scales with the bytes they
-            move per channel class; the bisection runs on that prediction instead of MACs.
-            The same ranking decides which groups go; only how many differs.
+            about (a table cached per machine, see :mod:`edgefx.analysis.latency`), and the
+            graph's latency is predicted as the layers' sum plus the ops without MACs
+            (elementwise, norms, pooling, softmax, copies) as a function of the bytes they
+            move per channel class, fitted to the whole graph timed dense and at up to two
+            probes (pruned as the prediction says); the bisection runs on that prediction
+            instead of MACs. The same ranking decides which groups go; only how many
+            differs.
         backend: the runtime the latency table is measured on: ``"onnx"`` (onnxruntime
             CPU, ``threads`` intra-op threads; the default), ``"torch"`` (eager aten ops) or
             ``"tvm"`` (one-op Relax modules built for this host's CPU, untuned).
@@ -80,7 +83,8 @@ class ChannelPrune(Pass):
             Ops without MACs are then left out of the prediction, unless ``measure_graph``
             is given too.
         measure_graph: with ``measure``, a function ``(GraphModule, inputs) -> seconds`` for
-            the whole dense graph, which calibrates the part ops without MACs take.
+            a whole graph (dense, or a probe), which calibrates the part ops without MACs
+            take.
         batch: the batch size layers are timed at when the graph's batch is dynamic.
         threads: intra-op threads the latency table is measured with (every runtime).
         importance: how groups are ranked: ``"bn"`` mean |gamma| of their BatchNorms;
@@ -206,12 +210,9 @@ class ChannelPrune(Pass):
         elif self.latency is not None:
             table = self._latency_table()
             predict = _LatencyModel(gm, dep, base, table, self.batch)
-            predict.calibrate(self._whole_graph_points(program, gm, dep, candidates, units, table))
             full = {cls.id: cls.size for cls in dep.classes}
+            count = self._latency_count(program, gm, dep, candidates, units, table, predict)
             dense = predict(full)
-            count = self._bisect(
-                dep, candidates, predict, self.latency * dense, units, self.latency, "latency"
-            )
             table.save()
             chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
             kept = class_sizes_after(dep, chosen)
@@ -349,7 +350,7 @@ class ChannelPrune(Pass):
                 lo = mid + 1
         return lo
 
-    def _whole_graph_points(
+    def _latency_count(
         self,
         program: Program,
         gm: fx.GraphModule,
@@ -357,21 +358,62 @@ class ChannelPrune(Pass):
         candidates: list[ChannelGroup],
         units: _RoundingUnits,
         table: LatencyTable,
-    ) -> list[tuple[dict[int, int], float]]:
-        """The whole graph timed dense and with the first half of the candidates removed (a
-        probe, slimmed like the result will be): (channel counts, seconds) each; [] when
-        the table cannot time graphs (a ``measure=`` cost model without ``measure_graph``)."""
+        predict: _LatencyModel,
+    ) -> int:
+        """How many candidates the latency budget removes. Where the table can time whole
+        graphs, the prediction is calibrated on them: the dense graph, and *probes*, the
+        graph pruned as the prediction so far says (first the layers alone, then the
+        calibrated model), until the answer is a graph already measured or
+        :data:`_PROBES` probes were timed; the final bisection uses every measurement."""
+        full = {cls.id: cls.size for cls in dep.classes}
+
+        def answer() -> tuple[int, list[ChannelGroup]]:
+            budget = self.latency * predict(full)
+            try:
+                count = self._bisect(
+                    dep, candidates, predict, budget, units, self.latency, "latency"
+                )
+            except PassError:
+                if not table.can_time_graphs or predict.calibration:
+                    raise
+                count = len(candidates)  # the layers alone cannot: probe removing all it can
+            chosen = self._select(dep, candidates, count)
+            return count, units.rounded(chosen, candidates, self._floor)
+
+        count, chosen = answer()
         if not table.can_time_graphs:
-            return []
+            return count
+        measured: dict[frozenset[int], tuple[dict[int, int], float]] = {}
+        probes: list[int] = []
+        while len(probes) < _PROBES and frozenset(g.id for g in chosen) not in measured:
+            # the dense graph with every probe: the anchor that cancels load changes
+            todo = {frozenset(): [], frozenset(g.id for g in chosen): chosen}
+            points = self._whole_graph_points(program, gm, dep, list(todo.values()), table)
+            measured.update(zip(todo, points, strict=True))
+            probes.append(len(chosen))
+            predict.calibrate(list(measured.values()))
+            count, chosen = answer()
+        predict.calibration["probe_groups_removed"] = probes
+        return count
+
+    def _whole_graph_points(
+        self,
+        program: Program,
+        gm: fx.GraphModule,
+        dep: ChannelDependencyGraph,
+        removals: list[list[ChannelGroup]],
+        table: LatencyTable,
+    ) -> list[tuple[dict[int, int], float]]:
+        """The whole graph timed with each set of groups removed (slimmed like the result
+        will be; [] the dense graph), together: (channel counts, seconds) each."""
         inputs = graph_inputs(program.example_inputs, program.dynamic_batch, self.batch)
-        probe = units.rounded(
-            self._select(dep, candidates, len(candidates) // 2), candidates, self._floor
-        )
-        points = [({cls.id: cls.size for cls in dep.classes}, gm)]
-        if probe:
-            slimmed = copy.deepcopy(gm)
-            _slim(slimmed, dep, probe)
-            points.append((class_sizes_after(dep, probe), slimmed))
+        points = []
+        for groups in removals:
+            slimmed = gm
+            if groups:
+                slimmed = copy.deepcopy(gm)
+                _slim(slimmed, dep, groups)
+            points.append((class_sizes_after(dep, groups), slimmed))
         try:
             seconds = table.graph_seconds([(graph, inputs) for _, graph in points])
         except EdgefxError:
@@ -633,8 +675,7 @@ class _LatencyModel:
         full = dict(self.size)
         dense_layers = sum(self._layer(shape, o, i, full) for shape, o, i in self.layers)
         self.seconds_per_mac = dense_layers / timed_macs if timed_macs else 0.0
-        self.fixed = 0.0  # a: seconds of the non-MAC ops whatever the widths
-        self.seconds_per_byte = 0.0  # s
+        self.knots: list[tuple[float, float]] = []  # (bytes moved, residual seconds)
         self.calibration: dict[str, Any] = {}
 
     def _layer(
@@ -670,46 +711,59 @@ class _LatencyModel:
         return total
 
     def __call__(self, left: dict[int, int]) -> float:
-        return self.with_macs(left) + self.fixed + self.seconds_per_byte * self.moved_bytes(left)
+        total = self.with_macs(left) + self.residual(self.moved_bytes(left))
+        return max(total, self.run_overhead)  # no run is faster than an empty one
 
     def calibrate(self, points: list[tuple[dict[int, int], float]]) -> None:
-        """Fit the non-MAC constants to measured whole graphs: ``points`` are (channel counts,
-        seconds), the dense graph first. The residuals r = measured - :meth:`with_macs` are
-        the non-MAC time at each point; r = a + s x bytes through two points, or s alone
-        through one. A fit that would make a constant negative keeps the dense point exact
-        with the other; a negative dense residual leaves both at zero (reported)."""
+        """Fit the residual to measured whole graphs: ``points`` are (channel counts,
+        seconds), the dense graph first. The residual r = measured - :meth:`with_macs` at
+        each point is the time of the ops without MACs plus whatever the layers take inside
+        the graph beyond their solo timings (caches, fusion). Between measured points it is
+        linear in the bytes the ops without MACs move (r = a + s x bytes through the two
+        nearest; beyond them, the nearest segment continued), so the prediction equals every
+        measurement; a segment's s may come out negative (the layers alone predict too fast
+        a pruned graph). One point: r = s x bytes (r = a when r is negative)."""
         if not points:
             return
         residuals = [(t - self.with_macs(left), self.moved_bytes(left)) for left, t in points]
-        (r1, b1), *rest = residuals
-        a, s = 0.0, 0.0
-        if r1 > 0:
-            s = r1 / b1 if b1 else 0.0
-            if rest and rest[0][1] != b1:
-                r2, b2 = rest[0]
-                slope = (r1 - r2) / (b1 - b2)
-                if slope <= 0:  # the bytes did not explain the change: all fixed
-                    a, s = r1, 0.0
-                elif r1 - slope * b1 >= 0:
-                    a, s = r1 - slope * b1, slope
-        self.fixed, self.seconds_per_byte = a, s
+        knots: dict[float, float] = {}
+        for r, size in residuals:
+            knots.setdefault(size, r)  # the first measurement of a size (the dense graph's)
+        self.knots = sorted((size, r) for size, r in knots.items())
+        if len(self.knots) == 1:
+            ((size, r),) = self.knots
+            # a single point through the origin (all per byte), or a constant when negative
+            self.knots = [(0.0, 0.0), (size, r)] if r > 0 and size else [(0.0, r), (1.0, r)]
         self.calibration = {
             "measured_ms": [seconds * 1e3 for _, seconds in points],
-            "non_mac_ms": [r * 1e3 for r, _ in residuals],
+            "residual_ms": [r * 1e3 for r, _ in residuals],
             "non_mac_mb": [size / 2**20 for _, size in residuals],
-            "fixed_ms": a * 1e3,
-            "ms_per_mb": s * 2**20 * 1e3,
         }
+
+    def residual(self, size: float) -> float:
+        """The residual at ``size`` bytes moved: interpolated between the knots; below the
+        smallest, its segment continued where it falls with the bytes (a negative slope
+        there, from noise or the layers' own error, would grow without bound: held flat),
+        never below min(0, the knot's residual)."""
+        if not self.knots:
+            return 0.0
+        sizes = [k for k, _ in self.knots]
+        index = min(max(bisect.bisect_left(sizes, size), 1), len(self.knots) - 1)
+        (b1, r1), (b2, r2) = self.knots[index - 1], self.knots[index]
+        slope = (r2 - r1) / (b2 - b1)
+        if size >= b1:
+            return r1 + slope * (size - b1)
+        return max(r1 + max(slope, 0.0) * (size - b1), min(0.0, r1))
 
     def breakdown(self) -> dict[str, Any]:
         """The dense prediction's parts and the calibration, for the report (ms)."""
         full = dict(self.size)
-        non_mac = self.fixed + self.seconds_per_byte * self.moved_bytes(full)
+        residual = self.residual(self.moved_bytes(full))
         return {
             "predicted_parts_ms": {
                 "overhead": self.run_overhead * 1e3,
                 "layers_and_mac_ops": (self.with_macs(full) - self.run_overhead) * 1e3,
-                "non_mac_ops": non_mac * 1e3,
+                "residual": residual * 1e3,
             },
             "calibration": self.calibration or None,
         }

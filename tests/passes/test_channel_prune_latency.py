@@ -7,9 +7,7 @@ wall-clock figures, which are for benchmarks/prune.py)."""
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -111,23 +109,38 @@ def test_a_cost_model_returning_nonsense_is_refused_naming_the_layer(program):
         ChannelPrune(latency=0.5, measure=lambda s: float("nan"))(program)
 
 
+@pytest.fixture(scope="module")
+def conv_heavy():
+    """Three 3x3 convs at 32x32 (dynamic batch): most of the time in the convolutions, so a
+    latency budget is reachable on any runtime however loaded the machine."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for cin, cout in ((3, 32), (32, 64), (64, 64)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    model = randomize(nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    return capture(model, (torch.randn(2, 3, 32, 32),))
+
+
 @pytest.mark.parametrize("backend", ["onnx", "torch", pytest.param("tvm", marks=pytest.mark.slow)])
-def test_measured_latency_table_smoke(program, backend, tmp_path, monkeypatch):
+def test_measured_latency_table_smoke(conv_heavy, backend, tmp_path, monkeypatch):
     """Real timings: only that it runs, reports and caches (no figure is asserted)."""
     monkeypatch.setenv("EDGEFX_CACHE", str(tmp_path))
-    first = ChannelPrune(latency=0.9, backend=backend)(program)
+    program = conv_heavy
+    first = ChannelPrune(latency=0.8, backend=backend)(program)
     report = first.report
     assert report["latency_backend"] == backend
-    assert 0 < report["predicted_latency_ratio"] <= 0.9
+    assert 0 < report["predicted_latency_ratio"] <= 0.8
     assert report["predicted_dense_ms"] > 0 and report["layer_timings"]["measured"] > 0
     assert report["timing_noise"] is not None
-    assert report["graph_timings"] == {"measured": 2, "cached": 0}  # dense and probe
+    probes = len(report["calibration"]["probe_groups_removed"])
+    assert 1 <= probes <= 2
+    assert report["graph_timings"]["measured"] == 1 + probes  # the dense graph and probes
     assert all(ms > 0 for ms in report["calibration"]["measured_ms"])
     (cache,) = (tmp_path / "latency").iterdir()
     assert backend in cache.name
-    again = ChannelPrune(latency=0.9, backend=backend)(program)
+    again = ChannelPrune(latency=0.8, backend=backend)(program)
     assert again.report["layer_timings"]["measured"] == 0  # all from the cache file
-    assert again.report["graph_timings"] == {"measured": 0, "cached": 2}
+    assert again.report["graph_timings"] == {"measured": 0, "cached": 2 * probes}
     assert again.report["calibration"] == report["calibration"]
     assert again.report["groups_removed"] == report["groups_removed"]
 
@@ -195,12 +208,17 @@ def test_tvm_timer_builds_and_times_one_op_modules(tmp_path):
 
 # ------------------------------------------------------------------ ops without MACs
 def simulated_graph_seconds(
-    gm: fx.GraphModule, inputs, fixed: float = 2e-5, per_byte: float = 4e-10
+    gm: fx.GraphModule,
+    inputs,
+    fixed: float = 2e-5,
+    per_byte: float = 4e-10,
+    floor: float = 0.0,
 ) -> float:
     """A deterministic 'runtime' for whole graphs: 1 ns per MAC (the cost model the layers are
-    timed with below), plus ``fixed`` seconds, plus ``per_byte`` for every byte the ops
-    without MACs read and write. The shapes come from running the graph on real inputs, not
-    from the pass's channel classes, so a pruned graph is measured as it is."""
+    timed with below), plus ``fixed`` seconds, plus for each op without MACs ``per_byte``
+    for every byte it reads and writes, or ``floor`` if that is more (an op's overhead,
+    which the latency model does not have). The shapes come from running the graph on real
+    inputs, not from the pass's channel classes, so a pruned graph is measured as it is."""
     from edgefx.analysis.cost import graph_cost
 
     values: dict[str, torch.Tensor] = {}
@@ -216,14 +234,16 @@ def simulated_graph_seconds(
     with torch.no_grad():
         Recorder(gm).run(*inputs)
     macs = {c.node: c.macs for c in graph_cost(gm, inputs).nodes}
-    moved = 0
+    seconds = sum(macs.values()) * 1e-9 + fixed
     for node in gm.graph.nodes:
         if node.op != "call_function" or macs.get(node.name) or node.target in FREE_OPS:
             continue
+        moved = 0
         for tensor in [node, *(a for a in node.all_input_nodes if a.op != "get_attr")]:
             if tensor.name in values:
                 moved += values[tensor.name].numel() * values[tensor.name].element_size()
-    return sum(macs.values()) * 1e-9 + fixed + per_byte * moved
+        seconds += max(per_byte * moved, floor if moved else 0.0)
+    return seconds
 
 
 def one_ns_per_mac(shape: LayerShape) -> float:
@@ -255,25 +275,27 @@ def test_ops_without_macs_are_accounted_per_channel_class(model, per_byte, reque
     assert report["predicted_latency_ratio"] == pytest.approx(truth, rel=1e-6)
     assert report["predicted_latency_ratio"] <= 0.6
     calibration = report["calibration"]
-    assert calibration["fixed_ms"] == pytest.approx(2e-5 * 1e3, rel=1e-6)
-    assert calibration["ms_per_mb"] == pytest.approx(per_byte * 2**20 * 1e3, rel=1e-6)
+    for residual, mb in zip(calibration["residual_ms"], calibration["non_mac_mb"], strict=True):
+        assert residual == pytest.approx((2e-5 + per_byte * mb * 2**20) * 1e3, rel=1e-6)
     # the model without the non-MAC ops is off by more than 0.05 on these graphs
     assert abs(report["mac_ops_only_ratio"] - truth) > 0.05
-    assert report["graph_timings"] == {"measured": 2, "cached": 0}  # dense and the probe
+    # the dense graph and the probes (the layers' answer, then the calibrated one)
+    assert report["graph_timings"]["measured"] == 1 + len(calibration["probe_groups_removed"])
+    assert 1 <= len(calibration["probe_groups_removed"]) <= 2
 
 
 def test_without_a_graph_timer_the_ops_without_macs_are_left_out(program):
     report = ChannelPrune(latency=0.6, measure=one_ns_per_mac)(program).report
     assert report["calibration"] is None
     assert report["predicted_latency_ratio"] == report["mac_ops_only_ratio"]
-    assert report["predicted_parts_ms"]["non_mac_ops"] == 0
+    assert report["predicted_parts_ms"]["residual"] == 0
 
 
 class ElementwiseHeavy(nn.Module):
-    """1x1 convs between long chains of elementwise ops on 24x24 maps: most of the time is
+    """1x1 convs between long chains of elementwise ops on 48x48 maps: most of the time is
     not in the convolutions, and the ops on the 3-channel input do not shrink at all."""
 
-    def __init__(self, width: int = 48, blocks: int = 3) -> None:
+    def __init__(self, width: int = 64, blocks: int = 3) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, width, 1)
         self.convs = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(blocks))
@@ -290,41 +312,31 @@ class ElementwiseHeavy(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def eager_ratio(slow: fx.GraphModule, fast: fx.GraphModule, x: torch.Tensor) -> float:
-    """Median latency of ``fast`` over ``slow``, the two run alternately (ABBA) on one thread,
-    so a change in the machine's load hits both."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    times: list[list[float]] = [[], []]
-    try:
-        with torch.no_grad():
-            for r in range(60):
-                for i in (0, 1) if r % 2 else (1, 0):
-                    start = time.perf_counter()
-                    (slow, fast)[i](x)
-                    times[i].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times[1][10:]) / statistics.median(times[0][10:])
-
-
-def test_measured_ratio_is_closer_with_ops_without_macs(tmp_path, monkeypatch):
-    """Real eager-torch timings: on a network whose time goes mostly to elementwise ops, the
-    latency ratio of the pruned graph, measured, is closer to the prediction with the
-    non-MAC ops than to the one from the layers alone (which thinks it much faster). Noise
-    can move the measured ratio by a few hundredths; the two predictions differ by far more."""
-    monkeypatch.setenv("EDGEFX_CACHE", str(tmp_path))
+def test_the_prediction_follows_a_runtime_its_model_does_not_describe():
+    """A runtime where each op without MACs costs its bytes or an overhead floor, whichever
+    is more (at pruned widths the floor takes over: not linear in the bytes), and whose
+    speed drifts between calls (a load that grows). The probes, each timed with the dense
+    graph as the anchor, bring the prediction within a hundredth of the runtime's ratio for
+    the pruned graph; the layers alone are far off (they are a small part of the time)."""
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 24, 24)
+    x = torch.randn(1, 3, 48, 48)
     program = capture(ElementwiseHeavy().eval(), (x,), dynamic_batch=False)
-    result = ChannelPrune(latency=0.7, backend="torch", round_to=1)(program)
-    report = result.report
-    predicted, layers_only = report["predicted_latency_ratio"], report["mac_ops_only_ratio"]
-    assert predicted - layers_only > 0.1  # the non-MAC ops change the prediction
-    measured = eager_ratio(program.graph_module, result.program.graph_module, x)
-    print(f"predicted {predicted:.3f}, layers only {layers_only:.3f}, measured {measured:.3f}")
-    assert abs(predicted - measured) < abs(layers_only - measured) - 0.03, (
-        predicted,
-        layers_only,
-        measured,
+    dense_params = sum(p.numel() for p in program.graph_module.parameters())
+    load = [1.0]
+
+    def runtime(gm: fx.GraphModule, inputs) -> float:
+        if sum(p.numel() for p in gm.parameters()) == dense_params:
+            load[0] *= 1.3  # the dense graph starts every call: the machine got busier
+        return load[0] * simulated_graph_seconds(gm, inputs, 0, 1e-9, floor=1e-4)
+
+    result = ChannelPrune(latency=0.6, measure=one_ns_per_mac, measure_graph=runtime, round_to=1)(
+        program
     )
+    report = result.report
+    truth = simulated_graph_seconds(result.program.graph_module, (x,), 0, 1e-9, 1e-4) / (
+        simulated_graph_seconds(program.graph_module, (x,), 0, 1e-9, 1e-4)
+    )
+    assert len(report["calibration"]["probe_groups_removed"]) == 2
+    assert abs(report["predicted_latency_ratio"] - truth) < 0.01, (report, truth)
+    assert abs(report["mac_ops_only_ratio"] - truth) > 0.1
+    assert truth <= 0.61
