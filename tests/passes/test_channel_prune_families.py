@@ -74,39 +74,41 @@ def hf_convnext() -> nn.Module:
     return Logits(model).eval()
 
 
-def hf_deit() -> nn.Module:
-    """A two-block Hugging Face DeiTForImageClassification (class and distillation tokens, the
-    logits from the class token), 4 heads of 16, random init from its config."""
+def hf_classifier(family: str, **config) -> nn.Module:
+    """Hugging Face ``{family}ForImageClassification`` from ``{family}Config(**config)``,
+    random init, returning its logits."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.DeiTConfig(
+    built = getattr(transformers, f"{family}Config")(num_labels=10, **config)
+    return Logits(getattr(transformers, f"{family}ForImageClassification")(built)).eval()
+
+
+def hf_deit() -> nn.Module:
+    """A two-block Hugging Face DeiT (class and distillation tokens, the logits from the class
+    token), 4 heads of 16."""
+    return hf_classifier(
+        "DeiT",
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
         image_size=32,
         patch_size=8,
-        num_labels=10,
     )
-    return Logits(transformers.DeiTForImageClassification(config)).eval()
 
 
 def hf_swin() -> nn.Module:
-    """A Hugging Face SwinForImageClassification, small: 32x32 input, 2 stages of 2 blocks
-    with 4x4 windows (the second block of each stage shifted), 2 and 4 heads of 16, random
-    init from its config."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.SwinConfig(
+    """A Hugging Face Swin, small: 32x32 input, 2 stages of 2 blocks with 4x4 windows (the
+    second block of each stage shifted), 2 and 4 heads of 16."""
+    return hf_classifier(
+        "Swin",
         image_size=32,
         patch_size=4,
         embed_dim=32,
         depths=[2, 2],
         num_heads=[2, 4],
         window_size=4,
-        num_labels=10,
     )
-    return Logits(transformers.SwinForImageClassification(config)).eval()
 
 
 def timm_convnext() -> nn.Module:
