@@ -25,6 +25,7 @@ pruned outputs are from the dense ones before any fine-tuning.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -157,6 +158,9 @@ def run_model(
                 "predicted_latency_ratio": None
                 if prune is None
                 else prune.report.get("predicted_latency_ratio"),
+                "mac_ops_only_ratio": None
+                if prune is None
+                else prune.report.get("mac_ops_only_ratio"),
                 "round_to": round_to,
                 "macs": final.macs,
                 "params": final.params,
@@ -202,11 +206,13 @@ def pass_time(name: str) -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     batches = data["batches"]
+    load = data["load_average"]
     lines = [
         "# ChannelPrune: MACs ratio vs onnxruntime latency ratio",
         "",
-        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}), a shared "
-        "machine other jobs were loading at the same time; "
+        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}; load average "
+        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end: 1-minute averages, "
+        "on a machine of that many cores a load above it means other jobs ran meanwhile); "
         f"{data['size']}x{data['size']} inputs, onnxruntime CPU with one intra-op thread, "
         f"median of {data['repeat']} runs after 3 warm-up runs; each pruned model is timed "
         "alternately, run by run, with the dense one (`dense ms`), so load changes hit "
@@ -217,12 +223,14 @@ def render(data: dict[str, Any]) -> str:
         "dense row times the dense model against itself: its distance from 1 is the noise); the "
         "target is a latency ratio within 10% of the MACs ratio and never above 1. A budget "
         '`latency f` prunes with `ChannelPrune(latency=f, backend="onnx")`; `predicted` is '
-        "the latency ratio its per-layer table predicted (at the first batch size).",
+        "the latency ratio its model predicted (at the first batch size; layers timed alone "
+        "plus the ops without MACs, calibrated on the whole graph), `layers only` what the "
+        "layers and other MAC ops alone predict.",
         "",
-        "| model | budget | round_to | MACs ratio | predicted | params | SNR dB | "
+        "| model | budget | round_to | MACs ratio | predicted | layers only | params | SNR dB | "
         + " | ".join(f"dense ms b{b} | ms b{b} | latency b{b}" for b in batches)
         + " | prune s |",
-        "|---|--:|--:|--:|--:|--:|--:|" + "--:|--:|--:|" * len(batches) + "--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|" + "--:|--:|--:|" * len(batches) + "--:|",
     ]
     for r in data["rows"]:
         budget = (
@@ -233,8 +241,10 @@ def render(data: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {budget} | {r['round_to']} | {r['error']} |")
             continue
-        predicted = r.get("predicted_latency_ratio")
-        predicted = "-" if predicted is None else f"{predicted:.3f}"
+        predicted, layers_only = (
+            "-" if r.get(k) is None else f"{r[k]:.3f}"
+            for k in ("predicted_latency_ratio", "mac_ops_only_ratio")
+        )
         snr = (
             "reference"
             if r["round_to"] is None
@@ -248,7 +258,8 @@ def render(data: dict[str, Any]) -> str:
         prune_s = "-" if r["prune_s"] is None else f"{r['prune_s']:.1f}"
         lines.append(
             f"| {r['model']} | {budget} | {r['round_to'] or '-'} | {r['macs_ratio']:.3f} "
-            f"| {predicted} | {r['params'] / 1e6:.2f} M | {snr} | {cells} | {prune_s} |"
+            f"| {predicted} | {layers_only} | {r['params'] / 1e6:.2f} M | {snr} | {cells} "
+            f"| {prune_s} |"
         )
     if data.get("stopped"):
         lines += ["", data["stopped"]]
@@ -282,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     rounds = [int(r) for r in args.round_to.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    load_start = os.getloadavg()[0]  # reported: the figures mean little on a busy machine
     data = {
         **header("prune.py", argv),
+        "load_average": {"start": load_start, "end": load_start},
         "size": args.size,
         "repeat": args.repeat,
         "batches": batches,
@@ -293,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def keep(row: dict[str, Any]) -> None:  # results so far, written after every row
         data["rows"].append(row)
+        data["load_average"]["end"] = os.getloadavg()[0]
         write_results(args.out, "prune", data, render(data))
 
     for name in args.models.split(","):
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         run_model(name, budgets, rounds, args.size, batches, args.repeat, keep, latency)
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
+        data["load_average"]["end"] = os.getloadavg()[0]
         write_results(args.out, "prune", data, render(data))
     return 0
 

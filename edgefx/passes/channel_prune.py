@@ -16,6 +16,8 @@ BatchNorms it reads.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import itertools
 import math
 import operator
@@ -29,14 +31,19 @@ from torch import fx
 from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup, class_sizes_after
 from edgefx.analysis.graph import ACTIVATIONS, COPIES
 from edgefx.analysis.latency import (
+    FREE_OPS,
     TIMERS,
+    GraphTimer,
     LatencyTable,
     LayerShape,
+    check_runtime,
+    concrete,
     default_cache,
-    onnx_timer,
-    torch_timer,
+    graph_inputs,
+    timer_for,
+    traffic,
 )
-from edgefx.errors import PassError
+from edgefx.errors import EdgefxError, PassError, first_line
 from edgefx.passes.base import Pass
 from edgefx.passes.rewrite import check_module_paths, remove_dead_code, under, unmerge_heads
 from edgefx.program import Program
@@ -48,6 +55,7 @@ _GROUPED = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 
 
 IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")
+_PROBES = 2  # pruned graphs a latency budget times whole to calibrate its prediction
 Importance = str | Callable[[ChannelGroup], float]
 
 
@@ -60,17 +68,25 @@ class ChannelPrune(Pass):
         threshold: alternatively, remove every group whose score is below this.
         latency: alternatively, a fraction of the predicted latency to keep, in (0, 1]: every
             conv2d / linear layer is timed alone at the channel counts the bisection asks
-            about (a table cached per machine, see :mod:`edgefx.analysis.latency`), the
-            graph's latency predicted as their sum (other ops with MACs at the layers'
-            seconds per MAC; ops without MACs left out), and the bisection runs on that
-            prediction instead of MACs. The same ranking decides which groups go; only
-            how many differs.
+            about (a table cached per machine, see :mod:`edgefx.analysis.latency`), and the
+            graph's latency is predicted as the layers' sum plus the ops without MACs
+            (elementwise, norms, pooling, softmax, copies) as a function of the bytes they
+            move per channel class, fitted to the whole graph timed dense and at up to two
+            probes (pruned as the prediction says); the bisection runs on that prediction
+            instead of MACs. The same ranking decides which groups go; only how many
+            differs.
         backend: the runtime the latency table is measured on: ``"onnx"`` (onnxruntime
-            CPU, ``threads`` intra-op threads; the default) or ``"torch"`` (eager aten ops).
+            CPU, ``threads`` intra-op threads; the default), ``"torch"`` (eager aten ops) or
+            ``"tvm"`` (one-op Relax modules built for this host's CPU, untuned).
         measure: instead of ``backend``, a function ``(LayerShape) -> seconds`` (a cost
             model, or a timer for another runtime); its results are not cached on disk.
+            Ops without MACs are then left out of the prediction, unless ``measure_graph``
+            is given too.
+        measure_graph: with ``measure``, a function ``(GraphModule, inputs) -> seconds`` for
+            a whole graph (dense, or a probe), which calibrates the part ops without MACs
+            take.
         batch: the batch size layers are timed at when the graph's batch is dynamic.
-        threads: onnxruntime intra-op threads for the latency table.
+        threads: intra-op threads the latency table is measured with (every runtime).
         importance: how groups are ranked: ``"bn"`` mean |gamma| of their BatchNorms;
             ``"l1"`` / ``"l2"`` the norm of each producing conv/linear layer's weights for the
             channel, divided by that layer's mean (so layers compare), averaged over the
@@ -101,6 +117,7 @@ class ChannelPrune(Pass):
         latency: float | None = None,
         backend: str = "onnx",
         measure: Callable[[LayerShape], float] | None = None,
+        measure_graph: GraphTimer | None = None,
         batch: int = 1,
         threads: int = 1,
         importance: Importance = "auto",
@@ -115,7 +132,7 @@ class ChannelPrune(Pass):
                 hint="e.g. ChannelPrune(macs=0.5) keeps at most half of the MACs",
             )
         if latency is not None:
-            _check_latency(latency, backend, measure, batch, threads)
+            _check_latency(latency, backend, measure, measure_graph, batch, threads)
         if macs is not None and not (isinstance(macs, (int, float)) and 0 < macs <= 1):
             raise PassError(
                 f"macs must be a fraction of the original MACs in (0, 1], got {macs!r}",
@@ -145,6 +162,7 @@ class ChannelPrune(Pass):
         if latency is not None:
             self.backend = backend if measure is None else None
             self.measure = measure
+            self.measure_graph = measure_graph
             self.batch = batch
             self.threads = threads
         self.importance = importance
@@ -192,19 +210,23 @@ class ChannelPrune(Pass):
         elif self.latency is not None:
             table = self._latency_table()
             predict = _LatencyModel(gm, dep, base, table, self.batch)
-            dense = predict({cls.id: cls.size for cls in dep.classes})
-            count = self._bisect(
-                dep, candidates, predict, self.latency * dense, units, self.latency, "latency"
-            )
+            full = {cls.id: cls.size for cls in dep.classes}
+            count = self._latency_count(program, gm, dep, candidates, units, table, predict)
+            dense = predict(full)
             table.save()
             chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
+            kept = class_sizes_after(dep, chosen)
             latency_report = {
                 "target_latency": self.latency,
                 "latency_backend": self.backend or "callable",
-                "predicted_latency_ratio": predict(class_sizes_after(dep, chosen)) / dense,
+                "predicted_latency_ratio": predict(kept) / dense,
+                # what the layers and other MAC ops alone would predict (non-MAC ops left out)
+                "mac_ops_only_ratio": predict.with_macs(kept) / predict.with_macs(full),
                 "predicted_dense_ms": dense * 1e3,
+                **predict.breakdown(),
                 "timed_layers": predict.timed,
                 "layer_timings": {"measured": table.measured, "cached": table.cached},
+                "graph_timings": dict(table.graphs),
                 "timing_noise": table.noise(),
             }
         else:
@@ -328,15 +350,88 @@ class ChannelPrune(Pass):
                 lo = mid + 1
         return lo
 
+    def _latency_count(
+        self,
+        program: Program,
+        gm: fx.GraphModule,
+        dep: ChannelDependencyGraph,
+        candidates: list[ChannelGroup],
+        units: _RoundingUnits,
+        table: LatencyTable,
+        predict: _LatencyModel,
+    ) -> int:
+        """How many candidates the latency budget removes. Where the table can time whole
+        graphs, the prediction is calibrated on them: the dense graph, and *probes*, the
+        graph pruned as the prediction so far says (first the layers alone, then the
+        calibrated model), until the answer is a graph already measured or
+        :data:`_PROBES` probes were timed; the final bisection uses every measurement."""
+        full = {cls.id: cls.size for cls in dep.classes}
+
+        def answer() -> tuple[int, list[ChannelGroup]]:
+            budget = self.latency * predict(full)
+            try:
+                count = self._bisect(
+                    dep, candidates, predict, budget, units, self.latency, "latency"
+                )
+            except PassError:
+                if not table.can_time_graphs or predict.calibration:
+                    raise
+                count = len(candidates)  # the layers alone cannot: probe removing all it can
+            chosen = self._select(dep, candidates, count)
+            return count, units.rounded(chosen, candidates, self._floor)
+
+        count, chosen = answer()
+        if not table.can_time_graphs:
+            return count
+        measured: dict[frozenset[int], tuple[dict[int, int], float]] = {}
+        probes: list[int] = []
+        while len(probes) < _PROBES and frozenset(g.id for g in chosen) not in measured:
+            # the dense graph with every probe: the anchor that cancels load changes
+            todo = {frozenset(): [], frozenset(g.id for g in chosen): chosen}
+            points = self._whole_graph_points(program, gm, dep, list(todo.values()), table)
+            measured.update(zip(todo, points, strict=True))
+            probes.append(len(chosen))
+            predict.calibrate(list(measured.values()))
+            count, chosen = answer()
+        predict.calibration["probe_groups_removed"] = probes
+        return count
+
+    def _whole_graph_points(
+        self,
+        program: Program,
+        gm: fx.GraphModule,
+        dep: ChannelDependencyGraph,
+        removals: list[list[ChannelGroup]],
+        table: LatencyTable,
+    ) -> list[tuple[dict[int, int], float]]:
+        """The whole graph timed with each set of groups removed (slimmed like the result
+        will be; [] the dense graph), together: (channel counts, seconds) each."""
+        inputs = graph_inputs(program.example_inputs, program.dynamic_batch, self.batch)
+        points = []
+        for groups in removals:
+            slimmed = gm
+            if groups:
+                slimmed = copy.deepcopy(gm)
+                _slim(slimmed, dep, groups)
+            points.append((class_sizes_after(dep, groups), slimmed))
+        try:
+            seconds = table.graph_seconds([(graph, inputs) for _, graph in points])
+        except EdgefxError:
+            raise
+        except Exception as exc:
+            raise PassError(
+                f"timing the whole {program.name} on backend {self.backend!r} for the latency "
+                f"model failed: {first_line(exc)}",
+                hint="time on another backend=, or pass measure= (a cost model) alone",
+            ) from exc
+        assert seconds is not None
+        return [(left, t) for (left, _), t in zip(points, seconds, strict=True)]
+
     def _latency_table(self) -> LatencyTable:
         if self.measure is not None:
-            return LatencyTable(self.measure)
-        if self.backend == "onnx":
-            timer = onnx_timer(threads=self.threads)
-            threads = self.threads
-        else:
-            timer, threads = torch_timer(), torch.get_num_threads()
-        return LatencyTable(timer, default_cache(self.backend, threads))
+            return LatencyTable(self.measure, graph_timer=self.measure_graph)
+        timer = timer_for(self.backend, self.threads)
+        return LatencyTable(timer, default_cache(self.backend, timer.threads))
 
 
 def _scores(dep: ChannelDependencyGraph, importance: Importance) -> dict[int, tuple[float, str]]:
@@ -534,11 +629,14 @@ class _MacsModel:
 
 
 class _LatencyModel:
-    """Predicted seconds of the graph at given channel counts per class: every conv2d and
-    linear layer with a constant weight looked up in the latency table at its kept input
-    and output channels; other ops with MACs (attention, products of computed tensors)
-    scaled like the MACs model and converted at the timed layers' dense seconds per MAC;
-    ops without MACs left out (the same for the dense and the pruned graph)."""
+    """Predicted seconds of the graph at given channel counts per class (the model of
+    :mod:`edgefx.analysis.latency`): the run overhead; every conv2d and linear layer with a
+    constant weight looked up in the latency table at its kept input and output channels,
+    less the run overhead its one-op measurement included; other ops with MACs (attention,
+    products of computed tensors) scaled like the MACs model and converted at the timed
+    layers' dense seconds per MAC; and the ops without MACs, a fixed part plus the bytes
+    they read and write, each tensor scaled by its class's kept fraction, with the two
+    constants fitted by :meth:`calibrate` to whole-graph measurements (zero without any)."""
 
     def __init__(
         self,
@@ -554,26 +652,31 @@ class _LatencyModel:
         untimed: list[tuple[int, int | None, int | None]] = []
         timed_macs = 0
         macs_model = _MacsModel(gm, dep, base)
-        layer_nodes = {}
-        for node in gm.graph.nodes:
-            shape = _layer_shape(node, batch) if base.get(node.name) else None
-            if shape is not None:
-                layer_nodes[node.name] = shape
+        # bytes the ops without MACs read and write, per channel class (None: fixed)
+        self.moved: dict[int | None, int] = defaultdict(int)
+        constant_class = {
+            axis.node: dep.class_of(axis).id for axis in dep.graph.nodes if axis.constant
+        }
         for node in gm.graph.nodes:
             macs = base.get(node.name, 0)
-            if not macs:
-                continue
+            shape = _layer_shape(node, batch) if macs else None
             term = macs_model.term_of.get(node.name, (None, None))
-            if node.name in layer_nodes:
-                self.layers.append((layer_nodes[node.name], *term))
+            if shape is not None:
+                self.layers.append((shape, *term))
                 timed_macs += macs
-            else:
+            elif macs:
                 untimed.append((macs, *term))
+            else:
+                for source, size in traffic(node, batch):
+                    self.moved[_class_of_value(dep, source, constant_class)] += size
         self.timed = len(self.layers)
-        full = {cls_id: size for cls_id, size in self.size.items()}
+        self.untimed = untimed
+        self.run_overhead = table.overhead()
+        full = dict(self.size)
         dense_layers = sum(self._layer(shape, o, i, full) for shape, o, i in self.layers)
         self.seconds_per_mac = dense_layers / timed_macs if timed_macs else 0.0
-        self.untimed = untimed
+        self.knots: list[tuple[float, float]] = []  # (bytes moved, residual seconds)
+        self.calibration: dict[str, Any] = {}
 
     def _layer(
         self, shape: LayerShape, out_id: int | None, in_id: int | None, left: dict[int, int]
@@ -581,12 +684,24 @@ class _LatencyModel:
         out = left[out_id] if out_id is not None else shape.out_channels
         if shape.depthwise:  # its inputs follow its outputs (channel multiplier m)
             multiplier = shape.out_channels // shape.in_channels
-            return self.table(shape.with_channels(out // multiplier, out))
-        inp = left[in_id] if in_id is not None else shape.in_channels
-        return self.table(shape.with_channels(inp, out))
+            seconds = self.table(shape.with_channels(out // multiplier, out))
+        else:
+            inp = left[in_id] if in_id is not None else shape.in_channels
+            seconds = self.table(shape.with_channels(inp, out))
+        return max(0.0, seconds - self.run_overhead)
 
-    def __call__(self, left: dict[int, int]) -> float:
-        total = sum(self._layer(shape, o, i, left) for shape, o, i in self.layers)
+    def moved_bytes(self, left: dict[int, int]) -> float:
+        """Bytes the ops without MACs read and write at these channel counts."""
+        return sum(
+            size * (left[cls_id] / self.size[cls_id] if cls_id is not None else 1.0)
+            for cls_id, size in self.moved.items()
+        )
+
+    def with_macs(self, left: dict[int, int]) -> float:
+        """Seconds of the run overhead, the layers and the other ops with MACs."""
+        total = self.run_overhead + sum(
+            self._layer(shape, o, i, left) for shape, o, i in self.layers
+        )
         for macs, out_id, in_id in self.untimed:
             scale = 1.0
             for cls_id in (out_id, in_id):
@@ -594,6 +709,79 @@ class _LatencyModel:
                     scale *= left[cls_id] / self.size[cls_id]
             total += macs * scale * self.seconds_per_mac
         return total
+
+    def __call__(self, left: dict[int, int]) -> float:
+        total = self.with_macs(left) + self.residual(self.moved_bytes(left))
+        return max(total, self.run_overhead)  # no run is faster than an empty one
+
+    def calibrate(self, points: list[tuple[dict[int, int], float]]) -> None:
+        """Fit the residual to measured whole graphs: ``points`` are (channel counts,
+        seconds), the dense graph first. The residual r = measured - :meth:`with_macs` at
+        each point is the time of the ops without MACs plus whatever the layers take inside
+        the graph beyond their solo timings (caches, fusion). Between measured points it is
+        linear in the bytes the ops without MACs move (r = a + s x bytes through the two
+        nearest; beyond them, the nearest segment continued), so the prediction equals every
+        measurement; a segment's s may come out negative (the layers alone predict too fast
+        a pruned graph). One point: r = s x bytes (r = a when r is negative)."""
+        if not points:
+            return
+        residuals = [(t - self.with_macs(left), self.moved_bytes(left)) for left, t in points]
+        knots: dict[float, float] = {}
+        for r, size in residuals:
+            knots.setdefault(size, r)  # the first measurement of a size (the dense graph's)
+        self.knots = sorted((size, r) for size, r in knots.items())
+        if len(self.knots) == 1:
+            ((size, r),) = self.knots
+            # a single point through the origin (all per byte), or a constant when negative
+            self.knots = [(0.0, 0.0), (size, r)] if r > 0 and size else [(0.0, r), (1.0, r)]
+        self.calibration = {
+            "measured_ms": [seconds * 1e3 for _, seconds in points],
+            "residual_ms": [r * 1e3 for r, _ in residuals],
+            "non_mac_mb": [size / 2**20 for _, size in residuals],
+        }
+
+    def residual(self, size: float) -> float:
+        """The residual at ``size`` bytes moved: interpolated between the knots; below the
+        smallest, its segment continued where it falls with the bytes (a negative slope
+        there, from noise or the layers' own error, would grow without bound: held flat),
+        never below min(0, the knot's residual)."""
+        if not self.knots:
+            return 0.0
+        sizes = [k for k, _ in self.knots]
+        index = min(max(bisect.bisect_left(sizes, size), 1), len(self.knots) - 1)
+        (b1, r1), (b2, r2) = self.knots[index - 1], self.knots[index]
+        slope = (r2 - r1) / (b2 - b1)
+        if size >= b1:
+            return r1 + slope * (size - b1)
+        return max(r1 + max(slope, 0.0) * (size - b1), min(0.0, r1))
+
+    def breakdown(self) -> dict[str, Any]:
+        """The dense prediction's parts and the calibration, for the report (ms)."""
+        full = dict(self.size)
+        residual = self.residual(self.moved_bytes(full))
+        return {
+            "predicted_parts_ms": {
+                "overhead": self.run_overhead * 1e3,
+                "layers_and_mac_ops": (self.with_macs(full) - self.run_overhead) * 1e3,
+                "residual": residual * 1e3,
+            },
+            "calibration": self.calibration or None,
+        }
+
+
+def _class_of_value(
+    dep: ChannelDependencyGraph, node: fx.Node, constant_class: dict[str, int]
+) -> int | None:
+    """The channel class of ``node``'s output: its axis's, or for a constant seen through
+    views (a class token expanded to the batch) the constant's; None: its size is fixed."""
+    axis = dep.axis_of(node)
+    if axis is not None:
+        return dep.class_of(axis).id
+    while node.op == "call_function" and node.target in FREE_OPS and node.args:
+        if not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return constant_class.get(node.name) if node.op == "get_attr" else None
 
 
 def _layer_shape(node: fx.Node, batch: int) -> LayerShape | None:
@@ -604,7 +792,7 @@ def _layer_shape(node: fx.Node, batch: int) -> LayerShape | None:
     x, weight = node.args[0].meta.get("val"), node.args[1].meta.get("val")
     if x is None or weight is None:
         return None
-    dims = [_concrete(d, batch) for d in x.shape]
+    dims = [concrete(d, batch) for d in x.shape]
     bias = len(node.args) > 2 and node.args[2] is not None
     if node.target is aten.linear.default and weight.dim() == 2:
         return LayerShape(
@@ -653,16 +841,13 @@ def _pair(value: Any) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
-def _concrete(dim: Any, batch: int) -> int:
-    """A size with the dynamic batch symbol set to ``batch`` (windows folded into it too)."""
-    if isinstance(dim, int):
-        return dim
-    expr = dim.node.expr
-    return int(expr.subs({symbol: batch for symbol in expr.free_symbols}))
-
-
 def _check_latency(
-    latency: object, backend: object, measure: object, batch: object, threads: object
+    latency: object,
+    backend: object,
+    measure: object,
+    measure_graph: object,
+    batch: object,
+    threads: object,
 ) -> None:
     if not (isinstance(latency, (int, float)) and 0 < latency <= 1):
         raise PassError(
@@ -672,6 +857,13 @@ def _check_latency(
     for name, value in (("batch", batch), ("threads", threads)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise PassError(f"{name} must be an integer >= 1, got {value!r}")
+    if measure_graph is not None and (measure is None or not callable(measure_graph)):
+        raise PassError(
+            f"measure_graph must be a function (GraphModule, inputs) -> seconds given "
+            f"together with measure=, got {measure_graph!r}"
+            + ("" if measure is not None else " without measure="),
+            hint="a backend= times the whole graph itself",
+        )
     if measure is not None:
         if not callable(measure):
             raise PassError(
@@ -682,17 +874,13 @@ def _check_latency(
     if backend not in TIMERS:
         raise PassError(
             f"no per-layer latency table for backend {backend!r}",
-            hint=f"backend= is one of {', '.join(map(repr, TIMERS))} (TVM's untuned "
-            "kernels would time naive loops), or pass measure=(LayerShape) -> seconds",
+            hint=f"backend= is one of {', '.join(map(repr, TIMERS))}, or pass "
+            "measure=(LayerShape) -> seconds",
         )
-    module = "onnxruntime" if backend == "onnx" else "torch"
     try:
-        __import__(module)
-    except ImportError as exc:
-        raise PassError(
-            f"a latency budget on backend {backend!r} needs {module}, which is not installed",
-            hint=f"pip install {module}, or use backend='torch'",
-        ) from exc
+        check_runtime(backend)
+    except EdgefxError as exc:
+        raise PassError(f"a latency budget: {exc.message}", hint=exc.hint) from exc.__cause__
 
 
 def _is_constant(node: Any) -> bool:

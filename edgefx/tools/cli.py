@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,25 +40,60 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def parse_pass(spec: str):
-    """``NAME`` or ``NAME:key=value,key=value`` -> a configured Pass instance."""
+    """``NAME`` or ``NAME:key=value,key=value`` -> a configured Pass instance. Values are Python
+    literals (``0.5``, ``'mse'``, ``['fc', 'layer4']``), or else taken as text (``l1``); a
+    comma inside brackets or quotes does not split; ``round-to`` is ``round_to``."""
     from edgefx.passes import PASSES
 
     name, _, arg_text = spec.partition(":")
     if name not in PASSES:
         raise PassError(f"unknown pass {name!r}", hint=f"available: {', '.join(sorted(PASSES))}")
+    options = pass_options(PASSES[name])
     kwargs = {}
-    for item in filter(None, arg_text.split(",")):
+    for item in _split_options(arg_text):
         key, eq, value = item.partition("=")
         if not eq:
             raise PassError(f"pass option {item!r} is not key=value", hint=f"e.g. {name}:key=0.5")
+        key = key.strip().replace("-", "_")
+        if key not in options:
+            raise PassError(
+                f"unknown option {key!r} for pass {name}",
+                hint=f"{name} takes {', '.join(options)} (see `edgefx passes`)",
+            )
         try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
+            kwargs[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
+            kwargs[key] = value.strip()
     try:
         return PASSES[name](**kwargs)
     except TypeError as exc:
         raise PassError(f"bad options for pass {name}: {exc}") from None
+
+
+def pass_options(cls: type) -> list[str]:
+    """The keyword options a pass class takes (its constructor's parameters)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in parameters if p.kind not in kinds]
+
+
+def _split_options(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item.strip()]
 
 
 def _resolve(args: argparse.Namespace):
@@ -160,12 +196,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_passes(_args: argparse.Namespace) -> int:
     from edgefx.passes import PASSES
 
-    table = Table(title="edgefx passes")
-    for column in ("name", "class", "exact", "what it does"):
+    table = Table(title="edgefx passes (-p NAME:option=value,...)")
+    for column in ("name", "class", "exact", "what it does", "options"):
         table.add_column(column)
     for name, cls in sorted(PASSES.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, cls.__name__, "yes" if cls.exact else "no", doc)
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        options = ", ".join(pass_options(cls))
+        table.add_row(name, cls.__name__, "yes" if cls.exact else "no", doc, options)
     console.print(table)
     return 0
 

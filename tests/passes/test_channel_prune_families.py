@@ -1,6 +1,6 @@
-"""ChannelPrune on the transformer families beyond timm ViT: Hugging Face ViT and ConvNeXt,
-torchvision ViT captured with a dynamic batch, Swin (timm and torchvision). For each: heads
-and MLP hidden channels whose weights were zeroed are removed without changing the outputs,
+"""ChannelPrune on the transformer families beyond timm ViT: Hugging Face ViT, DeiT, Swin and
+ConvNeXt, torchvision ViT captured with a dynamic batch, Swin (timm and torchvision). For each:
+heads and MLP hidden channels whose weights were zeroed are removed without changing the outputs,
 and a MACs budget is met with the pruned model lowered to ONNX (run at another batch size).
 Where a part cannot be pruned (Swin V2's cosine attention heads) the report says so."""
 
@@ -74,6 +74,43 @@ def hf_convnext() -> nn.Module:
     return Logits(model).eval()
 
 
+def hf_classifier(family: str, **config) -> nn.Module:
+    """Hugging Face ``{family}ForImageClassification`` from ``{family}Config(**config)``,
+    random init, returning its logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    built = getattr(transformers, f"{family}Config")(num_labels=10, **config)
+    return Logits(getattr(transformers, f"{family}ForImageClassification")(built)).eval()
+
+
+def hf_deit() -> nn.Module:
+    """A two-block Hugging Face DeiT (class and distillation tokens, the logits from the class
+    token), 4 heads of 16."""
+    return hf_classifier(
+        "DeiT",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+    )
+
+
+def hf_swin() -> nn.Module:
+    """A Hugging Face Swin, small: 32x32 input, 2 stages of 2 blocks with 4x4 windows (the
+    second block of each stage shifted), 2 and 4 heads of 16."""
+    return hf_classifier(
+        "Swin",
+        image_size=32,
+        patch_size=4,
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+    )
+
+
 def timm_convnext() -> nn.Module:
     """timm ConvNeXt-atto's architecture (1x1-conv MLP, layer scale applied as
     ``x.mul(gamma.reshape(1, -1, 1, 1))``), small: one block per stage, 16, 16, 32 and 32
@@ -132,16 +169,32 @@ def torchvision_swin(v2: bool = False) -> nn.Module:
 
 
 # ------------------------------------------------------------ zeroing heads and MLP channels
-def silence_hf_vit(model: nn.Module, heads: dict[int, list[int]], hidden: list[int]) -> int:
-    layers = model.model.vit.layers
-    for index, layer in enumerate(layers):
+def silence_hf_blocks(
+    blocks: list[tuple[nn.Module, int]], heads: dict[int, list[int]], hidden: list[int]
+) -> int:
+    """Hugging Face blocks as (layer, number of heads): the given heads' q, k and v rows (each
+    its own projection) and the given MLP hidden channels become zeros."""
+    for index, (layer, num_heads) in enumerate(blocks):
         attention = layer.attention
-        head_dim = attention.q_proj.weight.shape[0] // model.model.config.num_attention_heads
+        head_dim = attention.q_proj.weight.shape[0] // num_heads
         for h in heads.get(index, []):
             for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
                 zero_rows(proj, head_rows(h, head_dim))
         zero_rows(layer.mlp.fc1, hidden)
-    return sum(map(len, heads.values())) + len(hidden) * len(layers)
+    return sum(map(len, heads.values())) + len(hidden) * len(blocks)
+
+
+def silence_hf_vit(model: nn.Module, heads: dict[int, list[int]], hidden: list[int]) -> int:
+    backbone = model.model.vit if hasattr(model.model, "vit") else model.model.deit
+    num_heads = model.model.config.num_attention_heads
+    return silence_hf_blocks([(layer, num_heads) for layer in backbone.layers], heads, hidden)
+
+
+def silence_hf_swin(model: nn.Module, heads: dict[int, list[int]], hidden: list[int]) -> int:
+    stages = model.model.swin.encoder.layers
+    num_heads = model.model.config.num_heads
+    blocks = [(block, num_heads[i]) for i, stage in enumerate(stages) for block in stage.blocks]
+    return silence_hf_blocks(blocks, heads, hidden)
 
 
 def silence_hf_convnext(model: nn.Module, hidden: list[int]) -> int:
@@ -189,6 +242,18 @@ FAMILIES: dict[str, tuple[Callable, Callable, int, str | None]] = {
         lambda m: silence_hf_vit(m, {0: [1], 1: [0, 2]}, [5, 40, 77]),
         32,
         "model.vit.layers.1.attention.q_proj.weight",
+    ),
+    "hf_deit": (
+        hf_deit,
+        lambda m: silence_hf_vit(m, {0: [1], 1: [0, 2]}, [5, 40, 77]),
+        32,
+        "model.deit.layers.1.attention.q_proj.weight",
+    ),
+    "hf_swin": (
+        hf_swin,
+        lambda m: silence_hf_swin(m, {1: [0], 2: [1, 2]}, [5, 40, 77]),
+        32,
+        "model.swin.encoder.layers.1.blocks.0.attention.q_proj.weight",
     ),
     "hf_convnext": (hf_convnext, lambda m: silence_hf_convnext(m, [3, 17, 50]), 32, None),
     "timm_convnext": (timm_convnext, lambda m: silence_timm_convnext(m, [3, 17, 50]), 32, None),
@@ -279,3 +344,53 @@ def test_swin_v2_heads_that_cannot_be_pruned_are_reported_with_the_reason():
     qkv = dict(result.program.graph_module.named_parameters())["features.1.0.attn.qkv.weight"]
     assert qkv.shape[0] == 3 * 32  # every head of every block is still there
     assert result.report["not_ranked"]  # the counts by reason, as for every model
+
+
+@pytest.mark.parametrize("name", ["hf_deit", "hf_swin"])
+def test_hugging_face_deit_and_swin_keep_whole_heads_and_one_residual_width(name):
+    """A MACs budget on Hugging Face DeiT / Swin with some heads silenced (so heads go too):
+    in every block q, k and v keep the same whole heads (rows a multiple of the head dim,
+    the output projection's columns and Swin's per-head relative position bias alike), the
+    MLP's two layers agree, and every layer on a stage's residual stream (LayerNorms,
+    output projections, fc2, the patch merging into it) keeps one width."""
+    build, silence, size, _ = FAMILIES[name]
+    model = build()
+    silence(model)
+    program = capture(model, (torch.randn(2, 3, size, size, generator=GEN),))
+    result = ChannelPrune(macs=0.5)(program)
+    assert result.after.macs <= 0.5 * result.before.macs
+    before = dict(program.graph_module.named_parameters())
+    params = {k: tuple(v.shape) for k, v in result.program.graph_module.named_parameters()}
+    prefix = "model.deit.layers." if name == "hf_deit" else "model.swin.encoder.layers."
+    blocks = sorted({k[: k.index(".attention.")] for k in params if ".attention.q_proj." in k})
+    head_dim = 16
+    heads_cut = 0
+    for block in blocks:
+        rows = {params[f"{block}.attention.{p}_proj.weight"][0] for p in "qkv"}
+        (width,) = rows  # q, k, v alike
+        assert width % head_dim == 0 and params[f"{block}.attention.o_proj.weight"][1] == width
+        table = f"{block}.attention.relative_position_bias.relative_position_bias_table"
+        if table in params:
+            assert params[table][1] == width // head_dim
+        heads_cut += before[f"{block}.attention.q_proj.weight"].shape[0] != width
+        assert params[f"{block}.mlp.fc1.weight"][0] == params[f"{block}.mlp.fc2.weight"][1]
+    assert heads_cut  # the silenced heads went
+    stages = [[b for b in blocks if b.startswith(prefix)]]
+    if name == "hf_swin":
+        stages = [[b for b in blocks if b.startswith(f"{prefix}{i}.")] for i in (0, 1)]
+    for stage in stages:
+        stream = {params[f"{b}.{n}.weight"][0] for b in stage for n in NORMS}
+        stream |= {params[f"{b}.attention.o_proj.weight"][0] for b in stage}
+        stream |= {params[f"{b}.mlp.fc2.weight"][0] for b in stage}
+        stream |= {params[f"{b}.attention.q_proj.weight"][1] for b in stage}
+        assert len(stream) == 1, (stage, stream)
+    if name == "hf_swin":  # the patch merging feeds stage 1's stream
+        merged = params[f"{prefix}0.downsample.reduction.weight"][0]
+        assert merged == params[f"{prefix}1.blocks.0.layernorm_before.weight"][0]
+        assert (
+            params[f"{prefix}0.downsample.reduction.weight"][1]
+            == 4 * (params[f"{prefix}0.blocks.0.layernorm_before.weight"][0])
+        )
+
+
+NORMS = ("layernorm_before", "layernorm_after")

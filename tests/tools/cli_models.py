@@ -68,3 +68,24 @@ def other():
     model.add_module("flat", nn.Flatten())
     model.add_module("classifier", nn.Linear(4, 2))
     return model, (torch.randn(1, 3, 16, 16),)
+
+
+class WideNet(nn.Module):
+    """Three 3x3 convs at 32x32 whose time is mostly in the convolutions (a latency budget
+    on it is reachable on any runtime)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout in ((3, 32), (32, 64), (64, 64)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def wide():
+    torch.manual_seed(0)
+    return WideNet().eval(), (torch.randn(1, 3, 32, 32),)

@@ -186,6 +186,36 @@ def test_inspect_channels_shows_what_can_be_pruned(capsys):
     assert "24 removable" in out  # 8 + 16 channels: one group each
 
 
+def test_compile_prunes_with_options(capsys, tmp_path):
+    """ChannelPrune's options on the command line: a list with commas inside its brackets,
+    ``round-to`` for ``round_to``, a bare word for a string."""
+    spec = "prune:macs=0.6,round-to=1,importance=l1,exclude=['features.0', 'features.3']"
+    report, before = compile_pruned(capsys, tmp_path, spec)
+    assert report["importance"] == "l1" and report["round_to"] == 1
+    assert report["ranked_by"] == {"l1": 160}  # every conv's channels, magnitude-ranked
+    assert report["not_ranked"]["excluded"] == 96  # features.0 and features.3: 32 + 64
+    assert [row["modules"][:2] for row in report["layers"]] == [["features.7", "features.6"]]
+    assert report["estimated_macs"] <= 0.6 * before["macs"]
+
+
+def test_compile_prunes_to_a_latency_budget(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEFX_CACHE", str(tmp_path / "cache"))
+    report, _ = compile_pruned(capsys, tmp_path, "prune:latency=0.6,backend=torch,threads=1")
+    assert report["latency_backend"] == "torch" and report["round_to"] == 8
+    assert report["predicted_latency_ratio"] <= 0.6 and report["groups_removed"] > 0
+    assert (tmp_path / "cache" / "latency").is_dir()
+
+
+def compile_pruned(capsys, tmp_path, spec: str) -> tuple[dict, dict]:
+    """``edgefx compile cli_models:wide -p SPEC -o DIR``: the pass's report and the figures
+    before it, from the saved manifest."""
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "compile", "cli_models:wide", "-p", spec, "-o", str(out))
+    assert code == 0
+    (prune,) = json.loads((out / "manifest.json").read_text())["report"]["passes"]
+    return prune["report"], prune["before"]
+
+
 def test_inspect_and_compile_a_saved_program(capsys, tmp_path):
     from cli_models import tiny
 
@@ -195,6 +225,17 @@ def test_inspect_and_compile_a_saved_program(capsys, tmp_path):
     assert code == 0 and "features.0" in out
     code, out, _ = run(capsys, "compile", str(tmp_path / "tiny.pt2"), "--backend", "onnx")
     assert code == 0 and "backend onnx" in out
+
+
+PASS_OPTION_ERRORS = [
+    ("prune:macs=0.5,colour=1", "unknown option 'colour' for pass prune"),
+    ("fold-bn:x=1", "fold-bn takes"),
+    ("pot:calib=3", "calib"),
+    ("prune:macs=0.5,importance=l3", "unknown importance 'l3'"),
+    ("prune:macs=0.5,round-to=0", "round_to must be an integer >= 1"),
+    ("prune:latency=1.5", "latency must be a fraction"),
+    ("prune:latency=0.5,backend=cuda", "no per-layer latency table for backend 'cuda'"),
+]
 
 
 @pytest.mark.parametrize(
@@ -209,7 +250,10 @@ def test_inspect_and_compile_a_saved_program(capsys, tmp_path):
             "PassError",
             "available: " + ", ".join(sorted(PASSES)),
         ),
-        (["compile", "cli_models:tiny", "-p", "fold-bn:x=1"], "PassError", "bad options"),
+        *(
+            (["compile", "cli_models:tiny", "-p", spec], "PassError", words)
+            for spec, words in PASS_OPTION_ERRORS
+        ),
         (["compile", "cli_models:tiny", "--backend", "tpu"], "BackendError", "choose one of"),
         (["compile", "cli_models:tiny", "--opset", "7"], "BackendError", "opset"),
         (["inspect", "cli_models:tiny", "--input-shape", "1,3,16"], "CaptureError", "torch.export"),
@@ -261,5 +305,8 @@ def test_bad_shape_is_an_argparse_error(capsys):
 def test_passes_and_models_listings(capsys):
     code, out, _ = run(capsys, "passes")
     assert code == 0 and "fold-bn" in out and "FoldBatchNorm" in out
+    prune_row = out[out.index("ChannelPrune") :]  # its options, wrapped over a few lines
+    for option in ("latency", "round_to", "importance", "exclude"):
+        assert option in prune_row
     code, out, _ = run(capsys, "models", "resnet1")
     assert code == 0 and "resnet18" in out.split() and "timm:resnet18" in out.split()
