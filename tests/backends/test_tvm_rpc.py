@@ -1,13 +1,20 @@
 """`edgefx run DIR --rpc host:port`: a deploy folder's library uploaded to TVM's own RPC server
 (started on loopback only), directly and through TVM's RPC tracker, runs and gives the same
-outputs as running it here."""
+outputs as running it here. Tuning over RPC: MetaSchedule's candidates are timed on a board
+registered with a tracker (here a `python -m tvm.exec.rpc_server` on loopback)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 import edgefx
 from edgefx import BackendError
@@ -78,3 +85,125 @@ def test_unreachable_rpc_server_is_a_clear_error(host_folder):
     assert "rpc_server" in info.value.hint
     with pytest.raises(BackendError, match="host:port"):
         runners.run_rpc(host_folder, runners.inputs_for(host_folder), "nowhere")
+
+
+# ----------------------------------------------------------------------------- tuning over RPC
+BOARD_KEY = "x86-board"
+
+
+def _registered(tracker_port: int) -> set[str]:
+    from tvm import rpc
+
+    summary = rpc.connect_tracker("127.0.0.1", tracker_port).summary()
+    return {info["key"].removeprefix("server:") for info in summary["server_info"]}
+
+
+@pytest.fixture(scope="module")
+def board(loopback, tmp_path_factory):
+    """A TVM RPC server started as on a board (`python -m tvm.exec.rpc_server --tracker ...
+    --key x86-board`), logging to a file: it logs `load_module` for every library it loads."""
+    tracker, _ = loopback
+    log = tmp_path_factory.mktemp("board") / "rpc_server.log"
+    port = _free_port()
+    with open(log, "w") as stream:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+             "--port", str(port), "--port-end", str(port + 1),
+             "--tracker", f"127.0.0.1:{tracker.port}", "--key", BOARD_KEY],
+            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while BOARD_KEY not in _registered(tracker.port):
+            assert server.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the RPC server did not register"
+            time.sleep(0.5)
+        yield log
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the worker it started
+        server.wait(30)
+
+
+class TinyConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+@pytest.mark.slow
+def test_tuning_times_every_candidate_on_the_board(loopback, board, tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    tracker, _ = loopback
+    torch.manual_seed(0)
+    model, x = TinyConv().eval(), torch.randn(1, 3, 8, 8)
+    rpc = {"tracker": f"127.0.0.1:{tracker.port}", "key": BOARD_KEY}
+    options = {"tune_trials": 4, "work_dir": tmp_path / "db", "progress": False, "rpc": rpc}
+    loads_before = board.read_text().count("load_module")
+    tuned = edgefx.compile(model, (x,), backend="tvm", dynamic_batch=False,
+                           backend_options=options)  # fmt: skip
+    tuning = tuned.artifact.build_info["tuning"]
+    assert tuning["measured_on"] == f"RPC tracker 127.0.0.1:{tracker.port}, key {BOARD_KEY!r}"
+    assert tuning["tasks_tuned"] == 1 and not tuning["tasks_failed"]  # one conv + bias + relu
+    # every candidate MetaSchedule timed was loaded by the board's server
+    records = ms.database.JSONDatabase(work_dir=str(tmp_path / "db")).get_all_tuning_records()
+    timed = [r for r in records if r.run_secs and all(0 < float(t) < 1 for t in r.run_secs)]
+    loads = board.read_text().count("load_module") - loads_before
+    assert 1 <= len(timed) <= loads, board.read_text()[-2000:]
+    # the tuned library computes what the untuned one does
+    untuned = edgefx.compile(model, (x,), backend="tvm", dynamic_batch=False)
+    assert tuned.report.backend_check.relative <= 1e-4
+    assert torch.allclose(tuned(x), untuned(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rpc", "message"),
+    [
+        ("127.0.0.1:9190", "the rpc option is a dict"),
+        ({"tracker": "127.0.0.1", "key": "rpi4"}, "'tracker' takes host:port"),
+        ({"tracker": "127.0.0.1:9190"}, "'key' names the device kind"),
+        ({"tracker": "127.0.0.1:9190", "key": "rpi4", "port": 1}, "unknown rpc option.*'port'"),
+        ({"tracker": "127.0.0.1:9190", "key": "rpi4", "timeout_s": 0}, "'timeout_s'"),
+    ],
+)
+def test_bad_rpc_options_are_refused(small_program, rpc, message):
+    with pytest.raises(BackendError, match=message):
+        edgefx.compile(small_program, backend="tvm", dynamic_batch=False,
+                       backend_options={"tune_trials": 4, "rpc": rpc})  # fmt: skip
+
+
+def test_rpc_without_tuning_is_refused(small_program):
+    rpc = {"tracker": "127.0.0.1:9190", "key": "rpi4"}
+    with pytest.raises(BackendError, match="needs tune_trials") as info:
+        edgefx.compile(small_program, backend="tvm", backend_options={"rpc": rpc})
+    assert "edgefx run DIR --rpc" in info.value.hint
+
+
+def test_tuning_over_rpc_needs_a_tracker_and_a_registered_board(small_net, x1, loopback, tmp_path):
+    tracker, _ = loopback
+    options = {"tune_trials": 4, "work_dir": tmp_path, "progress": False}
+    compile_with = lambda rpc: edgefx.compile(  # noqa: E731
+        small_net, (x1,), backend="tvm", dynamic_batch=False,
+        backend_options={**options, "rpc": rpc},
+    )  # fmt: skip
+    with pytest.raises(BackendError, match="cannot reach the TVM RPC tracker") as info:
+        compile_with({"tracker": f"127.0.0.1:{_free_port()}", "key": "rpi4"})
+    assert "tvm.exec.rpc_server --tracker" in info.value.hint
+    with pytest.raises(BackendError, match="no RPC server is registered under the key 'rpi4'"):
+        compile_with({"tracker": f"127.0.0.1:{tracker.port}", "key": "rpi4"})
+    assert not list(tmp_path.iterdir())  # refused before any tuning
+
+
+def test_cli_tunes_through_the_tracker_it_is_given(small_net, x1, loopback, tmp_path, capsys):
+    from edgefx.frontend import capture
+
+    tracker, _ = loopback
+    path = capture(small_net, (x1,), dynamic_batch=False).save(tmp_path / "small.pt2")
+    args = ["compile", str(path), "--backend", "tvm", "--static-batch", "--tune-trials", "4",
+            "--tune-rpc", f"127.0.0.1:{tracker.port}", "--tune-rpc-key", "nobody",
+            "--tune-dir", str(tmp_path / "db"), "-o", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(args) != 0
+    assert "no RPC server is registered under the key 'nobody'" in capsys.readouterr().err
