@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import tvm_boards
 from prune_models import randomize
 from shift_models import (
     Tiny,
@@ -115,6 +116,35 @@ def test_pot_quantized_resnet18_gives_the_onnx_backends_numbers_on_aarch64(
     want = on_onnx(x).numpy()
     assert np.unique(want).size > 10  # real logits, not a constant
     assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_tuning_for_rpi4_times_the_candidates_on_the_emulated_board(emulator, tmp_path):
+    """TVM's RPC server on the emulated arm64 Python, registered with a tracker here, as a Pi
+    would be: MetaSchedule's aarch64 candidates (cross-linked here) are timed there."""
+    from tvm.rpc.tracker import Tracker
+
+    port, key = tvm_boards.free_port(), "emulated-rpi4"
+    tracker = Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)
+    address = f"127.0.0.1:{tracker.port}"
+    command = emulation.rpc_server_command(address, key, port=tvm_boards.free_port())
+    torch.manual_seed(0)
+    model, x = tvm_boards.TinyConv().eval(), torch.randn(1, 3, 8, 8)
+    rpc = {"tracker": address, "key": key, "timeout_s": 300}  # emulated: slow sessions
+    options = {"tune_trials": 4, "work_dir": tmp_path / "db", "progress": False, "rpc": rpc}
+    try:
+        with tvm_boards.board(command, tracker.port, key, tmp_path / "server.log") as log:
+            tuned = edgefx.compile(model, (x,), backend="tvm", target="rpi4",
+                                   dynamic_batch=False, backend_options=options)  # fmt: skip
+            timed = tvm_boards.timed_records(tmp_path / "db")
+            assert 1 <= len(timed) <= tvm_boards.loads(log), log.read_text()[-2000:]
+    finally:
+        tracker.terminate()
+    tuning = tuned.artifact.build_info["tuning"]
+    assert tuning["tasks_tuned"] == 1 and not tuning["tasks_failed"]
+    assert key in tuning["measured_on"]
+    (got,) = runners.run_emulated(tuned.save(tmp_path / "tuned"), [x.numpy()])
+    assert rel_err(got, tuned.program(x)) <= REL_TOL
 
 
 def _assert_integer_codes_on_aarch64(shift: edgefx.Program, x: torch.Tensor, target: str,

@@ -5,16 +5,10 @@ registered with a tracker (here a `python -m tvm.exec.rpc_server` on loopback)."
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
+import tvm_boards
 
 import edgefx
 from edgefx import BackendError
@@ -26,11 +20,7 @@ pytest.importorskip("tvm")
 from tvm.rpc.server import Server
 from tvm.rpc.tracker import Tracker
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = tvm_boards.free_port
 
 
 @pytest.fixture(scope="module")
@@ -91,68 +81,32 @@ def test_unreachable_rpc_server_is_a_clear_error(host_folder):
 BOARD_KEY = "x86-board"
 
 
-def _registered(tracker_port: int) -> set[str]:
-    from tvm import rpc
-
-    summary = rpc.connect_tracker("127.0.0.1", tracker_port).summary()
-    return {info["key"].removeprefix("server:") for info in summary["server_info"]}
-
-
 @pytest.fixture(scope="module")
 def board(loopback, tmp_path_factory):
-    """A TVM RPC server started as on a board (`python -m tvm.exec.rpc_server --tracker ...
-    --key x86-board`), logging to a file: it logs `load_module` for every library it loads."""
+    """`python -m tvm.exec.rpc_server --tracker ... --key x86-board`, as on a board."""
     tracker, _ = loopback
     log = tmp_path_factory.mktemp("board") / "rpc_server.log"
-    port = _free_port()
-    with open(log, "w") as stream:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-             "--port", str(port), "--port-end", str(port + 1),
-             "--tracker", f"127.0.0.1:{tracker.port}", "--key", BOARD_KEY],
-            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while BOARD_KEY not in _registered(tracker.port):
-            assert server.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the RPC server did not register"
-            time.sleep(0.5)
+    command = tvm_boards.host_server_command(f"127.0.0.1:{tracker.port}", BOARD_KEY)
+    with tvm_boards.board(command, tracker.port, BOARD_KEY, log) as log:
         yield log
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the worker it started
-        server.wait(30)
-
-
-class TinyConv(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
 
 
 @pytest.mark.slow
 def test_tuning_times_every_candidate_on_the_board(loopback, board, tmp_path):
-    from tvm.s_tir import meta_schedule as ms
-
     tracker, _ = loopback
     torch.manual_seed(0)
-    model, x = TinyConv().eval(), torch.randn(1, 3, 8, 8)
+    model, x = tvm_boards.TinyConv().eval(), torch.randn(1, 3, 8, 8)
     rpc = {"tracker": f"127.0.0.1:{tracker.port}", "key": BOARD_KEY}
     options = {"tune_trials": 4, "work_dir": tmp_path / "db", "progress": False, "rpc": rpc}
-    loads_before = board.read_text().count("load_module")
+    loads_before = tvm_boards.loads(board)
     tuned = edgefx.compile(model, (x,), backend="tvm", dynamic_batch=False,
                            backend_options=options)  # fmt: skip
     tuning = tuned.artifact.build_info["tuning"]
     assert tuning["measured_on"] == f"RPC tracker 127.0.0.1:{tracker.port}, key {BOARD_KEY!r}"
-    assert tuning["tasks_tuned"] == 1 and not tuning["tasks_failed"]  # one conv + bias + relu
+    assert tuning["tasks_tuned"] == 1 and not tuning["tasks_failed"]  # conv + bias + relu
     # every candidate MetaSchedule timed was loaded by the board's server
-    records = ms.database.JSONDatabase(work_dir=str(tmp_path / "db")).get_all_tuning_records()
-    timed = [r for r in records if r.run_secs and all(0 < float(t) < 1 for t in r.run_secs)]
-    loads = board.read_text().count("load_module") - loads_before
-    assert 1 <= len(timed) <= loads, board.read_text()[-2000:]
+    timed = tvm_boards.timed_records(tmp_path / "db")
+    assert 1 <= len(timed) <= tvm_boards.loads(board) - loads_before, board.read_text()[-2000:]
     # the tuned library computes what the untuned one does
     untuned = edgefx.compile(model, (x,), backend="tvm", dynamic_batch=False)
     assert tuned.report.backend_check.relative <= 1e-4
