@@ -1,10 +1,16 @@
 """MetaSchedule tuning, one task at a time, with a fallback for the tasks that fail.
 
 Relax's ``static_shape_tuning`` pipeline tunes every task in one ``tune_tasks`` call, so one
-task that MetaSchedule cannot handle stops the whole tuning (PLATFORM.md: resnet18 stopped at
-its first real task with ``parallel_for_dynamic error ... old_rv != nullptr``). Here every
-task is tuned on its own: a failure is recorded (task name and first line of the error) and
-that task keeps TVM's default schedule. The work dir is MetaSchedule's JSON database: tasks
+task that MetaSchedule cannot handle stops the whole tuning (PLATFORM.md once saw resnet18 stop
+at its first real task with ``parallel_for_dynamic error ... old_rv != nullptr``, a trace
+replay in the evolutionary search; it did not recur with apache-tvm 0.27.0.post1 and
+apache-tvm-ffi 0.1.14.post1, for resnet18 and mobilenet_v2 here or in ``static_shape_tuning``).
+Here every task is tuned on its own: a failure is recorded (task name and first line of the
+error) and that task keeps TVM's default schedule. What did stop ``static_shape_tuning`` here
+is its builder: MetaSchedule's 30 s build limit, which a fresh build worker exceeds on a loaded
+2-core machine (it imports ``tvm.s_tir.tensor_intrin`` the slow way), so every candidate
+"fails to build" and nothing is measured; the builder below has a longer limit and a quick
+import. The work dir is MetaSchedule's JSON database: tasks
 that already hold enough records there are not tuned again, so a second build with the same
 work dir only applies the database.
 
