@@ -109,6 +109,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     options = {"opset": args.opset} if args.opset is not None else {}
     if args.tune_trials:
         options.update(tune_trials=args.tune_trials, work_dir=args.tune_dir)
+    if args.tune_rpc:
+        options["rpc"] = {"tracker": args.tune_rpc, "key": args.tune_rpc_key}
     resolved = _resolve(args)
     compiled = edgefx.compile(
         resolved.model,
@@ -317,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tune-dir", default=None, help="tvm: tuning database folder, reused across builds"
+    )
+    p.add_argument(
+        "--tune-rpc",
+        default=None,
+        metavar="HOST:PORT",
+        help="tvm: measure the tuning candidates on a board, through this TVM RPC tracker",
+    )
+    p.add_argument(
+        "--tune-rpc-key", default=None, help="tvm: the board's key with the --tune-rpc tracker"
     )
     p.add_argument(
         "--tolerance",

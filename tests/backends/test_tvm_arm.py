@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import tvm_boards
 from prune_models import randomize
 from shift_models import (
     Tiny,
@@ -21,6 +22,8 @@ from shift_models import (
 
 import edgefx
 from edgefx.backends.tvm import emulation, runners
+from edgefx.frontend import capture
+from edgefx.passes import PotQuantize
 from edgefx.tools import cli
 
 pytest.importorskip("tvm")
@@ -64,6 +67,84 @@ def test_resnet18_for_arm_boards_matches_under_emulation(emulator, resnet18_fold
     (got,) = runners.run_emulated(folder, [x.numpy()])
     assert rel_err(got, folded(x)) <= REL_TOL
     assert cli.main(["run", str(folder), "--emulate"]) == 0
+
+
+def _float_model(name: str) -> tuple[edgefx.Program, torch.Tensor]:
+    """(Program, a batch-2 input) of the issue's float models, random weights."""
+    import torchvision
+
+    from edgefx.frontend.zoo import resolve_model
+    from edgefx.passes import ChannelPrune, FoldBatchNorm, PassManager
+
+    torch.manual_seed(0)
+    if name == "pruned_resnet50":
+        model, size = torchvision.models.resnet50().eval(), 64
+        passes = [ChannelPrune(macs=0.5), FoldBatchNorm()]
+    else:
+        size = 224 if name == "deit_small" else 64
+        zoo_name = "timm:deit_small_patch16_224" if name == "deit_small" else name
+        model = resolve_model(zoo_name, (1, 3, size, size)).model
+        passes = [FoldBatchNorm()]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(11))
+    program, _ = PassManager(passes).run(capture(model, (x,)))
+    return program, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(12))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "deit_small", "pruned_resnet50"])
+def test_float_models_for_rpi4_match_under_emulation(emulator, name, tmp_path):
+    program, x = _float_model(name)
+    compiled = edgefx.compile(program, backend="tvm", target="rpi4", progress=False)
+    (got,) = runners.run_emulated(compiled.save(tmp_path / name), [x.numpy()])
+    assert rel_err(got, program(x)) <= REL_TOL
+
+
+@pytest.mark.slow
+def test_pot_quantized_resnet18_gives_the_onnx_backends_numbers_on_aarch64(
+    emulator, resnet18_folded, tmp_path
+):
+    """Integer codes times powers of two sum exactly in float32: the aarch64 library gives the
+    ONNX backend's numbers bit for bit, as the x86 one does."""
+    folded, _ = resnet18_folded
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)]
+    quantized = PotQuantize(calib, search="mse", weight_bits=4)(folded).program
+    on_onnx = edgefx.compile(quantized, backend="onnx", progress=False)
+    on_rpi4 = edgefx.compile(quantized, backend="tvm", target="rpi4", progress=False)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    (got,) = runners.run_emulated(on_rpi4.save(tmp_path / "pot"), [x.numpy()])
+    want = on_onnx(x).numpy()
+    assert np.unique(want).size > 10  # real logits, not a constant
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_tuning_for_rpi4_times_the_candidates_on_the_emulated_board(emulator, tmp_path):
+    """TVM's RPC server on the emulated arm64 Python, registered with a tracker here, as a Pi
+    would be: MetaSchedule's aarch64 candidates (cross-linked here) are timed there."""
+    from tvm.rpc.tracker import Tracker
+
+    port, key = tvm_boards.free_port(), "emulated-rpi4"
+    tracker = Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)
+    address = f"127.0.0.1:{tracker.port}"
+    command = emulation.rpc_server_command(address, key, port=tvm_boards.free_port())
+    torch.manual_seed(0)
+    model, x = tvm_boards.TinyConv().eval(), torch.randn(1, 3, 8, 8)
+    rpc = {"tracker": address, "key": key, "timeout_s": 300}  # emulated: slow sessions
+    options = {"tune_trials": 4, "work_dir": tmp_path / "db", "progress": False, "rpc": rpc}
+    try:
+        with tvm_boards.board(command, tracker.port, key, tmp_path / "server.log") as log:
+            tuned = edgefx.compile(model, (x,), backend="tvm", target="rpi4",
+                                   dynamic_batch=False, backend_options=options)  # fmt: skip
+            timed = tvm_boards.timed_records(tmp_path / "db")
+            assert 1 <= len(timed) <= tvm_boards.loads(log), log.read_text()[-2000:]
+    finally:
+        tracker.terminate()
+    tuning = tuned.artifact.build_info["tuning"]
+    assert tuning["tasks_tuned"] == 1 and not tuning["tasks_failed"]
+    assert key in tuning["measured_on"]
+    (got,) = runners.run_emulated(tuned.save(tmp_path / "tuned"), [x.numpy()])
+    assert rel_err(got, tuned.program(x)) <= REL_TOL
 
 
 def _assert_integer_codes_on_aarch64(shift: edgefx.Program, x: torch.Tensor, target: str,

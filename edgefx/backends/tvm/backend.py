@@ -200,6 +200,7 @@ class TvmArtifact(Artifact):
             info["tuning"] = (
                 f"{tuning['tune_trials']} trials, {tuning['tasks_tuned']} tasks tuned, "
                 f"{tuning['tasks_reused']} from the database, {failed} failed (default schedule)"
+                f", measured on {tuning.get('measured_on', 'this machine')}"
             )
         return info
 
@@ -226,7 +227,10 @@ class TvmBackend(Backend):
     """Options: ``target`` (preset name or TVM target dict; default the x86-64 host);
     ``tune_trials`` (MetaSchedule trials over the whole model, 0 = TVM's default schedules;
     needs a static batch); ``work_dir`` (the tuning database, reused across builds; default
-    ``~/.cache/edgefx/tuning/<target>``); ``progress`` (a progress bar while tuning)."""
+    ``~/.cache/edgefx/tuning/<target>``); ``rpc`` (tune on the board itself:
+    ``{"tracker": "host:port", "key": K}``, the TVM RPC tracker its server registered with;
+    MetaSchedule then times every candidate there); ``progress`` (a progress bar while
+    tuning)."""
 
     name = "tvm"
 
@@ -236,10 +240,20 @@ class TvmBackend(Backend):
         *,
         tune_trials: int = 0,
         work_dir: str | Path | None = None,
+        rpc: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
+        from edgefx.backends.tvm.tuning import RpcDevice
+
         if not isinstance(tune_trials, int) or isinstance(tune_trials, bool) or tune_trials < 0:
             raise BackendError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
+        self.rpc = RpcDevice.from_option(rpc) if rpc is not None else None
+        if self.rpc and not tune_trials:
+            raise BackendError(
+                "the rpc option measures MetaSchedule's candidates on a board: it needs "
+                "tune_trials > 0",
+                hint="to run a built model on a board: edgefx run DIR --rpc host:port",
+            )
         self.resolved: ResolvedTarget = resolve_target(target)
         super().__init__(self.resolved.name)
         self.tune_trials = tune_trials
@@ -269,10 +283,13 @@ class TvmBackend(Backend):
             from edgefx.backends.tvm.tuning import tune, tuning_target
 
             target = tuning_target(target)
+            if self.rpc:  # candidates are linked here: the toolchain first, with its hint
+                cross_compiler_for(self.resolved.to_dict())
             try:
                 mod, tuning = tune(
-                    mod, target, self.tune_trials, self.work_dir, progress=self.progress
-                )
+                    mod, target, self.tune_trials, self.work_dir, progress=self.progress,
+                    rpc=self.rpc, cross_compiler=self.resolved.cross_compiler,
+                )  # fmt: skip
             except BackendError:
                 raise
             except Exception as exc:

@@ -9,7 +9,8 @@
 
 The host needs ``qemu-user`` and ``g++-aarch64-linux-gnu`` (Debian packages); as root,
 ``prepare()`` installs them with apt-get. ``run_python()`` runs a script on that Python under
-qemu (start-up takes ~25 s: qemu interprets the whole of TVM's import).
+qemu (start-up takes ~25 s: qemu interprets the whole of TVM's import); ``rpc_server_command()``
+starts TVM's RPC server on it, an emulated board for tuning over RPC.
 
     python -m edgefx.backends.tvm.emulation prepare     # once; prints the cache folder
 """
@@ -30,7 +31,9 @@ from edgefx.errors import BackendError
 
 TVM_PIN = "apache-tvm==0.27.0.post1"
 TVM_FFI_PIN = "apache-tvm-ffi==0.1.14.post1"  # 0.1.15 segfaults in save_json (PLATFORM.md)
-WHEELS = (TVM_PIN, TVM_FFI_PIN, "numpy", "ml_dtypes", "psutil", "typing_extensions")
+# cloudpickle (with psutil: apache-tvm's "rpc" extra): TVM's RPC server pickles the function
+# it sends to its worker process
+WHEELS = (TVM_PIN, TVM_FFI_PIN, "numpy", "ml_dtypes", "psutil", "typing_extensions", "cloudpickle")
 HOST_PACKAGES = ("qemu-user", "g++-aarch64-linux-gnu")
 # an arm64 Python 3.11 and the libraries its standard library loads
 ARM64_PACKAGES = (
@@ -67,8 +70,15 @@ def cache_dir() -> Path:
     return Path(base) / "aarch64"
 
 
+def _recorded(folder: Path) -> dict:
+    try:
+        return json.loads((folder / _READY).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def is_ready() -> bool:
-    return (cache_dir() / _READY).is_file() and shutil.which(QEMU) is not None
+    return _recorded(cache_dir()).get("wheels") == list(WHEELS) and shutil.which(QEMU) is not None
 
 
 def _run(cmd: Sequence[str], what: str, **kwargs) -> subprocess.CompletedProcess:
@@ -135,8 +145,8 @@ def _arm64_root(root: Path) -> None:
             _run(["dpkg", "-x", str(deb), str(root)], f"dpkg -x {deb.name}")
 
 
-def _aarch64_site(site: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="edgefx-wheels-") as wheels:
+def _aarch64_site(site: Path, wheels: Sequence[str] = WHEELS) -> None:
+    with tempfile.TemporaryDirectory(prefix="edgefx-wheels-") as folder:
         platforms = [
             a
             for p in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17")
@@ -157,12 +167,12 @@ def _aarch64_site(site: Path) -> None:
                 "cp",
                 *platforms,
                 "-d",
-                wheels,
-                *WHEELS,
+                folder,
+                *wheels,
             ],
             "pip download (aarch64 wheels)",
         )
-        for wheel in sorted(Path(wheels).glob("*.whl")):
+        for wheel in sorted(Path(folder).glob("*.whl")):
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(site)
 
@@ -171,6 +181,13 @@ def prepare(force: bool = False) -> Path:
     """Build (once) the cached arm64 Python + aarch64 TVM runtime; return the cache folder."""
     folder = cache_dir()
     if is_ready() and not force:
+        return folder
+    recorded = _recorded(folder)
+    if not force and recorded.get("debs") == list(ARM64_PACKAGES) and shutil.which(QEMU):
+        # a cache from before a wheel was added: fetch only the new wheels
+        missing = [w for w in WHEELS if w not in recorded.get("wheels", [])]
+        _aarch64_site(folder / "site", missing)
+        (folder / _READY).write_text(json.dumps({**recorded, "wheels": WHEELS}))
         return folder
     _install_host_tools()
     staging = folder.with_name(folder.name + ".partial")
@@ -186,6 +203,42 @@ def prepare(force: bool = False) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+# The arm64 Python's sys.executable, for the processes it starts: qemu-user passes an exec to
+# the host kernel, which cannot run an aarch64 binary (no binfmt_misc here), so a program the
+# emulated Python starts must go through qemu again.
+_REENTER = "python3.11-qemu"
+# python -c: sys.executable := argv[1], then run module argv[2] as __main__ with the rest
+_LAUNCH = (
+    "import runpy, sys; _, sys.executable, module, *rest = sys.argv; sys.argv = [module, *rest]; "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+
+
+def python_command(module: str, args: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) that run ``python -m module args`` on the emulated arm64 Python,
+    whose own child Pythons (TVM's RPC server starts one) are emulated too."""
+    folder = prepare()
+    root = folder / "root"
+    python = root / "usr" / "bin" / "python3.11"
+    reenter = folder / _REENTER
+    if not reenter.is_file():
+        reenter.write_text(f'#!/bin/sh\nexec {QEMU} -L "{root}" "{python}" "$@"\n')
+        reenter.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(folder / "site"), "PYTHONNOUSERSITE": "1"}
+    env.pop("PYTHONHOME", None)
+    return [QEMU, "-L", str(root), str(python), "-c", _LAUNCH, str(reenter), module, *args], env
+
+
+def rpc_server_command(
+    tracker: str, key: str, host: str = "127.0.0.1", port: int = 9090
+) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of TVM's RPC server on the emulated board, registered with the
+    tracker ``host:port`` under ``key``, as on a real board; it starts in ~1 minute."""
+    args = ["--host", host, "--port", str(port), "--port-end", str(port + 1),
+            "--tracker", tracker, "--key", key]  # fmt: skip
+    return python_command("tvm.exec.rpc_server", args)
 
 
 def run_python(
