@@ -44,6 +44,7 @@ from zoo import (
     edgefx_revision,
     machine_info,
     make_nondegenerate,
+    produced_by,
     relative_error,
     select_models,
     source_of,
@@ -187,14 +188,7 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         f"# ChannelPrune across the model zoo at macs={data['budget']:g}",
         "",
-        "Produced by" + (" (in steps)" if len(data["commands"]) > 1 else "") + ":",
-        "",
-        "```",
-        *data["commands"],
-        "```",
-        "",
-        f"- started {data['started']}, "
-        + (f"finished {data['finished']}" if data.get("finished") else "**not finished**"),
+        *produced_by(data),
         f"- commit {data.get('commit') or 'unknown'}; machine: {machine.get('cpus')} CPU cores "
         f"({machine.get('cpu', '?')}), {machine.get('platform', '')}",
         "- random weights made non-degenerate as in zoo.md, BatchNorm gammas U(0.1, 1); "

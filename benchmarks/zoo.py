@@ -511,6 +511,21 @@ def _float32_limited(result: dict[str, Any]) -> bool:
             and f64.get("eager_fp32") is not None and f64["ort"] <= f64["eager_fp32"])
 
 
+def produced_by(data: dict[str, Any]) -> list[str]:
+    """A sweep table's first lines: the command(s) that produced it, when it started and
+    whether it finished."""
+    return [
+        "Produced by" + (" (in steps)" if len(data["commands"]) > 1 else "") + ":",
+        "",
+        "```",
+        *data["commands"],
+        "```",
+        "",
+        f"- started {data['started']}, "
+        + (f"finished {data['finished']}" if data.get("finished") else "**not finished**"),
+    ]
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     results: dict[str, dict[str, Any]] = data["results"]
     planned: list[str] = data["models"]
@@ -524,14 +539,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines = [
         "# edgefx model zoo: ONNX (onnxruntime) vs eager PyTorch",
         "",
-        "Produced by" + (" (in steps)" if len(data["commands"]) > 1 else "") + ":",
-        "",
-        "```",
-        *data["commands"],
-        "```",
-        "",
-        f"- started {data['started']}, " + (f"finished {data['finished']}" if data.get("finished")
-                                            else "**not finished**"),
+        *produced_by(data),
         f"- machine: {machine.get('cpus')} CPU cores ({machine.get('cpu', 'unknown CPU')}), "
         f"{machine.get('ram_gib', '?')} GiB RAM, {machine.get('platform', '')}, "
         f"python {machine.get('python')}",
