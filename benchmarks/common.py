@@ -43,6 +43,19 @@ def snr_db(actual: torch.Tensor, reference: torch.Tensor) -> float | None:
     return None if snr == math.inf else snr
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average, as benchmark headers record it at the start and
+    the end of a run: timings mean little on a busy machine."""
+    return round(os.getloadavg()[0], 2)
+
+
+def load_text(load: dict[str, float] | None) -> str:
+    """``{"start": .., "end": ..}`` as a header says it."""
+    if not load:
+        return "load not recorded"
+    return f"load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
+
+
 def header(script: str, argv: list[str] | None) -> dict[str, Any]:
     """The command, machine, date and versions every result file starts with."""
     return {

@@ -25,7 +25,6 @@ pruned outputs are from the dense ones before any fine-tuning.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -35,7 +34,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import RESULTS, header, latency_ms, snr_db, write_results
+from common import (
+    RESULTS,
+    header,
+    latency_ms,
+    load_average,
+    load_text,
+    snr_db,
+    write_results,
+)
 
 SEED = 0
 
@@ -210,8 +217,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# ChannelPrune: MACs ratio vs onnxruntime latency ratio",
         "",
-        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}; load average "
-        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end: 1-minute averages, "
+        f"Produced by `{data['command']}` on {data['machine']} ({data['date']}; "
+        f"{load_text(load)}: 1-minute averages, "
         "on a machine of that many cores a load above it means other jobs ran meanwhile); "
         f"{data['size']}x{data['size']} inputs, onnxruntime CPU with one intra-op thread, "
         f"median of {data['repeat']} runs after 3 warm-up runs; each pruned model is timed "
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     rounds = [int(r) for r in args.round_to.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    load_start = os.getloadavg()[0]  # reported: the figures mean little on a busy machine
+    load_start = load_average()  # reported: the figures mean little on a busy machine
     data = {
         **header("prune.py", argv),
         "load_average": {"start": load_start, "end": load_start},
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def keep(row: dict[str, Any]) -> None:  # results so far, written after every row
         data["rows"].append(row)
-        data["load_average"]["end"] = os.getloadavg()[0]
+        data["load_average"]["end"] = load_average()
         write_results(args.out, "prune", data, render(data))
 
     for name in args.models.split(","):
@@ -314,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         run_model(name, budgets, rounds, args.size, batches, args.repeat, keep, latency)
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
-        data["load_average"]["end"] = os.getloadavg()[0]
+        data["load_average"]["end"] = load_average()
         write_results(args.out, "prune", data, render(data))
     return 0
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import RESULTS, header, write_results
+from common import RESULTS, header, load_average, load_text, write_results
 from torch.utils.data import DataLoader
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "real_data"
@@ -525,7 +524,8 @@ def render(data: dict[str, Any]) -> str:
         "# Top-1 on real data (scikit-learn digits) after every pass",
         "",
         f"Produced by `{data['command']}` on {data['machine']} ({data['date']}; "
-        f"{load_note(data)}). Data: `sklearn.datasets.load_digits`, "
+        f"{load_text(data.get('load_average'))}; times are single runs, indicative only). "
+        "Data: `sklearn.datasets.load_digits`, "
         f"fixed split {TRAIN} train / {TEST} test (seed {SEED}), upsampled to 3x{SIZE}x{SIZE}. "
         "Top-1 in % on the test split. PotQuantize calibrates on "
         f"{CALIB} training images; `WxAy` = weight / activation bits. Models trained here "
@@ -578,17 +578,6 @@ def render(data: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def load_note(data: dict[str, Any]) -> str:
-    """What the machine's load was during the run: the time columns mean little under load."""
-    load = data.get("load_average")
-    if not load:
-        return "load not recorded, so times are indicative only"
-    return (
-        f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end; times are "
-        "single runs, indicative only"
-    )
 
 
 def summary(models: list[dict[str, Any]]) -> list[str]:
@@ -747,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             log(f"{name}: trained in {train_float(name, train_x, train_y)[1]:.0f} s")
         return 0
-    load_start = os.getloadavg()[0]
+    load_start = load_average()
     models = []
     for name in args.models.split(","):
         stem = f"{name}.{args.tag}" if args.tag else name
@@ -771,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [merged(name) for name in args.models.split(",")]
     data = {**header("real_data.py", argv), "note": args.note, "models": models}
     if not args.collect:
-        data["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+        data["load_average"] = {"start": load_start, "end": load_average()}
     if args.note:  # the note is printed below the command, not inside it
         data["command"] = data["command"].replace(args.note, '"<the paragraph below>"')
     write_results(args.out, args.stem, data, render(data))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from common import RESULTS, header, latency_ms, write_results
+from common import RESULTS, header, latency_ms, load_average, load_text, write_results
 from zoo import make_nondegenerate
 
 import edgefx
@@ -318,21 +317,14 @@ def _digits_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _load(data: dict[str, Any]) -> str:
-    load = data.get("load_average")
-    if not load:
-        return "load not recorded"
-    return f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
-
-
 def _markdown(data: dict[str, Any]) -> str:
     lines = [
         "# QDQToShift: integer bit-shift graph vs float and QDQ",
         "",
         f"Command: `{data['command']}`  ",
-        f"Machine: {data['machine']} ({_load(data)}: absolute figures are noisy on a shared "
-        f"2-core machine, ratios taken in one run), {data['date']}. onnxruntime with 1 "
-        "intra-op thread; "
+        f"Machine: {data['machine']} ({load_text(data.get('load_average'))}: absolute "
+        "figures are noisy on a shared 2-core machine, ratios taken in one run), "
+        f"{data['date']}. onnxruntime with 1 intra-op thread; "
         "TVM untuned (`tvm.compile(target='llvm')`, no schedules). Models: W8A8, minmax "
         "exponents, random weights.",
     ]
@@ -357,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     data = header("shift.py", argv)
     data["rows"], data["digits"] = [], []
-    start = round(os.getloadavg()[0], 2)
-    data["load_average"] = [start, start]  # the end is updated after every step
+    start = load_average()
+    data["load_average"] = {"start": start, "end": start}  # the end: after every step
     if args.digits_only:
         data["digits"] = digits_accuracy()
         write_results(args.out, "shift_digits", data, _markdown(data))
@@ -368,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args.out, "shift", data, _markdown(data))
     for name in args.models.split(","):
         data["rows"].append(run_model(name, args.size, args.repeat, args.tvm_repeat))
-        data["load_average"][1] = round(os.getloadavg()[0], 2)
+        data["load_average"]["end"] = load_average()
         write_results(args.out, "shift", data, _markdown(data))
 
 

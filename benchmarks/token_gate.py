@@ -15,7 +15,6 @@ Random weights (nothing is downloaded): this measures speed only, not accuracy.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, header, write_results
+from common import RESULTS, header, load_average, load_text, write_results
 
 SEED = 0
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    load_start = os.getloadavg()[0]  # reported: the figures mean little on a busy machine
+    load_start = load_average()  # reported: the figures mean little on a busy machine
 
     import timm
 
@@ -136,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# TokenGate speed: {args.model} ({args.size}px, random weights)",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']} (load average {load_start:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end; medians of interleaved rounds); "
+        f"Machine: {meta['machine']} ("
+        f"{load_text({'start': load_start, 'end': load_average()})}; "
+        "medians of interleaved rounds); "
         f"{meta['date']}; torch {torch.__version__}.  ",
         f"Rounds: {args.repeat} at batch 1, {args.repeat_large} at batch {big} (median).  ",
         "Speed-up = dense median / gated median, same backend and batch; ideal = 1 / MACs ratio "

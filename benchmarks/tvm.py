@@ -25,7 +25,7 @@ import torch
 # this file is named tvm.py: with its folder first on sys.path, `import tvm` would import it
 HERE = Path(__file__).resolve().parent
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-from common import RESULTS, header, write_results  # noqa: E402
+from common import RESULTS, header, load_average, write_results  # noqa: E402
 
 import edgefx  # noqa: E402
 from edgefx.frontend import capture  # noqa: E402
@@ -71,10 +71,6 @@ def interleaved_medians(runs: dict[str, tuple], x: torch.Tensor, rounds: int) ->
                 run(x)
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def main(argv: list[str] | None = None) -> int:
