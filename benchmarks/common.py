@@ -7,7 +7,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from edgefx.analysis.latency import median_and_spread
 from edgefx.analysis.numerics import NumericError
 
 HERE = Path(__file__).resolve().parent
@@ -27,14 +27,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE
 
 def latency_ms(run: Callable[[], Any], repeat: int, warmup: int = 5) -> float:
     """Median wall time of ``run()`` in milliseconds over ``repeat`` calls, after warm-up."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_and_spread(run, repeat, warmup)[0] * 1e3
 
 
 def snr_db(actual: torch.Tensor, reference: torch.Tensor) -> float | None:

@@ -385,7 +385,9 @@ def graph_inputs(
 
 
 # ------------------------------------------------------------------------------- timers
-def _median_and_spread(run: Callable[[], Any], repeat: int, warmup: int = 2) -> tuple[float, float]:
+def median_and_spread(run: Callable[[], Any], repeat: int, warmup: int = 2) -> tuple[float, float]:
+    """(median seconds, relative median absolute deviation) of ``repeat`` calls of ``run()``
+    after ``warmup`` calls."""
     for _ in range(warmup):
         run()
     times = []
@@ -510,13 +512,13 @@ class TorchTimer(Timer):
                 x, weight, b, shape.stride, shape.padding, shape.dilation, shape.groups
             )
         with self._pool():
-            return _median_and_spread(op, self.repeat)
+            return median_and_spread(op, self.repeat)
 
     def overhead(self) -> float:
         x = torch.ones(1)
         run = lambda: aten.neg.default(x)  # noqa: E731
         with self._pool():
-            return _median_and_spread(run, 51)[0]
+            return median_and_spread(run, 51)[0]
 
     def graph_run(self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
         return lambda: gm(*inputs)
@@ -577,7 +579,7 @@ class OnnxTimer(Timer):
         x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape))
         session = self._session(self._model([node], [x_info], inits))
         feed = {"X": x.numpy()}
-        return _median_and_spread(lambda: session.run(None, feed), self.repeat)
+        return median_and_spread(lambda: session.run(None, feed), self.repeat)
 
     def overhead(self) -> float:
         from onnx import TensorProto, helper
@@ -586,7 +588,7 @@ class OnnxTimer(Timer):
         x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])
         session = self._session(self._model(nodes, [x_info], []))
         feed = {"X": torch.ones(1).numpy()}
-        return _median_and_spread(lambda: session.run(None, feed), 51)[0]
+        return median_and_spread(lambda: session.run(None, feed), 51)[0]
 
     def graph_run(self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
         from edgefx.ops import onnx_translations
