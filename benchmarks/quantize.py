@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, header, latency_ms, snr_db, write_results
+from common import RESULTS, header, latency_ms, load_average, load_text, snr_db, write_results
 from zoo import make_nondegenerate
 
 SEED = 0
@@ -142,9 +143,13 @@ def search_time(name: str, images: int) -> dict[str, Any]:
     calib = [torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(SEED + 2))]
     row: dict[str, Any] = {"model": name, "images": images}
     for search, scope in (("mse", "network"), ("joint", "network"), ("joint", "block")):
+        cpu = time.process_time()
         result = PotQuantize(calib, search=search, search_samples=images, scope=scope)(program)
         key = search if scope == "network" else f"{search}_{scope}"
         row[f"{key}_s"] = result.wall_s
+        # CPU seconds of this process (all threads): unlike the wall time, barely moved by
+        # other jobs on a shared machine; on 2 cores the wall time is at least half of it
+        row[f"{key}_cpu_s"] = round(time.process_time() - cpu, 1)
         if search == "joint":
             row[f"{key}_final_error"] = result.report["calib_error"]["final"]
         if search == "joint" and scope == "network":
@@ -192,26 +197,48 @@ def render(data: dict[str, Any]) -> str:
             f"| {r['float_ms']:.2f} | {r['ort_ms']:.2f} | {r['ratio']:.2f} "
             f"| {r['ort_fused_ms']:.2f} | {r['fused_ratio']:.2f} |"
         )
-    if data.get("search"):
-        lines += [
-            "",
-            "## Joint search time at 224x224",
-            "",
-            f"FoldBatchNorm then PotQuantize(search=..., search_samples={data['search_images']})"
-            f" with {data['search_images']} random-normal calibration images, W8A8; seconds of "
-            "the pass (calibration, exponents, search), measured on the machine above.",
-            "",
-            "| model | quantizers | mse s | joint s | joint moves | error start | error final "
-            "| joint block-wise s | its error final |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-        ]
-        for r in data["search"]:
-            lines.append(
-                f"| {r['model']} | {r['quantizers']} | {r['mse_s']:.1f} | {r['joint_s']:.1f} "
-                f"| {r['moves']} | {r['start_error']:.3g} | {r['final_error']:.3g} "
-                f"| {r['joint_block_s']:.1f} | {r['joint_block_final_error']:.3g} |"
-            )
+    lines += search_section(data)
     return "\n".join(lines) + "\n"
+
+
+def search_section(data: dict[str, Any]) -> list[str]:
+    """The joint-search timing table (markdown lines), if the run measured it."""
+    if not data.get("search"):
+        return []
+    lines: list[str] = []
+    run = data.get("search_run") or data
+    where = (
+        f"Produced by `{run['command']}` on {run['machine']} ({run['date']}; "
+        f"{load_text(run.get('load_average'))})"
+        if "search_run" in data
+        else "Measured on the machine above"
+    )
+    lines += [
+        "",
+        "## Joint search time at 224x224",
+        "",
+        f"{where}. FoldBatchNorm then PotQuantize(search=..., "
+        f"search_samples={data['search_images']}) with {data['search_images']} "
+        "random-normal calibration images, W8A8; seconds of the pass (calibration, "
+        "exponents, search): wall time and, in brackets, CPU seconds of the process "
+        "(all threads; the wall time on a quiet 2-core machine is at least half of it).",
+        "",
+        "| model | quantizers | mse s | joint s | joint moves | error start | error final "
+        "| joint block-wise s | its error final |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+
+    def secs(r: dict[str, Any], key: str) -> str:
+        cpu = r.get(f"{key}_cpu_s")
+        return f"{r[f'{key}_s']:.1f}" + ("" if cpu is None else f" ({cpu:.0f} CPU)")
+
+    for r in data["search"]:
+        lines.append(
+            f"| {r['model']} | {r['quantizers']} | {secs(r, 'mse')} | {secs(r, 'joint')} "
+            f"| {r['moves']} | {r['start_error']:.3g} | {r['final_error']:.3g} "
+            f"| {secs(r, 'joint_block')} | {r['joint_block_final_error']:.3g} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,10 +255,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     start = time.perf_counter()
+    load = {"start": load_average()}
     search = [
         search_time(name, args.search_images)
         for name in filter(None, args.search_models.split(","))
     ]
+    load["end"] = load_average()
+    previous = args.out / "quantize.json"
+    if not args.models and search and previous.is_file():
+        # only the search table: the sweep's rows (and their header) stay as they were
+        data = json.loads(previous.read_text())
+        data.update(search=search, search_images=args.search_images,
+                    search_run={**header("quantize.py", argv), "load_average": load})  # fmt: skip
+        md = (args.out / "quantize.md").read_text().split("\n## Joint search time")[0]
+        write_results(args.out, "quantize", data, md.rstrip("\n") + "\n" + "\n".join(
+            search_section(data)) + "\n")  # fmt: skip
+        return 0
     for name in filter(None, args.models.split(",")):
         rows.extend(
             run_model(

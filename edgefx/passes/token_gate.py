@@ -233,6 +233,11 @@ class TokenGate(Pass):
             gate in the same units), through :class:`~edgefx.passes.FineTune`'s loop. The
             thresholds are then re-calibrated to meet the budget on ``calib`` (a common
             shift, training keeps their ratios) and the hard gates compile.
+        distill: with ``train``: the weight of a distillation term (DynamicViT), the KL
+            divergence from the dense model's output distribution (its softmax, the model as
+            given, frozen) to the gated one's, added to the task loss. It keeps the gated
+            model's predictions near the dense model's instead of refitting the training
+            labels. 0 turns it off.
     """
 
     name = "TokenGate"
@@ -253,6 +258,7 @@ class TokenGate(Pass):
         threshold_lr: float = 0.05,
         macs_weight: float = 2.0,
         temperature: float = 0.5,
+        distill: float = 0.0,
         progress: bool | None = None,
         compact: bool = True,
     ) -> None:
@@ -292,6 +298,14 @@ class TokenGate(Pass):
             ):
                 if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                     raise PassError(f"{label} must be a positive number, got {value!r}")
+            if isinstance(distill, bool) or not (
+                isinstance(distill, (int, float)) and distill >= 0 and math.isfinite(distill)
+            ):
+                raise PassError(
+                    f"distill must be a number >= 0 (the distillation loss weight), got "
+                    f"{distill!r}",
+                    hint="e.g. distill=1.0; 0 trains on the labels alone",
+                )
             # validates data, epochs, lr and builds the training loop TokenGate reuses
             self._tune = FineTune(train, epochs=epochs, lr=lr, progress=progress)
         if keep is not None:
@@ -348,6 +362,7 @@ class TokenGate(Pass):
         if train is not None:
             self.epochs, self.lr, self.threshold_lr = epochs, lr, threshold_lr
             self.macs_weight, self.temperature = macs_weight, temperature
+            self.distill = distill
 
     def __repr__(self) -> str:
         hidden = ("calib", "train", "_tune", "_kept")
@@ -542,6 +557,7 @@ class TokenGate(Pass):
                     threshold_lr=self.threshold_lr,
                     macs_weight=self.macs_weight,
                     temperature=self.temperature,
+                    distill=self.distill,
                 )
                 budget["training"] = report
                 budget["trained_thresholds"] = trained
@@ -1141,22 +1157,56 @@ def _train_gates(
     threshold_lr: float,
     macs_weight: float,
     temperature: float,
+    distill: float = 0.0,
 ) -> tuple[Program, list[float], dict[str, Any]]:
     """Budget-aware threshold training: the weights and the thresholds of soft gates on
     ``program``'s trainable module, task loss + ``macs_weight * (MACs ratio - target)**2``
-    (the mean over the batch of each image's MACs for the tokens it keeps). Returns the
-    Program with trained weights (no gates), the trained thresholds and the training report."""
+    (the mean over the batch of each image's MACs for the tokens it keeps), + ``distill *
+    KL(dense || gated)`` on the output distributions when ``distill`` > 0. Returns the Program
+    with trained weights (no gates), the trained thresholds and the training report."""
     module, soft = soft_gated(program, vit, gates, thresholds, temperature)
+    seen: dict[str, Any] = {}
+    hook = None
+    if distill:
+        teacher = program.trainable().eval().requires_grad_(False)
 
-    def macs_loss() -> torch.Tensor:
+        def keep(_module: torch.nn.Module, args: tuple, output: Any) -> None:
+            seen["args"], seen["output"] = args, output
+
+        hook = module.register_forward_hook(keep)
+
+    def extra_loss() -> torch.Tensor:
         tokens = torch.stack([g.count for g in soft], dim=1)
         ratio = cost.macs(tokens).mean() / cost.dense
-        return macs_weight * (ratio - target) ** 2
+        loss = macs_weight * (ratio - target) ** 2
+        if distill:
+            with torch.no_grad():
+                dense = teacher(*seen["args"])
+            loss = loss + distill * _distillation(seen["output"], dense)
+        return loss
 
     groups = [{"params": [g.threshold for g in soft], "lr": threshold_lr, "weight_decay": 0.0}]
-    report = tune.fit(module, program, extra_loss=macs_loss, extra_params=groups)
+    try:
+        report = tune.fit(module, program, extra_loss=extra_loss, extra_params=groups)
+    finally:
+        if hook is not None:
+            hook.remove()
+    report["distill"] = distill
     trained = program.with_weights(module)
     return trained, [g.value() for g in soft], report
+
+
+def _distillation(student: Any, teacher: Any) -> torch.Tensor:
+    """KL(teacher || student) of the softmax over the last axis, batch mean; a model with
+    several outputs is distilled on its first."""
+    if isinstance(student, (tuple, list)):
+        student, teacher = student[0], teacher[0]
+    return torch.nn.functional.kl_div(
+        torch.log_softmax(student, dim=-1),
+        torch.log_softmax(teacher, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 def soft_gated(

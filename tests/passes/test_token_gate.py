@@ -450,6 +450,32 @@ def test_budget_aware_training_trains_thresholds_and_meets_the_budget(tiny_vit):
     torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_distillation_keeps_the_gated_model_near_the_dense_one(tiny_vit):
+    """Trained on random labels, the gated model drifts from the dense one's predictions;
+    with a distillation weight it stays much nearer (KL from the dense model's softmax)."""
+    _, program = tiny_vit
+    x = images(32, 32, seed=12)
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(3))
+    data = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    held_out = images(16, 32, seed=13)
+    dense = torch.log_softmax(program(held_out), -1)
+
+    def drift(distill: float) -> tuple[float, dict]:
+        torch.manual_seed(1)
+        result = TokenGate(
+            mode="threshold", macs=0.6, calib=[x], gates=[0, 1], train=data, epochs=3,
+            lr=3e-3, distill=distill,
+        )(program)  # fmt: skip
+        gated = torch.log_softmax(result.program(held_out), -1)
+        kl = F.kl_div(gated, dense, reduction="batchmean", log_target=True)
+        return float(kl), result.report
+
+    plain, _ = drift(0.0)
+    distilled, report = drift(10.0)
+    assert report["training"]["distill"] == 10.0 and report["macs_ratio"] <= 0.6
+    assert distilled < 0.5 * plain, (distilled, plain)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -470,6 +496,7 @@ def test_budget_aware_training_trains_thresholds_and_meets_the_budget(tiny_vit):
         (dict(mode="threshold", threshold=0.1, train=[]), "needs mode='threshold' and macs="),
         (dict(mode="threshold", macs=0.6, train=[(1, 2)], threshold_lr=0), "threshold_lr must"),
         (dict(mode="threshold", macs=0.6, train=[(1, 2)], epochs=0), "epochs must"),
+        (dict(mode="threshold", macs=0.6, train=[(1, 2)], distill=-1), "distill must be"),
         (dict(mode="threshold", macs=0.6, train=torch.zeros(2)), "data must be a DataLoader"),
         (dict(mode="threshold", threshold=0.1, fuse=True), "fuse=True is for mode='topk'"),
     ],
