@@ -13,6 +13,7 @@ each model's timing starts."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -25,7 +26,7 @@ import torch
 # this file is named tvm.py: with its folder first on sys.path, `import tvm` would import it
 HERE = Path(__file__).resolve().parent
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-from common import RESULTS, header, load_average, write_results  # noqa: E402
+from common import RESULTS, header, load_average, load_text, write_results  # noqa: E402
 
 import edgefx  # noqa: E402
 from edgefx.frontend import capture  # noqa: E402
@@ -79,14 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--repeat-untuned", type=int, default=5, help="untuned TVM is slow")
-    parser.add_argument("--tune-trials", type=int, default=64)
+    parser.add_argument(
+        "--tune-trials",
+        default="64",
+        help="MetaSchedule trials per model: N for every model, or MODEL=N,... (0: no tuning)",
+    )
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache/edgefx/tuning/bench"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--tuned-by",
+        default="",
+        help="the tvm.json file(s), comma-separated, of the run(s) that tuned the work dir's "
+        "databases: their tuning times are shown beside this run's timings (which reuse them)",
+    )
     args = parser.parse_args(argv)
+    earlier = {}
+    for path in filter(None, args.tuned_by.split(",")):
+        tuning_run = json.loads(Path(path).read_text())
+        earlier.update({r["model"]: {**r["tuning"], "tuned_compile_s": r.get("tuned_compile_s"),
+                                     "command": tuning_run["command"], "date": tuning_run["date"],
+                                     "load_average": tuning_run.get("load_average")}
+                        for r in tuning_run["rows"]
+                        if (r.get("tuning") or {}).get("tasks_tuned")})  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models.split(",")
+    trials = parse_trials(args.tune_trials, names)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
@@ -104,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         untuned, row["untuned_compile_s"] = timed_compile(program, "tvm")
         row["untuned_rel_err"] = untuned.report.backend_check.relative
         tuned = None
-        if args.tune_trials:
+        if trials[name]:
             # a work dir per model: the database of one model's run is reusable on its own
             tuned, row["tuned_compile_s"] = timed_compile(
-                program, "tvm", tune_trials=args.tune_trials,
+                program, "tvm", tune_trials=trials[name],
                 work_dir=Path(args.work_dir) / f"{name}-{args.size}", progress=False,
             )  # fmt: skip
             row["tuning"] = tuned.artifact.build_info["tuning"]
+            if name in earlier:
+                row["tuned_by"] = earlier[name]
             row["tuned_rel_err"] = tuned.report.backend_check.relative
         ort, row["ort_compile_s"] = timed_compile(program, "onnx")
         runs = {"torch_ms": (model, args.repeat), "ort_ms": (ort, args.repeat),
@@ -125,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         load["end"] = load_average()
         write_table(args, argv, rows, load)  # after every model: a cut-short run leaves a table
     return 0
+
+
+def parse_trials(text: str, names: list[str]) -> dict[str, int]:
+    """``--tune-trials``: "N" for every model or "MODEL=N,..." (unnamed models get 0)."""
+    if "=" not in text:
+        return dict.fromkeys(names, int(text))
+    given = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    unknown = set(given) - set(names)
+    if unknown:
+        raise SystemExit(f"--tune-trials names models not in --models: {sorted(unknown)}")
+    return {name: given.get(name, 0) for name in names}
 
 
 def write_table(args: argparse.Namespace, argv: list[str] | None, rows: list[dict],
@@ -148,18 +181,32 @@ def write_table(args: argparse.Namespace, argv: list[str] | None, rows: list[dic
         "trials | tasks tuned / reused / failed | tuning + compile s | untuned compile s |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    tuned_by = {r["model"]: r["tuned_by"] for r in rows if r.get("tuned_by")}
     for r in rows:
         t = r.get("tuning") or {}
         tuned_ms = r.get("tvm_tuned_ms")
         ratio = f"{tuned_ms / r['ort_ms']:.2f}x" if tuned_ms else "-"
         tasks = (f"{t['tasks_tuned']} / {t['tasks_reused']} / {len(t['tasks_failed'])}"
                  if t else "-")  # fmt: skip
+        tuning_s = f"{r.get('tuned_compile_s', 0):.0f}"
+        if r["model"] in tuned_by:  # the database came from an earlier run: its figures
+            by = tuned_by[r["model"]]
+            tasks = f"{by['tasks_tuned']} / {by['tasks_reused']} / {len(by['tasks_failed'])}"
+            tuning_s = f"{by['tuned_compile_s']:.0f} (tuning run)"
         md.append(
             f"| {r['model']} | {r['load_at_timing']} | {r['torch_ms']:.1f} | {r['ort_ms']:.1f} | "
             f"{r['tvm_untuned_ms']:.1f} | {f'{tuned_ms:.1f}' if tuned_ms else '-'} | "
             f"{ratio} | {t.get('tune_trials', '-')} | {tasks} | "
-            f"{r.get('tuned_compile_s', 0):.0f} | {r['untuned_compile_s']:.0f} |"
+            f"{tuning_s} | {r['untuned_compile_s']:.0f} |"
         )
+    runs = {(by["command"], by["date"]): by for by in tuned_by.values()}
+    for (command, date), by in runs.items():
+        key = (command, date)
+        models = ", ".join(m for m, b in tuned_by.items() if (b["command"], b["date"]) == key)
+        md += ["", f"The tuning databases of {models} were made by `{command}` ({date}; "
+               f"{load_text(by.get('load_average'))}); this run applied them (its own "
+               "'tasks reused' are in tvm.json), so the tasks and tuning seconds shown for them "
+               "are the tuning run's, at the load stated there."]  # fmt: skip
     failures = {f"{r['model']}: {k}": v for r in rows
                 for k, v in (r.get("tuning") or {}).get("tasks_failed", {}).items()}  # fmt: skip
     if failures:
