@@ -36,14 +36,14 @@ The reference kernels are exact: integer shifts in int64, and the convolution / 
 product in float64, which represents every product and partial sum exactly while the
 accumulator stays below 2**53 (QDQToShift refuses layers whose worst case exceeds int32).
 
-ONNX: ``ConvInteger`` / ``MatMulInteger`` (``matmul_int`` too, batched) + ``Add`` (int32), ``BitShift`` on signed int32
-(opset 28; at opset 11 BitShift is unsigned only), ``Clip``, ``Cast``. torch.onnx emits
-opset 21, so a graph holding ``requant_shift`` must be exported with
-``backend_options={"opset": 28}`` (the ONNX backend's version converter lifts the whole graph
-to 28); at opset 21 onnxruntime refuses the int32 BitShift when loading.
+ONNX: ``ConvInteger`` / ``MatMulInteger`` (batched for ``matmul_int``) + ``Add`` (int32),
+``BitShift`` on signed int32 (opset 28; at opset 11 BitShift is unsigned only), ``Clip``,
+``Cast``. torch.onnx emits opset 21, so a graph holding ``requant_shift`` must be exported
+with ``backend_options={"opset": 28}`` (the ONNX backend's version converter lifts the whole
+graph to 28); at opset 21 onnxruntime refuses the int32 BitShift when loading.
 
-TVM: Relax ``conv2d`` / ``matmul`` with ``out_dtype="int32"``, ``left_shift``,
-``right_shift`` (arithmetic on int32), ``clip``, ``max_pool2d``, ``astype``.
+TVM: Relax ``conv2d`` / ``matmul`` (operands widened to int32) with ``out_dtype="int32"``,
+``left_shift``, ``right_shift`` (arithmetic on int32), ``clip``, ``max_pool2d``, ``astype``.
 """
 
 from __future__ import annotations

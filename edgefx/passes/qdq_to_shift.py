@@ -9,6 +9,11 @@ of the graph, whether its value can be held exactly as integer codes with a know
 - conv2d / linear on dequantized 8-bit-or-narrower codes with int32 bias codes on the
   accumulator grid -> ``edgefx::conv_int`` / ``linear_int`` (int32 accumulator, exponent
   input + weight exponent per output channel);
+- matmul of two dequantized per-tensor 8-bit-or-narrower activations (a ViT's q @ k^T and
+  attn @ v, both quantized by PotQuantize) -> ``edgefx::matmul_int`` (int32 accumulator,
+  exponent the sum of the two);
+- times / divided by a positive power of two (a ViT's attention scale where the head
+  dimension is a power of four) -> the same codes, the exponent moved;
 - ReLU / ReLU6 / hardtanh / clamp with constant bounds -> a pending clamp, folded into the
   clamp of the next requantization (or applied to the codes where something needs it first);
 - ``quantize_pot`` of such a value -> ``edgefx::requant_shift``: a per-channel rounding
@@ -19,13 +24,22 @@ of the graph, whether its value can be held exactly as integer codes with a know
   part's exponents instead);
 - max pooling -> ``edgefx::max_pool_int`` on the codes; global average pooling / mean over a
   power-of-two count -> an int32 sum, exponent minus log2(count);
-- reshapes, flattens, permutes -> the same op on the codes.
+- reshapes, flattens, permutes, unbind (a ViT's q/k/v split) -> the same op on the codes.
 
 Everything else (GELU, softmax, LayerNorm, a pooling over 49 positions, ...) is a float
 island: the codes are dequantized in front of it (``dequantize_pot``) and its result is
 quantized again by the ``quantize_pot`` PotQuantize already placed after it. The report lists
 every island and why, every integer layer with its accumulator bound against int32 and every
 requantization with its shift range.
+
+Every conv/linear/matmul on codes is an integer layer, wherever its result goes. A layer whose
+result a float island reads (a ViT's linears: the residual add of a float stream, GELU) is
+"an integer layer ending in a float island" (``output: "float"`` in the report, with the
+island's ops): its int32 accumulator (bias included) is dequantized, ``acc * 2**(ex + ew)``.
+That is exact in float32 while |acc| < 2**24 (``dequantized_exactly``, from the overflow
+analysis's bounds of the codes dequantized); where every partial sum stays below 2**24 as well
+(``bitwidth_bound`` bounds them) the QDQ graph's float32 layer sums exactly too, so the island
+reads the very value the QDQ graph computes.
 
 Overflow analysis: each integer value carries per-channel bounds of its codes. A layer's
 accumulator bound is, per output channel, sum_k |w[c, k]| * max|x| + |b[c]| (the worst case
@@ -157,6 +171,11 @@ class QDQToShift(Pass):
         return f"QDQToShift(exclude={list(self.exclude)}, rounding={self.rounding!r})"
 
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
+        nodes = program.graph_module.graph.nodes
+        if any(n.op == "call_function" and "val" not in n.meta for n in nodes):
+            # shapes are read below; a pass result not yet re-exported (PotQuantize's own
+            # attention decomposition) lacks some
+            program = program.refreshed()
         gm = program.copy_graph()
         rewriter = _Rewriter(gm, self.exclude, self.rounding)
         rewriter.run()
