@@ -297,6 +297,7 @@ def shift_row(
         "output_elements_differing": round(float((want != got).float().mean()), 6),
         "top1_class_differing": round(float((want.argmax(1) != got.argmax(1)).float().mean()), 6),
         "integer_layers": report["integer_layers"],
+        "layers_into_float": report["layers_into_float"],
         "layers": len(report["layers"]),
         "islands": islands,
         "rounding": report["rounding"],
@@ -305,6 +306,8 @@ def shift_row(
         try:
             tvm_model = edgefx.compile(shift, backend="tvm", progress=False)
             extra["integer_tvm_top1"] = round(top1(tvm_model, x, y), 2)
+            # compile()'s check on the example inputs, in quantization steps where inexact
+            extra["tvm_check"] = tvm_model.report.to_dict()["quantized_check"]
         except Exception as exc:  # TVM is a column, not the row: keep the row, say why
             extra["tvm_error"] = first_line(exc)
     return top1(onnx_model, x, y), extra
@@ -705,8 +708,10 @@ def shift_summary(models: list[dict[str, Any]]) -> list[str]:
         "rewrite: run by onnxruntime at opset 28, by the integer reference (the Program in "
         "PyTorch) and by TVM x86 (`llvm`, no schedules). `differing`: share of the output "
         "elements (logits) and of the predicted classes where the integer reference and the "
-        "fake-quant model differ, on the test split. Float islands: ops left in float "
-        "between a dequantize and a quantize (count: op: reason).",
+        "fake-quant model differ, on the test split. Integer layers: conv/linear/matmul "
+        "layers whose multiply-accumulates are integer, in brackets those whose int32 "
+        "accumulator is dequantized (exactly, below 2**24) into a float island. Float "
+        "islands: ops left in float between a dequantize and a quantize (count: op: reason).",
         "",
         "| model | config | fake-quant | integer ORT | integer ref | integer TVM "
         "| ORT - fake-quant | logits differing | classes differing | integer layers "
@@ -721,12 +726,13 @@ def shift_summary(models: list[dict[str, Any]]) -> list[str]:
         tvm = r.get("integer_tvm_top1")
         tvm_cell = f"{tvm:.2f}" if tvm is not None else f"failed: {r.get('tvm_error', 'not run')}"
         islands = "; ".join(f"{n}x {k}" for k, n in r["islands"].items()) or "none"
+        into_float = f" ({r['layers_into_float']} into float)" if r.get("layers_into_float") else ""
         lines.append(
             f"| {model} | {r['config']} | {r['fake_quant_top1']:.2f} | {r['top1']:.2f} "
             f"| {r['integer_ref_top1']:.2f} | {tvm_cell} "
             f"| {r['top1'] - r['fake_quant_top1']:+.2f} | {r['output_elements_differing']:.4%} "
-            f"| {r['top1_class_differing']:.2%} | {r['integer_layers']}/{r['layers']} "
-            f"| {islands} |"
+            f"| {r['top1_class_differing']:.2%} | {r['integer_layers']}/{r['layers']}"
+            f"{into_float} | {islands} |"
         )
     return [*lines, ""]
 

@@ -34,14 +34,16 @@ from edgefx.program import Program, TensorSpec, check_inputs
 MANIFEST = "manifest.json"
 PROGRAM_FILE = "program.pt2"
 DEFAULT_TOLERANCE = 1e-4
-# A quantized Program (one holding edgefx::quantize_pot nodes) is checked in quantization
-# steps: a float op between a dequantize and the next quantize that the backend computes a hair
-# differently (onnxruntime fuses a BatchNorm into the dequantized conv weights, its SiLU
-# kernel can round differently) can flip a rounding step, and that flip propagates. The
-# outputs are measured in steps of a signed QUANTIZED_CHECK_BITS-bit grid over the Program's
-# output range; the backend passes when at most QUANTIZED_MAX_SHARE of the output elements
-# are more than one step off and the two agree to QUANTIZED_MIN_SNR_DB or better. A lowering
-# error (a wrong exponent, rounding mode or channel order) moves most elements by many steps.
+# A quantized Program (one holding edgefx::quantize_pot nodes, or QDQToShift's integer form of
+# one: float_to_codes / requant_shift) is checked in quantization steps: a float op between a
+# dequantize and the next quantize that the backend computes a hair differently (onnxruntime
+# fuses a BatchNorm into the dequantized conv weights, its SiLU kernel can round differently;
+# TVM's LayerNorm and softmax sum in another order, its erf differs by an ulp) can flip a
+# rounding step, and that flip propagates. The outputs are measured in steps of a signed
+# QUANTIZED_CHECK_BITS-bit grid over the Program's output range; the backend passes when at
+# most QUANTIZED_MAX_SHARE of the output elements are more than one step off and the two agree
+# to QUANTIZED_MIN_SNR_DB or better. A lowering error (a wrong exponent, rounding mode or
+# channel order) moves most elements by many steps.
 QUANTIZED_CHECK_BITS = 8
 QUANTIZED_MAX_SHARE = 0.01
 QUANTIZED_MIN_SNR_DB = 30.0
@@ -360,8 +362,14 @@ def _compiled(artifact: Artifact, program: Program, report: CompileReport) -> Co
 
 
 def _is_quantized(program: Program) -> bool:
-    quantize = torch.ops.edgefx.quantize_pot.default
-    return bool(program.graph_module.graph.find_nodes(op="call_function", target=quantize))
+    """A Program with quantization steps in it: PotQuantize's fake-quant graph
+    (``quantize_pot``) or its integer rewrite by QDQToShift, where every quantize became a
+    ``float_to_codes`` (from a float value) or a ``requant_shift`` (from integer codes). Both
+    carry float islands whose last-bit differences between backends can flip a step."""
+    ops = torch.ops.edgefx
+    quantizers = (ops.quantize_pot.default, ops.float_to_codes.default, ops.requant_shift.default)
+    graph = program.graph_module.graph
+    return any(graph.find_nodes(op="call_function", target=target) for target in quantizers)
 
 
 def quantized_agreement(

@@ -14,8 +14,8 @@ MAC rules (multiply-accumulates; a FLOP counter would report twice these numbers
   the output (so grouped-query attention counts the query heads)
 - einsum: the MACs of the mm/bmm calls torch evaluates it with (counted by
   ``torch.utils.flop_counter`` on the fake operands)
-- edgefx's integer ``conv_int`` / ``linear_int`` (QDQToShift): as the float convolution /
-  linear they replace (integer multiply-accumulates are MACs too)
+- edgefx's integer ``conv_int`` / ``linear_int`` / ``matmul_int`` (QDQToShift): as the float
+  convolution / linear / matmul they replace (integer multiply-accumulates are MACs too)
 - every other op, including ops edgefx does not know: 0. Bias adds, normalisation,
   activations and pooling are not MACs.
 """
@@ -174,6 +174,7 @@ _MAC_RULES: dict[Any, MacRule] = {
     aten._scaled_dot_product_cudnn_attention: _sdpa_macs,
     torch.ops.edgefx.conv_int: _conv_macs(None),
     torch.ops.edgefx.linear_int: _linear_macs,
+    torch.ops.edgefx.matmul_int: _matmul_macs(0),
 }
 """Keyed by OpOverloadPacket, so every overload (e.g. ``conv2d.padding``) shares a rule."""
 

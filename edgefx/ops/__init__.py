@@ -12,6 +12,7 @@ from edgefx.ops.integer import (
     conv_int,
     float_to_codes,
     linear_int,
+    matmul_int,
     max_pool_int,
     requant_shift,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "dequantize_pot",
     "float_to_codes",
     "linear_int",
+    "matmul_int",
     "max_pool_int",
     "onnx_translations",
     "quantize_pot",

@@ -1,5 +1,6 @@
 """Integer arithmetic on power-of-two quantized codes: ``edgefx::conv_int``,
-``edgefx::linear_int``, ``edgefx::requant_shift`` and ``edgefx::max_pool_int``.
+``edgefx::linear_int``, ``edgefx::matmul_int``, ``edgefx::requant_shift`` and
+``edgefx::max_pool_int``.
 
 These are the kernels QDQToShift rewrites ``dequantize_pot -> conv/linear -> quantize_pot``
 chains into. A tensor is a pair (integer codes, power-of-two exponent); the ops compute on the
@@ -7,6 +8,9 @@ codes only and the exponents live in the rewriting pass:
 
 - ``conv_int`` / ``linear_int``: int8/uint8 codes times int8 weight codes, summed in int32,
   plus the int32 bias codes (on the accumulator's grid, exponent = input + weight exponent).
+- ``matmul_int``: activation times activation (a ViT's q @ k^T and attn @ v): two tensors of
+  int8/uint8 codes, ``torch.matmul``'s broadcasting, summed in int32 (exponent = the sum of
+  the two operands' per-tensor exponents).
 - ``requant_shift``: moves codes from one exponent to another by a shift, per tensor or per
   channel. ``shift > 0`` divides by ``2**shift`` rounding to nearest, ``shift < 0``
   multiplies by ``2**-shift`` (a left shift, exact), then the result is clamped to
@@ -32,14 +36,14 @@ The reference kernels are exact: integer shifts in int64, and the convolution / 
 product in float64, which represents every product and partial sum exactly while the
 accumulator stays below 2**53 (QDQToShift refuses layers whose worst case exceeds int32).
 
-ONNX: ``ConvInteger`` / ``MatMulInteger`` + ``Add`` (int32), ``BitShift`` on signed int32
-(opset 28; at opset 11 BitShift is unsigned only), ``Clip``, ``Cast``. torch.onnx emits
-opset 21, so a graph holding ``requant_shift`` must be exported with
-``backend_options={"opset": 28}`` (the ONNX backend's version converter lifts the whole graph
-to 28); at opset 21 onnxruntime refuses the int32 BitShift when loading.
+ONNX: ``ConvInteger`` / ``MatMulInteger`` (batched for ``matmul_int``) + ``Add`` (int32),
+``BitShift`` on signed int32 (opset 28; at opset 11 BitShift is unsigned only), ``Clip``,
+``Cast``. torch.onnx emits opset 21, so a graph holding ``requant_shift`` must be exported
+with ``backend_options={"opset": 28}`` (the ONNX backend's version converter lifts the whole
+graph to 28); at opset 21 onnxruntime refuses the int32 BitShift when loading.
 
-TVM: Relax ``conv2d`` / ``matmul`` with ``out_dtype="int32"``, ``left_shift``,
-``right_shift`` (arithmetic on int32), ``clip``, ``max_pool2d``, ``astype``.
+TVM: Relax ``conv2d`` / ``matmul`` (operands widened to int32) with ``out_dtype="int32"``,
+``left_shift``, ``right_shift`` (arithmetic on int32), ``clip``, ``max_pool2d``, ``astype``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ __all__ = [
     "conv_int",
     "float_to_codes",
     "linear_int",
+    "matmul_int",
     "max_pool_int",
     "out_dtype",
     "requant_shift",
@@ -205,6 +210,19 @@ def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.int32)
 
 
+# ---------------------------------------------------------------------------- matmul_int
+@torch.library.custom_op("edgefx::matmul_int", mutates_args=())
+def matmul_int(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul`` of two tensors of integer codes (batched, broadcasting), int32
+    accumulation."""
+    return torch.matmul(_exact(a), _exact(b)).to(torch.int32)
+
+
+@matmul_int.register_fake
+def _(a, b):
+    return torch.empty_like(torch.matmul(a.float(), b.float()), dtype=torch.int32)
+
+
 # ---------------------------------------------------------------------------- max_pool_int
 @torch.library.custom_op("edgefx::max_pool_int", mutates_args=())
 def max_pool_int(
@@ -347,6 +365,10 @@ def _onnx_linear_int(x, weight, bias):
     return acc
 
 
+def _onnx_matmul_int(a, b):
+    return op.MatMulInteger(a, b)
+
+
 def _onnx_max_pool_int(x, kernel_size, stride, padding, dilation, ceil_mode: bool):
     def pool(v):
         out = op.MaxPool(
@@ -395,6 +417,7 @@ ONNX_TRANSLATIONS = {
     torch.ops.edgefx.requant_shift.default: _onnx_requant_shift,
     torch.ops.edgefx.conv_int.default: _onnx_conv_int,
     torch.ops.edgefx.linear_int.default: _onnx_linear_int,
+    torch.ops.edgefx.matmul_int.default: _onnx_matmul_int,
     torch.ops.edgefx.max_pool_int.default: _onnx_max_pool_int,
     torch.ops.edgefx.float_to_codes.default: _onnx_float_to_codes,
     torch.ops.edgefx.codes_to_float.default: _onnx_codes_to_float,
@@ -487,6 +510,16 @@ def _tvm_linear_int(node: torch.fx.Node, importer: Any) -> Any:
     return acc
 
 
+def _tvm_matmul_int(node: torch.fx.Node, importer: Any) -> Any:
+    from tvm import relax
+
+    a, b = _tvm_args(node, importer)
+    return importer.block_builder.emit(
+        relax.op.matmul(relax.op.astype(a, "int32"), relax.op.astype(b, "int32"),
+                        out_dtype="int32")
+    )
+
+
 def _tvm_max_pool_int(node: torch.fx.Node, importer: Any) -> Any:
     from tvm import relax
 
@@ -556,5 +589,6 @@ TVM_CONVERTERS: dict[str, Callable[[torch.fx.Node, Any], Any]] = {
     "requant_shift.default": _tvm_requant_shift,
     "conv_int.default": _tvm_conv_int,
     "linear_int.default": _tvm_linear_int,
+    "matmul_int.default": _tvm_matmul_int,
     "max_pool_int.default": _tvm_max_pool_int,
 }

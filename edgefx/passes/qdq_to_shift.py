@@ -9,6 +9,11 @@ of the graph, whether its value can be held exactly as integer codes with a know
 - conv2d / linear on dequantized 8-bit-or-narrower codes with int32 bias codes on the
   accumulator grid -> ``edgefx::conv_int`` / ``linear_int`` (int32 accumulator, exponent
   input + weight exponent per output channel);
+- matmul of two dequantized per-tensor 8-bit-or-narrower activations (a ViT's q @ k^T and
+  attn @ v, both quantized by PotQuantize) -> ``edgefx::matmul_int`` (int32 accumulator,
+  exponent the sum of the two);
+- times / divided by a positive power of two (a ViT's attention scale where the head
+  dimension is a power of four) -> the same codes, the exponent moved;
 - ReLU / ReLU6 / hardtanh / clamp with constant bounds -> a pending clamp, folded into the
   clamp of the next requantization (or applied to the codes where something needs it first);
 - ``quantize_pot`` of such a value -> ``edgefx::requant_shift``: a per-channel rounding
@@ -19,13 +24,22 @@ of the graph, whether its value can be held exactly as integer codes with a know
   part's exponents instead);
 - max pooling -> ``edgefx::max_pool_int`` on the codes; global average pooling / mean over a
   power-of-two count -> an int32 sum, exponent minus log2(count);
-- reshapes, flattens, permutes -> the same op on the codes.
+- reshapes, flattens, permutes, unbind (a ViT's q/k/v split) -> the same op on the codes.
 
 Everything else (GELU, softmax, LayerNorm, a pooling over 49 positions, ...) is a float
 island: the codes are dequantized in front of it (``dequantize_pot``) and its result is
 quantized again by the ``quantize_pot`` PotQuantize already placed after it. The report lists
 every island and why, every integer layer with its accumulator bound against int32 and every
 requantization with its shift range.
+
+Every conv/linear/matmul on codes is an integer layer, wherever its result goes. A layer whose
+result a float island reads (a ViT's linears: the residual add of a float stream, GELU) is
+"an integer layer ending in a float island" (``output: "float"`` in the report, with the
+island's ops): its int32 accumulator (bias included) is dequantized, ``acc * 2**(ex + ew)``.
+That is exact in float32 while |acc| < 2**24 (``dequantized_exactly``, from the overflow
+analysis's bounds of the codes dequantized); where every partial sum stays below 2**24 as well
+(``bitwidth_bound`` bounds them) the QDQ graph's float32 layer sums exactly too, so the island
+reads the very value the QDQ graph computes.
 
 Overflow analysis: each integer value carries per-channel bounds of its codes. A layer's
 accumulator bound is, per output channel, sum_k |w[c, k]| * max|x| + |b[c]| (the worst case
@@ -70,6 +84,8 @@ _QUANTIZE = torch.ops.edgefx.quantize_pot.default
 _DEQUANTIZE = torch.ops.edgefx.dequantize_pot.default
 _CONV_INT = torch.ops.edgefx.conv_int.default
 _LINEAR_INT = torch.ops.edgefx.linear_int.default
+_MATMUL_INT = torch.ops.edgefx.matmul_int.default
+_INT_LAYERS = (_CONV_INT, _LINEAR_INT, _MATMUL_INT)
 _REQUANT = torch.ops.edgefx.requant_shift.default
 _MAX_POOL_INT = torch.ops.edgefx.max_pool_int.default
 _TO_CODES = torch.ops.edgefx.float_to_codes.default
@@ -117,6 +133,8 @@ class _Layer:
     acc_bound: int
     bitwidth_bound: int
     requants: list[dict[str, Any]] = field(default_factory=list)
+    # where its codes are dequantized for a float op: the largest |code| dequantized there
+    dequantized_bound: float = 0.0
 
 
 class QDQToShift(Pass):
@@ -153,6 +171,11 @@ class QDQToShift(Pass):
         return f"QDQToShift(exclude={list(self.exclude)}, rounding={self.rounding!r})"
 
     def run(self, program: Program) -> tuple[Program, dict[str, Any]]:
+        nodes = program.graph_module.graph.nodes
+        if any(n.op == "call_function" and "val" not in n.meta for n in nodes):
+            # shapes are read below; a pass result not yet re-exported (PotQuantize's own
+            # attention decomposition) lacks some
+            program = program.refreshed()
         gm = program.copy_graph()
         rewriter = _Rewriter(gm, self.exclude, self.rounding)
         rewriter.run()
@@ -192,6 +215,7 @@ class _Rewriter:
         self.foreign_quantizers: list[str] = []
         self.requants: list[dict[str, Any]] = []
         self.aligned: list[dict[str, Any]] = []
+        self.unbound: dict[fx.Node, tuple[fx.Node, _Int, int]] = {}  # unbind -> its codes'
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
@@ -215,7 +239,11 @@ class _Rewriter:
             aten.cat.default: self._cat,
             aten.max_pool2d.default: self._max_pool,
             aten.mean.dim: self._global_pool,
-            operator.getitem: None,
+            aten.matmul.default: self._matmul,
+            aten.mul.Tensor: self._scale,
+            aten.div.Tensor: self._scale,
+            aten.unbind.int: self._unbind,
+            operator.getitem: self._getitem,
         }.get(target)
         if target in _CLAMPS:
             handler = self._clamp
@@ -264,6 +292,10 @@ class _Rewriter:
         if value in self.floats:
             return self.floats[value]
         v = self.ints[value]
+        if v.layer in self.layer_of:  # an integer layer's codes read by a float island
+            layer = self.layer_of[v.layer]
+            bound = max(float(v.hi.max()), -float(v.lo.min()))
+            layer.dequantized_bound = max(layer.dequantized_bound, bound)
         exp = self._const(f"{value.name}_exp", v.exp.to(torch.int32), value)
         with self.graph.inserting_after(value):
             out = self.graph.call_function(_DEQUANTIZE, (v.codes, exp, v.axis))
@@ -488,6 +520,81 @@ class _Rewriter:
                 return "bias exponent is not input + weight exponent (not on the accumulator grid)"
         return None
 
+    def _matmul(self, node: fx.Node) -> str | None:
+        """Activation times activation (a ViT's q @ k^T, attn @ v): both operands per-tensor
+        8-bit-or-narrower codes -> ``matmul_int``, exponent the sum of theirs."""
+        a, b = node.args[:2]
+        if not (a in self.ints and b in self.ints):
+            return "matmul of an integer and a float value" if self._int_inputs(node) else None
+        module = module_path(node) or node.name
+        if any(under(module, p) for p in self.exclude):
+            self.refusals.append(f"{module} excluded")
+            return "excluded (QDQToShift(exclude=...))"
+        operands = [self._codes_clamped(a), self._codes_clamped(b)]
+        if any(v is None for v in operands):
+            return "matmul: a clamp not on the codes' grid"
+        va, vb = operands
+        if va.exp.dim() or vb.exp.dim():
+            return "matmul of per-channel exponents (only per-tensor codes multiply exactly)"
+        if any(v.dtype not in (torch.int8, torch.uint8) for v in operands):
+            return "matmul operand is not 8-bit-or-narrower codes"
+        fan_in = int(a.meta["val"].shape[-1])
+        corners = torch.stack([va.lo * vb.lo, va.lo * vb.hi, va.hi * vb.lo, va.hi * vb.hi])
+        lo, hi = corners.min() * fan_in, corners.max() * fan_in
+        self._check_bound(node, lo, hi, f"the accumulator of the matmul {node.name} ({module})")
+        new = self._emit(node, _MATMUL_INT, (va.codes, vb.codes))
+        bound = int(max(hi, -lo))
+        layer = _Layer(new.name, module, "matmul", fan_in, bound, bound)
+        self.layers.append(layer)
+        self.layer_of[new.name] = layer
+        self.ints[node] = _Int(new, va.exp + vb.exp, 0, lo, hi, torch.int32, layer=new.name)
+        return None
+
+    def _scale(self, node: fx.Node) -> str | None:
+        """Times / divided by a positive power of two: the same codes, exponent moved (exact,
+        as in float)."""
+        source, factor = node.args[:2]
+        if node.target is aten.mul.Tensor and not isinstance(source, fx.Node):
+            source, factor = factor, source
+        if source not in self.ints:
+            return "power-of-two scaling of a float by integer codes" if (
+                self._int_inputs(node)) else None  # fmt: skip
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            return f"{_op_name(node)} by a tensor or a non-positive number"
+        mantissa, power = math.frexp(float(factor))
+        if mantissa != 0.5:
+            return f"{_op_name(node)} by {factor:g}, not a power of two"
+        power -= 1
+        if node.target is aten.div.Tensor:
+            power = -power
+        v = self.ints[source]
+        low, high = v.clamp
+        clamp = tuple(None if c is None else math.ldexp(c, power) for c in (low, high))
+        self.ints[node] = replace(v, exp=v.exp + power, clamp=clamp)
+        return None
+
+    def _unbind(self, node: fx.Node) -> str | None:
+        source = node.args[0]
+        if source not in self.ints:
+            return None
+        v = self.ints[source]
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % _rank(source)
+        if v.exp.dim() == 1 and v.axis == dim:
+            return "unbind along the axis of per-channel exponents"
+        new = self._emit(node, aten.unbind.int, (v.codes, dim))
+        self.unbound[node] = (new, v, dim)
+        return None
+
+    def _getitem(self, node: fx.Node) -> str | None:
+        source, index = node.args[:2]
+        if source not in self.unbound:
+            return None
+        new_tuple, v, dim = self.unbound[source]
+        new = self._emit(node, operator.getitem, (new_tuple, index))
+        axis = v.axis - 1 if v.exp.dim() == 1 and v.axis > dim else v.axis
+        self.ints[node] = replace(v, codes=new, axis=axis if v.exp.dim() == 1 else 0)
+        return None
+
     def _clamp(self, node: fx.Node) -> str | None:
         source = node.args[0]
         if source not in self.ints:
@@ -697,7 +804,7 @@ class _Rewriter:
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
-        integer = self._integer_layers()
+        into_float = self._layers_into_float()
         return {
             "rounding": (
                 "half up: floor((x + 2**(s-1)) / 2**s); the QDQ graph rounds half to even"
@@ -714,7 +821,19 @@ class _Rewriter:
                     "bitwidth_bound": layer.bitwidth_bound,
                     "int32_headroom_bits": round(math.log2(INT32[1] / max(layer.acc_bound, 1)), 2),
                     "requant_shift": _shift_span(layer.requants),
-                    "integer": integer.get(layer.node, False),
+                    # every multiply-accumulate of a layer listed here is integer
+                    "integer": True,
+                    # "codes": on to the next integer layers (or the model output) in integers;
+                    # "float": its codes are dequantized for the float islands named in
+                    # float_consumers ("an integer layer ending in a float island")
+                    "output": "float" if into_float.get(layer.node) else "codes",
+                    "float_consumers": into_float.get(layer.node, []),
+                    # the codes dequantized there stay below 2**24, so their float32 value
+                    # (codes * 2**exponent) is exact: the float island reads exactly the value
+                    # the QDQ graph's float32 layer computes, where its sums are exact too
+                    "dequantized_exactly": (
+                        layer.dequantized_bound < _FLOAT24 if into_float.get(layer.node) else None
+                    ),
                 }
                 for layer in self.layers
             ],
@@ -724,13 +843,14 @@ class _Rewriter:
             "requants": self.requants,
             "aligned": self.aligned,
             "islands": self.islands,
-            "integer_layers": sum(integer.values()),
+            "integer_layers": len(self.layers),
+            "layers_into_float": sum(1 for consumers in into_float.values() if consumers),
         }
 
-    def _integer_layers(self) -> dict[str, bool]:
-        """A layer is integer when everything from its accumulator to the next integer layers
-        reads and writes integers: no dequantize on the way, except where the model's output
-        itself is dequantized."""
+    def _layers_into_float(self) -> dict[str, list[str]]:
+        """Per integer layer, the float ops its codes reach through a dequantize on the way to
+        the next integer layers (none: integer from its accumulator to the next integer layers
+        or to the model's own dequantized output)."""
 
         def only_outputs(n: fx.Node) -> bool:
             return all(
@@ -738,23 +858,34 @@ class _Rewriter:
                 for u in n.users
             )
 
-        layer_nodes = {n for n in self.graph.nodes if n.target in (_CONV_INT, _LINEAR_INT)}
+        layer_nodes = {n for n in self.graph.nodes if n.target in _INT_LAYERS}
         result = {}
         for start in layer_nodes:
-            ok, stack, seen = True, list(start.users), set()
+            consumers: list[str] = []
+            stack, seen = list(start.users), set()
             while stack:
                 n = stack.pop()
                 if n in seen or n in layer_nodes or n.op == "output":
                     continue
                 seen.add(n)
                 if n.target in (_DEQUANTIZE, _TO_FLOAT):  # a float island or an output
-                    if only_outputs(n):
-                        continue
-                    ok = False
-                    break
+                    if not only_outputs(n):
+                        consumers.extend(_island_users(n))
+                    continue
                 stack.extend(n.users)
-            result[start.name] = ok
+            result[start.name] = sorted(set(consumers))
         return result
+
+
+def _island_users(dequantized: fx.Node) -> list[str]:
+    """The float ops reading a dequantized value (through a pending clamp)."""
+    names = []
+    for user in dequantized.users:
+        if user.target is aten.clamp.default and user.args[0] is dequantized:
+            names.extend(_island_users(user))
+        elif user.op != "output":
+            names.append(user.name)
+    return names
 
 
 def _own_boundaries(gm: fx.GraphModule) -> None:

@@ -83,6 +83,23 @@ def test_conv_and_linear_accumulate_exactly_in_integers():
     assert torch.equal(out.long(), xs.long() @ ws.long().T)
 
 
+def test_matmul_int_multiplies_two_activations_exactly_with_broadcasting():
+    """uint8 x int8 (attention weights @ values), batched and broadcast; a 2**16-long dot
+    product of extreme codes (about -7.2e8) stays exact where a float32 sum would not."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(0, 256, (2, 3, 7, 65), dtype=torch.uint8, generator=gen)
+    b = torch.randint(-128, 128, (3, 65, 4), dtype=torch.int8, generator=gen)
+    out = ops.matmul_int(a, b)
+    assert out.dtype == torch.int32 and out.shape == (2, 3, 7, 4)
+    assert torch.equal(out.long(), a.long() @ b.long())
+    wide_a = torch.full((1, 1 << 16), 255, dtype=torch.uint8)
+    wide_b = torch.full((1 << 16, 1), -128, dtype=torch.int8)
+    wide_b[::3] = 127
+    want = (wide_a.long() @ wide_b.long()).item()
+    assert ops.matmul_int(wide_a, wide_b).item() == want
+    assert abs(want) > 1 << 24  # beyond float32's exact integers
+
+
 class _AllOps(torch.nn.Module):
     """Every integer op and both float borders, per tensor and per channel."""
 
@@ -111,7 +128,10 @@ class _AllOps(torch.nn.Module):
         summed = small_pool.to(torch.int32).sum(dim=(2, 3))
         u8 = ops.requant_shift(summed, [1], 1, 8, False)
         out = ops.linear_int(u8, self.fw, self.fb)
-        return ops.codes_to_float(acc, self.out_exp, 1), small_pool, out, even
+        s8 = ops.float_to_codes(x, self.x_exp, 1, 8, True)
+        scores = ops.matmul_int(s8, s8.transpose(-2, -1))  # int8 x int8, batched (q @ k^T)
+        mixed_types = ops.matmul_int(small, ops.requant_shift(mixed, [4], 1, 8, True))  # u8 x s8
+        return ops.codes_to_float(acc, self.out_exp, 1), small_pool, out, even, scores, mixed_types
 
 
 def _inputs() -> torch.Tensor:

@@ -1,8 +1,10 @@
 """QDQToShift: PotQuantize's QDQ graph as integer arithmetic with shifts. With the default
 half-to-even rounding the rewrite computes the QDQ graph's values exactly (half up differs on
 ties), onnxruntime and TVM run it bit-exactly like the reference kernels (both rules), the
-layers the report calls integer have no float Mul/Div in ONNX, program.cost() counts the
-integer layers' MACs, and bad input is refused clearly."""
+integer layers have no float Mul/Div in ONNX up to the next integer layers or, for a layer
+the report says ends in a float island, up to that island's dequantize, program.cost()
+counts the integer layers' MACs, and bad input is refused clearly. A small timm ViT: every
+linear, the patch embedding and both attention matmuls are integer layers."""
 
 from __future__ import annotations
 
@@ -18,15 +20,19 @@ from shift_models import (
     assert_equal_integers,
     fresh,
     integer_outputs,
+    integer_regions,
+    onnx_outputs,
     quantized,
     tvm_outputs,
 )
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import edgefx
 import edgefx.ops
 from edgefx import PassError
 from edgefx.frontend import capture
+from edgefx.ops import integer as integer_ops
 from edgefx.passes import PASSES, FoldBatchNorm, PotQuantize, QDQToShift
 
 CONV_INT = torch.ops.edgefx.conv_int.default
@@ -139,10 +145,17 @@ def test_island_where_the_average_is_not_over_a_power_of_two():
     reasons = [i["reason"] for i in report["islands"]]
     assert reasons == ["average over 36 positions, not a power of two"]
     assert report["islands"][0]["op"] == "adaptive_avg_pool2d"
-    integer = {layer["module"]: layer["integer"] for layer in report["layers"]}
-    assert integer == {"stem.0": True, "a.0": True, "b": True, "c.0": False, "fc": True}
+    # every layer's MACs are integer; c.0's codes (ReLU6 folded) are dequantized for the
+    # average, exactly (its accumulator stays far below 2**24)
+    outputs = {layer["module"]: layer["output"] for layer in report["layers"]}
+    assert outputs == {"stem.0": "codes", "a.0": "codes", "b": "codes", "c.0": "float",
+                       "fc": "codes"}  # fmt: skip
+    assert all(layer["integer"] for layer in report["layers"])
+    (c0,) = [layer for layer in report["layers"] if layer["output"] == "float"]
+    assert c0["float_consumers"] == [report["islands"][0]["node"]]
+    assert c0["dequantized_exactly"] is True and report["layers_into_float"] == 1
     compiled = _assert_onnx_bit_exact(shift, 12)
-    assert _assert_no_float_between_integer_layers(compiled, report) == 4
+    assert _assert_no_float_between_integer_layers(compiled, report) == 5
 
 
 def test_tiny_onnx_is_bit_exact_and_integer_between_layers(tiny):
@@ -152,23 +165,31 @@ def test_tiny_onnx_is_bit_exact_and_integer_between_layers(tiny):
 
 
 def _assert_no_float_between_integer_layers(compiled: edgefx.Compiled, report) -> int:
-    """Walk from every ConvInteger/MatMulInteger of a layer the report calls integer to the
-    next ones: only integer ops, every Cast to an integer type, no Mul/Div."""
+    """Walk from the ConvInteger/MatMulInteger of every layer of the report (all integer) to
+    the next ones: only integer ops, every Cast to an integer type, no Mul/Div, except the
+    dequantize (Cast to float, Mul by 2**e) where the codes leave: at the model's output, or,
+    for a layer the report says ends in a float island (output "float"), in front of that
+    island, and nowhere else (a "codes" layer reaches no island). The report's layers and the
+    ONNX layer nodes are paired in graph order within each module."""
     model = compiled.artifact.model
     graph_outputs = {o.name for o in model.graph.output}
     consumers = collections.defaultdict(list)
     for node in model.graph.node:
         for name in node.input:
             consumers[name].append(node)
-    integer_modules = {layer["module"] for layer in report["layers"] if layer["integer"]}
     node_map = compiled.artifact.node_map
+    pending = collections.defaultdict(list)  # module -> its report layers, in graph order
+    for layer in report["layers"]:
+        assert layer["integer"]
+        pending[layer["module"]].append(layer)
     walked = 0
     for start in model.graph.node:
         if start.op_type not in ("ConvInteger", "MatMulInteger"):
             continue
-        if node_map[start.name].get("module") not in integer_modules:
-            continue
+        layer = pending[node_map[start.name].get("module")].pop(0)
+        assert (layer["op"] == "conv2d") == (start.op_type == "ConvInteger"), start.name
         walked += 1
+        into_island = False
         stack, seen = [n for o in start.output for n in consumers[o]], set()
         while stack:
             node = stack.pop()
@@ -182,14 +203,18 @@ def _assert_no_float_between_integer_layers(compiled: edgefx.Compiled, report) -
                     # codes are pooled as float32 (exact below 2**24, which the pass checks)
                     stack.extend(c for u in users for c in consumers[u.output[0]])
                     continue
-                # otherwise only the model's output may be dequantized: Cast -> Mul -> output
-                assert all(m.op_type == "Mul" and set(m.output) <= graph_outputs for m in users), (
-                    f"{start.name}: float cast {node.name} not at the output"
-                )
+                # otherwise a dequantize: Cast -> Mul, into the model's output or an island
+                assert all(m.op_type == "Mul" for m in users), f"{start.name}: {node.name}"
+                if not all(set(m.output) <= graph_outputs for m in users):
+                    assert layer["output"] == "float", (
+                        f"{start.name}: float cast {node.name} not at the output"
+                    )
+                    into_island = True
                 continue
             assert node.op_type in INT_OPS, f"{start.name}: {node.op_type} {node.name}"
             stack.extend(n for o in node.output for n in consumers[o])
-    assert walked == len(integer_modules)
+        assert into_island == (layer["output"] == "float"), start.name
+    assert walked == len(report["layers"]) and not any(pending.values())
     return walked
 
 
@@ -221,6 +246,136 @@ def test_torchvision_models_run_bit_exactly_on_onnxruntime(name, bits):
     assert report["integer_layers"] == len(report["layers"])
     compiled = _assert_onnx_bit_exact(shift, 64)
     assert _assert_no_float_between_integer_layers(compiled, report) == len(report["layers"])
+
+
+# ---------------------------------------------------------------------------- a small ViT
+def _vit() -> nn.Module:
+    """timm's VisionTransformer at 16x16, 2 blocks, head dim 16: the attention scale 1/4 is a
+    power of two, so q @ k^T is rescaled by the exponent (the real-data ViT's 1/sqrt(32) is a
+    float multiply; tests/passes/test_qdq_to_shift_real_data.py)."""
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=5).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=[(8, 8), (4, 4)], ids=["W8A8", "W4A4"])
+def vit(request):
+    return quantized(_vit(), 16, request.param)
+
+
+# residual stream (float: the class token and position embedding are float parameters),
+# GELU, softmax; LayerNorm reads only float values
+VIT_ISLANDS = {"cat", "add.Tensor", "gelu", "_softmax"}
+
+
+def test_vit_every_linear_and_attention_matmul_is_an_integer_layer(vit):
+    _, shift, report = vit
+    blocks = 2
+    layers = report["layers"]
+    # patch embedding, per block qkv / q @ k^T / attn @ v / proj / fc1 / fc2, the head
+    assert [layer["op"] for layer in layers] == (
+        ["conv2d"] + ["linear", "matmul", "matmul", "linear", "linear", "linear"] * blocks
+        + ["linear"]
+    )  # fmt: skip
+    assert report["integer_layers"] == len(layers) == 1 + 6 * blocks + 1
+    assert all(layer["integer"] for layer in layers)
+    assert {i["op"] for i in report["islands"]} == VIT_ISLANDS
+    # into float islands: the patch embedding (class-token concat), q @ k^T (softmax), proj
+    # and fc2 (residual adds), fc1 (GELU); qkv and attn @ v requantize to codes, the head is
+    # the output
+    into_float = [layer["module"] for layer in layers if layer["output"] == "float"]
+    assert into_float == ["patch_embed.proj"] + [
+        f"blocks.{b}.{m}" for b in range(blocks) for m in ("attn", "attn.proj", "mlp.fc1",
+                                                             "mlp.fc2")
+    ]  # fmt: skip
+    assert report["layers_into_float"] == len(into_float)
+    for layer in layers:
+        assert 0 < layer["acc_bound"] <= layer["bitwidth_bound"] < 2**24
+        assert layer["dequantized_exactly"] is (True if layer["output"] == "float" else None)
+    kinds = collections.Counter(
+        str(n.target) for n in shift.graph_module.graph.nodes if n.op == "call_function"
+    )
+    assert kinds["edgefx.matmul_int.default"] == 2 * blocks
+    assert kinds["aten.matmul.default"] == 0 and kinds["aten.linear.default"] == 0
+    assert kinds["aten.mul.Tensor"] == 0  # the 1/4 attention scale went into the exponent
+
+
+def test_vit_rewrite_equals_the_qdq_graph(vit):
+    """Every accumulator stays below 2**24, so the QDQ graph's float32 sums are exact and the
+    integer graph (half to even) computes its outputs exactly: every element, 64 images."""
+    qdq, shift, _ = vit
+    x = fresh(16, 64)
+    (want,), (got,) = qdq.run_flat([x]), shift.run_flat([x])
+    assert torch.equal(want, got)
+
+
+def test_vit_integer_regions_are_bit_exact_on_onnxruntime_and_tvm(vit):
+    """The ViT's float islands (GELU, softmax, LayerNorm) are each backend's own float
+    kernels, so bit-exactness is checked on the integer regions alone: every value from the
+    codes entering them to the codes or accumulators leaving them, every element."""
+    _, shift, report = vit
+    cut, inputs = integer_regions(shift, fresh(16, 2))
+    kinds = {str(n.target) for n in cut.graph_module.graph.nodes if n.op == "call_function"}
+    assert {"edgefx.conv_int.default", "edgefx.linear_int.default",
+            "edgefx.matmul_int.default"} <= kinds  # fmt: skip
+    assert not any(k.startswith(("aten.gelu", "aten.layer_norm", "aten._softmax")) for k in kinds)
+    want = cut.run_flat(inputs)
+    assert len(want) == report["layers_into_float"] + 1  # and the logits
+    assert_equal_integers(want, onnx_outputs(cut, inputs), "onnxruntime")
+    assert_equal_integers(want, tvm_outputs(cut, inputs), "TVM x86")
+
+
+def test_vit_onnx_is_integer_up_to_each_float_island(vit):
+    _, shift, report = vit
+    compiled = edgefx.compile(shift, backend="onnx", backend_options={"opset": 28},
+                              progress=False)  # fmt: skip
+    assert _assert_no_float_between_integer_layers(compiled, report) == len(report["layers"])
+
+
+def test_vit_cost_counts_the_attention_matmuls(vit):
+    qdq, shift, _ = vit
+    before, after = qdq.cost(), shift.cost()
+    float_mm = sorted(n.macs for n in before.nodes if n.op == "matmul")
+    int_mm = sorted(n.macs for n in after.nodes if n.op == "edgefx.matmul_int")
+    assert len(int_mm) == 4 and all(m > 0 for m in int_mm) and int_mm == float_mm
+    assert after.total_macs == before.total_macs
+
+
+@pytest.fixture(scope="module")
+def vit_w8a8():
+    return quantized(_vit(), 16, (8, 8))
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_compile_checks_the_integer_graph_in_quantization_steps(vit_w8a8, backend):
+    """compile() measures a QDQToShift Program in quantization steps like the QDQ graph it
+    came from (its quantizers became float_to_codes / requant_shift): on TVM and onnxruntime
+    alike, a float island's last-bit difference may flip a code, and passes as such."""
+    _, shift, _ = vit_w8a8
+    options = {"opset": 28} if backend == "onnx" else {}
+    compiled = edgefx.compile(shift, backend=backend, backend_options=options, progress=False)
+    check = compiled.report.quantized_check
+    assert check is not None and check["beyond_one_step"] <= 0.01 and check["snr_db"] >= 30
+
+
+def _wrong_requant_shift(node, importer):
+    """TVM's requant_shift lowered one bit short: every requantized code doubled."""
+    from tvm import relax
+
+    out = integer_ops._tvm_requant_shift(node, importer)
+    bits, signed = node.args[3:5]
+    one = relax.const(1, str(integer_ops.out_dtype(bits, signed)).removeprefix("torch."))
+    return importer.block_builder.emit(relax.op.left_shift(out, one))
+
+
+def test_the_step_check_still_fails_a_wrong_integer_lowering(vit_w8a8, monkeypatch):
+    pytest.importorskip("tvm")
+    _, shift, _ = vit_w8a8
+    converters = dict(integer_ops.TVM_CONVERTERS)
+    converters["requant_shift.default"] = _wrong_requant_shift
+    monkeypatch.setattr(integer_ops, "TVM_CONVERTERS", converters)
+    with pytest.raises(edgefx.BackendError, match="disagrees with the quantized Program"):
+        edgefx.compile(shift, backend="tvm", progress=False)
 
 
 def _assert_tvm_bit_exact(shift: edgefx.Program, size: int) -> None:
