@@ -1247,9 +1247,9 @@ def _shift_to_budget(
     target: float,
     thresholds: list[float],
 ) -> tuple[list[float], float]:
-    """The smallest common shift of ``thresholds`` (bisected in units of the mean patch score)
-    whose mean effective MACs ratio on ``batches`` is <= ``target``; ``gm``'s gates are left
-    set to the result. A budget already met keeps the thresholds."""
+    """The smallest common shift of ``thresholds`` (bisected in score units; negative when
+    the trained thresholds keep fewer tokens than the budget allows) whose mean effective MACs
+    ratio on ``batches`` is <= ``target``; ``gm``'s gates are left set to the result."""
 
     def at(shift: float) -> tuple[list[float], float]:
         shifted = [t + shift for t in thresholds]
@@ -1258,6 +1258,10 @@ def _shift_to_budget(
 
     best, ratio = at(0.0)
     if ratio <= target:
+        # under budget: lower the thresholds (keep more tokens) as far as the budget allows; a
+        # shift of -1 keeps every patch token, so the search is on [0, 1] downwards
+        best, ratio = _bisect(lambda x: at(-x), target, (best, ratio), steps=20, keep_more_up=True)
+        _set_thresholds(gm, best)
         return best, ratio
     top, top_ratio = at(1.0)  # scores sum to 1: a shift of 1 drops every patch token
     if top_ratio > target:

@@ -440,6 +440,8 @@ def test_budget_aware_training_trains_thresholds_and_meets_the_budget(tiny_vit):
     assert training["epochs"] == 2 and len(training["epoch_train_loss"]) == 2
     assert report["trained_thresholds"] != report["calibrated_thresholds"]
     assert report["macs_ratio"] <= 0.6
+    # the budget is used, not undershot: the thresholds are shifted either way to meet it
+    assert 0.57 <= report["macs_effective_ratio"] <= 0.6
     # the weights trained too, and the hard gates run as a Program (batch-independent)
     assert not torch.equal(
         result.program.graph_module.state_dict()["blocks.0.mlp.fc1.weight"],
