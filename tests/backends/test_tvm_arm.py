@@ -16,6 +16,7 @@ from shift_models import (
     assert_equal_integers,
     fresh,
     integer_outputs,
+    integer_regions,
     quantized,
     real_data_benchmark,
 )
@@ -177,6 +178,23 @@ def test_real_data_cnns_shift_programs_are_bit_exact_on_aarch64(emulator, name, 
     assert report["islands"] == [] and report["integer_layers"] == len(report["layers"])
     x = fresh(real_data.SIZE, 2)
     _assert_integer_codes_on_aarch64(shift, x, "aarch64", tmp_path / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4)], ids=["W8A8", "W4A4"])
+def test_real_data_vit_integer_regions_are_bit_exact_on_aarch64(emulator, bits, tmp_path):
+    """The ViT of benchmarks/real_data.py: its float islands (GELU, softmax, LayerNorm, the
+    residual stream) are each backend's own float arithmetic, so, as on x86, the integer
+    regions (every conv/linear/matmul from the codes entering it to the codes or dequantized
+    accumulators leaving it) are what must be equal, element for element."""
+    real_data = real_data_benchmark()
+    model = real_data.make_model("vit").eval()
+    _, shift, report = quantized(model, real_data.SIZE, bits)
+    assert report["integer_layers"] == len(report["layers"])
+    cut, inputs = integer_regions(shift, fresh(real_data.SIZE, 2))
+    compiled = edgefx.compile(cut, backend="tvm", target="aarch64", progress=False)
+    got = runners.run_emulated(compiled.save(tmp_path / "vit"), [t.numpy() for t in inputs])
+    assert_equal_integers(cut.run_flat(inputs), got, "aarch64")
 
 
 @pytest.mark.slow
