@@ -362,3 +362,29 @@ def test_tuning_task_by_task_records_and_reuses_its_database(small_net, x1, tmp_
     again = second.artifact.build_info["tuning"]
     assert again["tasks_reused"] == tuning["tasks_tuned"]
     assert second.report.backend_check.relative <= REL_TOL
+
+
+def test_a_task_given_its_trials_before_is_reused_with_fewer_records(monkeypatch):
+    """A small search space yields fewer distinct valid candidates than trials: the work dir
+    remembers the trials each task was given, so the next build reuses it instead of tuning
+    it again (records alone never reach the trial count)."""
+    from types import SimpleNamespace
+
+    from edgefx.backends.tvm import tuning
+
+    class Database:
+        def has_workload(self, mod):
+            return True
+
+        def commit_workload(self, mod):
+            return mod
+
+        def get_top_k(self, workload, k):
+            return [1, 2, 3]
+
+    monkeypatch.setattr(tuning, "_task_key", lambda task: task.task_name)
+    task = SimpleNamespace(task_name="fused_reshape_add", dispatched=[None])
+    assert not tuning._is_tuned(Database(), task, {}, 16)
+    assert tuning._is_tuned(Database(), task, {"fused_reshape_add": 16}, 16)
+    assert not tuning._is_tuned(Database(), task, {"fused_reshape_add": 8}, 16)
+    assert tuning._is_tuned(Database(), task, {}, 3)

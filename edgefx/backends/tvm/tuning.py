@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import os
 import socket
@@ -226,6 +227,31 @@ def _records(database: Any, task: Any) -> int:
     return len(database.get_top_k(database.commit_workload(mod), 1 << 30))
 
 
+TUNED_FILE = "edgefx_tuned.json"  # in the work dir: trials each task was already given
+
+
+def _task_key(task: Any) -> str:
+    import tvm
+
+    return f"{task.task_name}:{tvm.ir.structural_hash(task.dispatched[0])}"
+
+
+def _tuned_before(work_dir: Path) -> dict[str, int]:
+    path = work_dir / TUNED_FILE
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _is_tuned(database: Any, task: Any, tuned: dict[str, int], per_task: int) -> bool:
+    """Enough tuning already in the database: as many records as trials, or a task that
+    was given that many trials before (a small search space yields fewer distinct, valid
+    candidates than trials, so counting records alone would tune it again every build)."""
+    records = _records(database, task)
+    return records >= per_task or (records > 0 and tuned.get(_task_key(task), 0) >= per_task)
+
+
 def tune(
     mod: Any,
     target: Any,
@@ -279,13 +305,14 @@ def tune(
     if rpc is not None:
         report.measured_on = f"RPC tracker {rpc.tracker}, key {rpc.key!r}"
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    tuned_before = _tuned_before(work_dir)
     columns = (TextColumn("tuning {task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, disable=not progress, transient=True) as bar:
         job = bar.add_task("", total=len(tasks))
         for task in tasks:
             bar.update(job, description=task.task_name[:48])
-            if _records(database, task) >= per_task:
+            if _is_tuned(database, task, tuned_before, per_task):
                 report.reused.append(task.task_name)
                 bar.advance(job)
                 continue
@@ -307,6 +334,8 @@ def tune(
                     runner=runner, builder=builder,
                 )  # fmt: skip
                 report.tuned.append(task.task_name)
+                tuned_before[_task_key(task)] = per_task
+                (work_dir / TUNED_FILE).write_text(json.dumps(tuned_before, indent=1))
             except Exception as exc:  # the task keeps TVM's default schedule
                 report.failed[task.task_name] = first_line(exc)[:300]
             bar.advance(job)
