@@ -9,7 +9,7 @@ on the other 1,000 with the benchmark's own float recipe, and every gate recipe
 difference to the dense model, the cross-entropy, and the share of images whose predicted
 class equals the dense model's; then per recipe the mean and the worst over the seeds.
 
-    python benchmarks/gate_recipe.py --recipes 20:3e-4:0,20:3e-4:1 --seeds 3,4,5
+    python benchmarks/gate_recipe.py --recipes 20:3e-4:0,20:3e-4:1,20:3e-4:1:0.005 --seeds 3,4,5
 
 Runs are cached in ``.cache/real_data/gate_recipe.json`` (``--redo`` recomputes them).
 """
@@ -40,14 +40,18 @@ from real_data import (
     validation_split,
 )
 
-
-def parse_recipe(text: str) -> tuple[int, float, float]:
-    epochs, lr, distill = text.split(":")
-    return int(epochs), float(lr), float(distill)
+THRESHOLD_LR = 0.05  # TokenGate's default
 
 
-def recipe_key(epochs: int, lr: float, distill: float) -> str:
-    return f"{epochs}:{lr:g}:{distill:g}"
+def parse_recipe(text: str) -> tuple[int, float, float, float]:
+    """epochs:lr:distill[:threshold_lr]"""
+    epochs, lr, distill, *rest = text.split(":")
+    return int(epochs), float(lr), float(distill), float(rest[0]) if rest else THRESHOLD_LR
+
+
+def recipe_key(epochs: int, lr: float, distill: float, threshold_lr: float = THRESHOLD_LR) -> str:
+    tail = "" if threshold_lr == THRESHOLD_LR else f":{threshold_lr:g}"
+    return f"{epochs}:{lr:g}:{distill:g}{tail}"
 
 
 def evaluate(program: Any, x: torch.Tensor, y: torch.Tensor, dense_pred: torch.Tensor) -> dict:
@@ -88,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = {"dense": dense, "runs": {}}
     runs: list[dict[str, Any]] = []
     for text in args.recipes.split(","):
-        epochs, lr, distill = parse_recipe(text)
+        epochs, lr, distill, threshold_lr = parse_recipe(text)
         for seed in (int(s) for s in args.seeds.split(",")):
-            key = f"{recipe_key(epochs, lr, distill)}/{seed}"
+            name = recipe_key(epochs, lr, distill, threshold_lr)
+            key = f"{name}/{seed}"
             if key in cache["runs"] and not args.redo:
                 runs.append(cache["runs"][key])
                 continue
@@ -98,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             result = TokenGate(
                 mode="threshold", macs=GATE_MACS, calib=calib,
                 train=train_loader(fit_x, fit_y, seed), epochs=epochs, lr=lr, distill=distill,
-                progress=False,
+                threshold_lr=threshold_lr, progress=False,
             )(program)  # fmt: skip
             run = {
-                "recipe": recipe_key(epochs, lr, distill), "seed": seed,
+                "recipe": name, "seed": seed,
                 **evaluate(result.program, val_x, val_y, dense_pred),
                 "macs_ratio": round(result.report["macs_ratio"], 3),
+                "tokens_kept": [round(k["mean"], 1) for k in result.report["tokens_kept"]],
                 "s": round(time.perf_counter() - start, 1),
             }  # fmt: skip
             log(f"gate {key}: {run}")
@@ -129,7 +135,8 @@ def render(data: dict[str, Any]) -> str:
         "validation split every figure here is measured on (the test split is not touched). "
         f"Gates at {data['macs']} of the MACs, thresholds calibrated on 256 training images, "
         "then trained on the same images (`train` seeds: loader order and shifts). Recipe = "
-        "epochs:lr:distill (distill: weight of the KL term to the dense model's outputs). "
+        "epochs:lr:distill[:threshold_lr] (distill: weight of the KL term to the dense model's "
+        f"outputs; threshold_lr {THRESHOLD_LR:g} unless given). "
         "`agree`: images whose predicted class is the dense model's. One validation image is "
         f"{100 / data['val']:.1f} points.",
         "",

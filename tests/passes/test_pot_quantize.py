@@ -737,6 +737,9 @@ def test_sweep_quantizes_at_w8a8_and_compiles_to_onnx(name):
     factory, size = SWEEP[name]
     torch.manual_seed(0)
     model = randomize_batchnorm(factory().eval())
+    for module in model.modules():  # torchvision's ViT head starts at zero: outputs all equal
+        if isinstance(module, torch.nn.Linear) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.02)
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 3, size, size, generator=gen)]
     program = capture(model, (calib[0][:2],))
@@ -749,7 +752,7 @@ def test_sweep_quantizes_at_w8a8_and_compiles_to_onnx(name):
         f">1 step {check['beyond_one_step']:.2e}, max steps {check['max_steps']:.2f}, "
         f"onnx SNR {check['snr_db']:.1f} dB"
     )
-    assert result.report["layers"] and result.error.snr_db > 10
+    assert result.report["layers"] and 10 < result.error.snr_db < float("inf")
 
 
 def test_joint_search_can_reconstruct_batchnorm_statistics(small_program, small_folded):
