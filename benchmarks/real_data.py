@@ -32,7 +32,8 @@ Trained float weights are cached in ``.cache/real_data/`` (gitignored) and each 
 in ``.cache/real_data/<model>.json``, so a rerun skips what is done (``--redo`` to recompute).
 
     python benchmarks/real_data.py --models resnet18,mobilenet_v2,vit
-    python benchmarks/real_data.py --parts shift --tag shift   # only the QDQToShift rows
+    python benchmarks/real_data.py --parts shift --tag shift   # only the QDQToShift rows,
+                                                               # in real_data_shift.md
 """
 
 from __future__ import annotations
@@ -776,7 +777,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="a line for the results' header")
     parser.add_argument(
-        "--stem", default="real_data", help="results file name (OUT/STEM.json and .md)"
+        "--stem",
+        default=None,
+        help="results file name (OUT/STEM.json and .md); default real_data, or real_data_TAG "
+        "with --tag (a tagged run holds only its own rows: it must not replace real_data.md)",
     )
     parser.add_argument("--parts", default=",".join(PARTS), help="rows to run: " + ",".join(PARTS))
     parser.add_argument("--bits", default=",".join(BITS))
@@ -838,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         data["load_average"] = {"start": load_start, "end": load_average()}
     if args.note:  # the note is printed below the command, not inside it
         data["command"] = data["command"].replace(args.note, '"<the paragraph below>"')
-    write_results(args.out, args.stem, data, render(data))
+    stem = args.stem or (f"real_data_{args.tag}" if args.tag and not args.collect else "real_data")
+    write_results(args.out, stem, data, render(data))
     return 0
 
 

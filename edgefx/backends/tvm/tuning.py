@@ -10,9 +10,10 @@ error) and that task keeps TVM's default schedule. What did stop ``static_shape_
 is its builder: MetaSchedule's 30 s build limit, which a fresh build worker exceeds on a loaded
 2-core machine (it imports ``tvm.s_tir.tensor_intrin`` the slow way), so every candidate
 "fails to build" and nothing is measured; the builder below has a longer limit and a quick
-import. The work dir is MetaSchedule's JSON database: tasks
-that already hold enough records there are not tuned again, so a second build with the same
-work dir only applies the database.
+import. The work dir is MetaSchedule's JSON database: tasks that already hold a record per
+trial there, or were given as many trials before (``edgefx_tuned.json`` in the work dir: a
+small search space yields fewer valid records than trials), are not tuned again, so a second
+build with the same work dir only applies the database.
 
 Candidates are measured here (MetaSchedule's LocalRunner) or, for a board, on the board: an
 ``RpcDevice`` names a TVM RPC tracker and the key its board registered under; MetaSchedule's
