@@ -18,10 +18,15 @@ float one, not ImageNet accuracy.
 
     python benchmarks/quantize.py --models resnet18,mobilenet_v2
 
-``--search-models resnet50,vit_base_patch16_224`` adds a second table: the wall time of
-PotQuantize's joint search at 224x224 with ``--search-images`` calibration images (and of the
-per-tensor "mse" search, which the joint one starts from), with the number of quantizers,
-moves taken and the calibration error before and after.
+``--search-models resnet50,vit_base_patch16_224`` adds a second table: the wall and CPU time
+of PotQuantize at 224x224 with ``--search-images`` calibration images for each of
+``--searches``: the per-tensor "mse" search (where the joint one starts), the joint search
+scored on the network's outputs, the block-wise one, and RAPQ's BatchNorm-statistics
+objective; with the number of quantizers, moves taken, the objective before and after, and
+the output SNR against the float model on ``--search-held-out`` other inputs. Without
+``--models`` only that table is refreshed:
+
+    python benchmarks/quantize.py --models "" --search-models resnet50,vit_base_patch16_224
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any
 import torch
 from common import RESULTS, header, latency_ms, load_average, load_text, snr_db, write_results
 from zoo import make_nondegenerate
+
+from edgefx import EdgefxError
 
 SEED = 0
 CONFIGS = ("8/8:minmax", "8/8:mse", "8/8:joint", "4/8:joint", "4/4:joint")
@@ -129,8 +136,18 @@ def run_model(
     return rows
 
 
-def search_time(name: str, images: int) -> dict[str, Any]:
-    """Wall time of the joint and the per-tensor search on ``name`` at 224x224."""
+# (label, PotQuantize keyword arguments) of the search-time table
+SEARCHES = {
+    "mse": {"search": "mse"},
+    "joint": {"search": "joint"},
+    "joint block": {"search": "joint", "scope": "block"},
+    "joint bn_stats": {"search": "joint", "objective": "bn_stats"},
+}
+
+
+def search_time(name: str, images: int, variants: list[str], held_out: int) -> list[dict[str, Any]]:
+    """Wall and CPU time of each exponent search on ``name`` at 224x224, and the quantized
+    model's output SNR against the float model on ``held_out`` other random inputs."""
     from edgefx.frontend import capture
     from edgefx.frontend.zoo import resolve_model
     from edgefx.passes import FoldBatchNorm, PassManager, PotQuantize
@@ -138,32 +155,44 @@ def search_time(name: str, images: int) -> dict[str, Any]:
     model = resolve_model(name).model
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(SEED))
     make_nondegenerate(model, (x,), batch=4)
-    program = capture(model, (x,))
-    program, _ = PassManager([FoldBatchNorm()]).run(program)
-    calib = [torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(SEED + 2))]
-    row: dict[str, Any] = {"model": name, "images": images}
-    for search, scope in (("mse", "network"), ("joint", "network"), ("joint", "block")):
+    unfolded = capture(model, (x,))
+    folded, _ = PassManager([FoldBatchNorm()]).run(unfolded)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    calib = [torch.randn(images, 3, 224, 224, generator=gen)]
+    test = torch.randn(held_out, 3, 224, 224, generator=gen)
+    with torch.no_grad():
+        (float_out,) = folded.run_flat([test])
+    rows = []
+    for label in variants:
+        kwargs = SEARCHES[label]
+        # RAPQ's objective reads the BatchNorms, which PotQuantize folds itself
+        program = unfolded if kwargs.get("objective") == "bn_stats" else folded
+        row: dict[str, Any] = {"model": name, "images": images, "search": label}
         cpu = time.process_time()
-        result = PotQuantize(calib, search=search, search_samples=images, scope=scope)(program)
-        key = search if scope == "network" else f"{search}_{scope}"
-        row[f"{key}_s"] = result.wall_s
+        try:
+            result = PotQuantize(calib, search_samples=images, **kwargs)(program)
+        except EdgefxError as exc:  # bn_stats on a model without BatchNorm
+            rows.append({**row, "refused": str(exc).splitlines()[0]})
+            continue
+        row["wall_s"] = result.wall_s
         # CPU seconds of this process (all threads): unlike the wall time, barely moved by
         # other jobs on a shared machine; on 2 cores the wall time is at least half of it
-        row[f"{key}_cpu_s"] = round(time.process_time() - cpu, 1)
-        if search == "joint":
-            row[f"{key}_final_error"] = result.report["calib_error"]["final"]
-        if search == "joint" and scope == "network":
-            calib_error = result.report["calib_error"]
-            row.update(
-                quantizers=result.report["quantizers"],
-                moves=calib_error["joint_steps"],
-                start_error=calib_error["start"],
-                final_error=calib_error["final"],
-            )
+        row["cpu_s"] = round(time.process_time() - cpu, 1)
+        calib_error = result.report["calib_error"]
+        row.update(
+            quantizers=result.report["quantizers"],
+            moves=calib_error["joint_steps"],
+            start_error=calib_error["start"],
+            final_error=calib_error["final"],
+        )
+        with torch.no_grad():
+            (out,) = result.program.run_flat([test])
+        row["held_out_snr_db"] = snr_db(out, float_out)
+        rows.append(row)
+        print(f"[quantize] search time {name}: {row}", file=sys.stderr)
         del result
         gc.collect()
-    print(f"[quantize] search time {name}: {row}", file=sys.stderr)
-    return row
+    return rows
 
 
 def render(data: dict[str, Any]) -> str:
@@ -202,7 +231,7 @@ def render(data: dict[str, Any]) -> str:
 
 
 def search_section(data: dict[str, Any]) -> list[str]:
-    """The joint-search timing table (markdown lines), if the run measured it."""
+    """The search timing table (markdown lines), if the run measured it."""
     if not data.get("search"):
         return []
     lines: list[str] = []
@@ -215,28 +244,33 @@ def search_section(data: dict[str, Any]) -> list[str]:
     )
     lines += [
         "",
-        "## Joint search time at 224x224",
+        "## Search time at 224x224",
         "",
-        f"{where}. FoldBatchNorm then PotQuantize(search=..., "
-        f"search_samples={data['search_images']}) with {data['search_images']} "
-        "random-normal calibration images, W8A8; seconds of the pass (calibration, "
-        "exponents, search): wall time and, in brackets, CPU seconds of the process "
-        "(all threads; the wall time on a quiet 2-core machine is at least half of it).",
+        f"{where}. PotQuantize(search=..., search_samples={data['search_images']}) at W8A8 "
+        f"with {data['search_images']} random-normal calibration images, on the model after "
+        "FoldBatchNorm (`joint bn_stats`: on the unfolded model, since RAPQ's objective reads "
+        "the BatchNorms PotQuantize folds itself). `s`: seconds of the whole pass "
+        "(calibration, per-tensor exponents, search), wall time and, in brackets, CPU seconds "
+        "of the process (all threads; on a quiet 2-core machine the wall time is at least "
+        "half of it). `objective`: what the search minimises, before and after it (the "
+        "relative squared output error on the calibration images; for bn_stats the "
+        "BatchNorm-statistics distance, not comparable across rows). `held-out SNR`: the "
+        "quantized model's outputs against the float model's on "
+        f"{data.get('held_out_search', '?')} other random inputs, the figure comparable "
+        "across rows.",
         "",
-        "| model | quantizers | mse s | joint s | joint moves | error start | error final "
-        "| joint block-wise s | its error final |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | search | quantizers | s | moves | objective start | objective final "
+        "| held-out SNR dB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
-
-    def secs(r: dict[str, Any], key: str) -> str:
-        cpu = r.get(f"{key}_cpu_s")
-        return f"{r[f'{key}_s']:.1f}" + ("" if cpu is None else f" ({cpu:.0f} CPU)")
-
     for r in data["search"]:
+        if "refused" in r:
+            lines.append(f"| {r['model']} | {r['search']} | refused: {r['refused']} |||||||")
+            continue
+        secs = f"{r['wall_s']:.1f} ({r['cpu_s']:.0f} CPU)"
         lines.append(
-            f"| {r['model']} | {r['quantizers']} | {secs(r, 'mse')} | {secs(r, 'joint')} "
-            f"| {r['moves']} | {r['start_error']:.3g} | {r['final_error']:.3g} "
-            f"| {secs(r, 'joint_block')} | {r['joint_block_final_error']:.3g} |"
+            f"| {r['model']} | {r['search']} | {r['quantizers']} | {secs} | {r['moves']} "
+            f"| {r['start_error']:.3g} | {r['final_error']:.3g} | {r['held_out_snr_db']:.2f} |"
         )
     return lines
 
@@ -252,22 +286,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--search-models", default="")
     parser.add_argument("--search-images", type=int, default=4)
+    parser.add_argument("--searches", default=",".join(SEARCHES), help="rows of the search table")
+    parser.add_argument("--search-held-out", type=int, default=8)
     args = parser.parse_args(argv)
     rows = []
     start = time.perf_counter()
     load = {"start": load_average()}
     search = [
-        search_time(name, args.search_images)
+        row
         for name in filter(None, args.search_models.split(","))
+        for row in search_time(
+            name, args.search_images, args.searches.split(","), args.search_held_out
+        )
     ]
     load["end"] = load_average()
     previous = args.out / "quantize.json"
     if not args.models and search and previous.is_file():
         # only the search table: the sweep's rows (and their header) stay as they were
         data = json.loads(previous.read_text())
-        data.update(search=search, search_images=args.search_images,
-                    search_run={**header("quantize.py", argv), "load_average": load})  # fmt: skip
-        md = (args.out / "quantize.md").read_text().split("\n## Joint search time")[0]
+        data.update(
+            search=search,
+            search_images=args.search_images,
+            held_out_search=args.search_held_out,
+            search_run={**header("quantize.py", argv), "load_average": load},
+        )
+        md = (args.out / "quantize.md").read_text()
+        md = md.split("\n## Joint search time")[0].split("\n## Search time")[0]
         write_results(args.out, "quantize", data, md.rstrip("\n") + "\n" + "\n".join(
             search_section(data)) + "\n")  # fmt: skip
         return 0
@@ -287,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "search": search,
         "search_images": args.search_images,
+        "held_out_search": args.search_held_out,
     }
     write_results(args.out, "quantize", data, render(data))
     return 0

@@ -35,6 +35,7 @@ while the network's output error on the calibration data falls.
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 from collections.abc import Iterable, Sequence
@@ -834,13 +835,17 @@ class _QuantizedGraph:
         outputs = len(refs[0]) - len(ends)
         end_refs = {end: [r[outputs + i] for r in refs] for i, end in enumerate(ends)}
         runner = _ResumableRun(self.gm, batches, [r[:outputs] for r in refs], bn_targets)
-        start = best = runner.full()
         block_ends = block_ends or {}
         moves = 0
         knobs = [("act", a) for a in self.activations] + [
             ("weight", group[0]) for group in self.weight_groups.values()
         ]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
+        # trials resume at a knob's first user, block-wise ones also right after a block end
+        runner.resume_at(
+            set(starts.values()) | {runner.position[end] + 1 for end in ends}, also=set(ends)
+        )
+        start = best = runner.full()
         console = Console(stderr=True)
         with Progress(
             TextColumn("PotQuantize joint search"),
@@ -1015,9 +1020,18 @@ def _bn_statistics_error(
 
 
 class _ResumableRun:
-    """Runs the graph on the search batches keeping every node's value, so that a trial can
-    resume from the first node a change affects instead of from the inputs. Buffers are
-    changed in place, so kept ``get_attr`` values see the change."""
+    """Runs the graph on the search batches keeping node values, so that a trial can resume
+    from the first node a change affects instead of from the inputs. Buffers are changed in
+    place, so kept ``get_attr`` values see the change.
+
+    Two things keep a trial close to the cost of the nodes it recomputes:
+    - ``resume_at(points)`` names the positions trials will resume from; only the values
+      live across one of them (computed before it, used at or after it) are kept, so a run
+      holds a few activations instead of every node's value (allocating fresh memory for all
+      of them made a run about twice as slow as the compiled graph's);
+    - nodes computed from buffers alone (the weights' and biases' dequantize) are cached and
+      recomputed only when one of their buffers changed in place (its version counter moved).
+    """
 
     def __init__(
         self,
@@ -1032,6 +1046,49 @@ class _ResumableRun:
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.envs: list[dict[fx.Node, Any]] = []
         self.stale = 0  # nodes from this position on hold values from before a moved quantizer
+        self._constant = {
+            n
+            for n in self.nodes
+            if n.op == "call_function"
+            and n.all_input_nodes
+            and all(a.op == "get_attr" for a in n.all_input_nodes)
+        }
+        self._cache: dict[fx.Node, tuple[tuple[tuple[int, int], ...], Any]] = {}
+        # a per-tensor quantize read only by its dequantize runs as one fused fake-quant
+        # kernel (bit-identical: a power-of-two scale makes x * 2**-e exact, and both round
+        # half to even); the quantize node then holds the dequantized value, which the
+        # dequantize passes on
+        self._fake_quant: dict[fx.Node, tuple[int, int]] = {}
+        for n in self.nodes:
+            users = list(n.users)
+            if (
+                n.target is _quantize
+                and len(users) == 1
+                and users[0].target is _dequantize
+                and users[0].args[1] is n.args[1]
+                and n.args[1].op == "get_attr"
+                and gm.get_buffer(str(n.args[1].target)).dim() == 0
+            ):
+                self._fake_quant[n] = qrange(n.args[3], n.args[4])
+        self._dies_at: dict[fx.Node, list[fx.Node]] = {}  # empty: every value is kept
+
+    def resume_at(self, points: set[int], also: set[fx.Node] = frozenset()) -> None:
+        """Keep only what trials resuming at ``points`` need (plus the nodes in ``also``)."""
+        last_use = {
+            n: max((self.position[u] for u in n.users), default=self.position[n])
+            for n in self.nodes
+        }
+        marks = sorted(points)
+        kept = set(also) | set(self.bn_targets) | {n for n in self.nodes if n.op == "get_attr"}
+        for n in self.nodes:
+            here = self.position[n]
+            index = bisect.bisect_right(marks, here)  # the first point after n
+            if index < len(marks) and marks[index] <= last_use[n]:
+                kept.add(n)
+        self._dies_at = {}
+        for n in self.nodes:
+            if n not in kept and n.op != "output" and n.users:
+                self._dies_at.setdefault(self.nodes[last_use[n]], []).append(n)
 
     def first_user(self, buffers: set[str]) -> int:
         users = [
@@ -1042,18 +1099,53 @@ class _ResumableRun:
         ]
         return min(users, default=0)
 
+    def _execute(
+        self, env: dict[fx.Node, Any], batch: tuple[torch.Tensor, ...], start: int, stop: int
+    ) -> Any:
+        """Run nodes[start:stop] into ``env``; return the output node's value if reached."""
+        interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
+        interpreter.env = env
+        skipped = sum(n.op == "placeholder" for n in self.nodes[:start])
+        interpreter.args_iter = iter(batch[skipped:])
+        result = None
+        for node in self.nodes[start:stop]:
+            if node in self._fake_quant:
+                x, exp = env[node.args[0]], env[node.args[1]]
+                low, high = self._fake_quant[node]
+                env[node] = torch.fake_quantize_per_tensor_affine(x, 2.0 ** int(exp), 0, low, high)
+            elif node.target is _dequantize and node.args[0] in self._fake_quant:
+                env[node] = env[node.args[0]]
+            elif node in self._constant:
+                inputs = tuple(env[a] for a in node.all_input_nodes)
+                versions = tuple((id(t), t._version) for t in inputs)
+                cached = self._cache.get(node)
+                if cached is None or cached[0] != versions:
+                    cached = versions, interpreter.run_node(node)
+                    self._cache[node] = cached
+                env[node] = cached[1]
+            else:
+                env[node] = interpreter.run_node(node)
+            if node.op == "output":
+                result = env[node]
+            for dead in self._dies_at.get(node, ()):
+                env.pop(dead, None)
+        return result
+
     def _run(self, start: int) -> tuple[float, list[dict[fx.Node, Any]]]:
+        start = start if self.envs else 0
         outputs, envs = [], []
         for i, batch in enumerate(self.batches):
-            kept = {n: self.envs[i][n] for n in self.nodes[:start]} if self.envs else None
-            interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
-            outputs.append(_flat(interpreter.run(*batch, initial_env=kept)))
-            envs.append(interpreter.env)
+            env = (
+                {n: v for n, v in self.envs[i].items() if self.position[n] < start} if start else {}
+            )
+            outputs.append(_flat(self._execute(env, batch, start, len(self.nodes))))
+            envs.append(env)
         if self.bn_targets:
             return _bn_statistics_error(envs, self.bn_targets), envs
         return _relative_error(outputs, self.refs), envs
 
     def full(self) -> float:
+        self.envs = []
         error, self.envs = self._run(0)
         self.stale = len(self.nodes)
         return error
@@ -1069,13 +1161,11 @@ class _ResumableRun:
         start = min(self.position[first], self.stale)
         stop = self.position[end] + 1
         outputs, envs = [], []
-        for i in range(len(self.batches)):
-            interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
-            interpreter.env = dict(self.envs[i])
-            for node in self.nodes[start:stop]:
-                interpreter.env[node] = interpreter.run_node(node)
-            outputs.append([interpreter.env[end].detach().float()])
-            envs.append(interpreter.env)
+        for i, batch in enumerate(self.batches):
+            env = dict(self.envs[i])
+            self._execute(env, batch, start, stop)
+            outputs.append([env[end].detach().float()])
+            envs.append(env)
         n = [len(o[0]) for o in outputs]
         refs = [[r[:k]] for r, k in zip(refs, n, strict=True)]
         return _relative_error(outputs, refs), envs

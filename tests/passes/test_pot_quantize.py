@@ -400,6 +400,41 @@ def test_joint_search_trials_resume_where_a_move_takes_effect(quantized):
     assert resumed == fresh > 0
 
 
+@pytest.mark.parametrize("scope", ["network", "block"])
+def test_joint_search_keeping_only_live_values_takes_the_same_moves(folded, monkeypatch, scope):
+    """The search keeps only the values live across a resume point, caches the weights'
+    dequantize between trials and fuses each activation's quantize/dequantize into one
+    fake-quant kernel; it must take exactly the moves the plain graph run takes."""
+    from edgefx.passes.pot_quantize import _ResumableRun
+
+    calib = batches(2, seed=5)
+    kwargs = {"weight_bits": 4, "act_bits": 4, "scope": scope}
+    held: list[int] = []  # values held after each run
+    real_init, real_execute = _ResumableRun.__init__, _ResumableRun._execute
+
+    def execute(self, env, batch, start, stop):
+        out = real_execute(self, env, batch, start, stop)
+        held.append(len(env))
+        return out
+
+    monkeypatch.setattr(_ResumableRun, "_execute", execute)
+    lean = PotQuantize(calib, **kwargs)(folded).report
+    lean_held, held[:] = max(held), []
+
+    def keep_everything(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self._constant = set()  # no cache either
+        self._fake_quant = {}  # nor fused fake-quant kernels
+
+    monkeypatch.setattr(_ResumableRun, "__init__", keep_everything)
+    monkeypatch.setattr(_ResumableRun, "resume_at", lambda self, points, also=(): None)
+    everything = PotQuantize(calib, **kwargs)(folded).report
+    assert lean["calib_error"] == everything["calib_error"]
+    assert lean["calib_error"]["joint_steps"] > 0
+    assert lean["layers"] == everything["layers"] and lean["matmuls"] == everything["matmuls"]
+    assert lean_held < min(held)  # fewer values held than a run keeping all of them
+
+
 def test_layers_it_cannot_quantize_are_reported():
     class Decoder(torch.nn.Module):
         def __init__(self) -> None:
