@@ -37,15 +37,16 @@ from zoo import (
     _peak_rss_mb,
     add_sweep_arguments,
     commit_and_machine,
-    edgefx_revision,
     emit_one,
+    failure_reason,
     make_nondegenerate,
+    pass_result,
     pass_sweep,
     produced_by,
     relative_error,
+    resolve_sized,
     run_one_isolated,
     select_models,
-    source_of,
 )
 
 SCRIPT = "benchmarks/prune_zoo.py"
@@ -71,31 +72,20 @@ def prune_model(name: str, budget: float, size: int | None) -> dict[str, Any]:
     import torch
 
     import edgefx
-    from edgefx.errors import EdgefxError, PassError
+    from edgefx.errors import PassError
     from edgefx.frontend import capture
-    from edgefx.frontend.zoo import resolve_model
     from edgefx.passes import ChannelPrune
 
-    result: dict[str, Any] = {
-        "model": name,
-        "source": source_of(name),
-        "status": "failed",
-        "stage": "resolve",
-        "reason": None,
-        "budget": budget,
-        "edgefx_git": edgefx_revision(SCRIPT),
-    }
+    result = pass_result(name, SCRIPT, budget=budget)
     start = time.perf_counter()
     try:
-        resolved = resolve_model(name, None if size is None else (1, 3, size, size))
-        x1 = tuple(resolved.example_inputs)
-        result["input_shape"] = [list(x.shape) for x in x1]
+        model, x1 = resolve_sized(name, size, result)
         generator = torch.Generator().manual_seed(1)
         x4 = tuple(torch.randn((RUN_BATCH, *x.shape[1:]), generator=generator) for x in x1)
-        make_nondegenerate(resolved.model, x1, batch=RUN_BATCH)
-        _gammas(resolved.model)
+        make_nondegenerate(model, x1, batch=RUN_BATCH)
+        _gammas(model)
         result["stage"] = "capture"
-        program = capture(resolved.model, x1)
+        program = capture(model, x1)
         result["stage"] = "prune"
         try:
             pruned = ChannelPrune(macs=budget)(program)
@@ -130,8 +120,7 @@ def prune_model(name: str, budget: float, size: int | None) -> dict[str, Any]:
         result["onnx_match"] = worst <= TOLERANCE
         result.update(status="pruned", stage=None)
     except Exception as exc:  # a failing model is a result, not a crash of the sweep
-        message = exc.message if isinstance(exc, EdgefxError) else f"{type(exc).__name__}: {exc}"
-        result.update(status="failed", reason=_one_line(message), error=str(exc)[:4000])
+        result.update(status="failed", reason=failure_reason(exc), error=str(exc)[:4000])
     finally:
         result["total_s"] = round(time.perf_counter() - start, 2)
         result["peak_rss_mb"] = _peak_rss_mb()
@@ -144,12 +133,9 @@ def run_in_subprocess(name: str, budget: float, size: int | None, timeout: float
     options = ["--budget", str(budget), *([] if size is None else ["--size", str(size)])]
     result, reason = run_one_isolated(Path(__file__).resolve(), name, options, timeout)
     return result or {
-        "model": name,
-        "source": source_of(name),
-        "status": "failed",
+        **pass_result(name, SCRIPT, budget=budget),
         "stage": None,
         "reason": reason,
-        "budget": budget,
         "total_s": round(time.perf_counter() - start, 2),
     }
 

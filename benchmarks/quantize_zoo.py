@@ -57,15 +57,16 @@ from zoo import (
     _si,
     add_sweep_arguments,
     commit_and_machine,
-    edgefx_revision,
     emit_one,
+    failure_reason,
     input_sensitivity,
     make_nondegenerate,
+    pass_result,
     pass_sweep,
     produced_by,
+    resolve_sized,
     run_one_isolated,
     select_models,
-    source_of,
 )
 
 SCRIPT = "benchmarks/quantize_zoo.py"
@@ -139,25 +140,14 @@ def quantize_model(
 
     import edgefx
     from edgefx.compiler import quantized_agreement
-    from edgefx.errors import BackendError, EdgefxError
+    from edgefx.errors import BackendError
     from edgefx.frontend import capture
-    from edgefx.frontend.zoo import resolve_model
     from edgefx.passes import PotQuantize
 
-    result: dict[str, Any] = {
-        "model": name,
-        "source": source_of(name),
-        "status": "failed",
-        "stage": "resolve",
-        "reason": None,
-        "search": search,
-        "edgefx_git": edgefx_revision(SCRIPT),
-    }
+    result = pass_result(name, SCRIPT, search=search)
     start = time.perf_counter()
     try:
-        resolved = resolve_model(name, None if size is None else (1, 3, size, size))
-        x1 = tuple(resolved.example_inputs)
-        result["input_shape"] = [list(x.shape) for x in x1]
+        model, x1 = resolve_sized(name, size, result)
 
         def images(count: int, seed: int) -> tuple[torch.Tensor, ...]:
             generator = torch.Generator().manual_seed(seed)
@@ -165,9 +155,9 @@ def quantize_model(
                 torch.randn((count, *x.shape[1:]), generator=generator, dtype=x.dtype) for x in x1
             )
 
-        make_nondegenerate(resolved.model, x1, batch=RUN_BATCH)
+        make_nondegenerate(model, x1, batch=RUN_BATCH)
         result["stage"] = "capture"
-        program = capture(resolved.model, x1)
+        program = capture(model, x1)
         result["stage"] = "quantize"
         quantize = PotQuantize([images(calib_images, CALIB_SEED)], search=search)
         begin = time.perf_counter()
@@ -232,16 +222,12 @@ def quantize_model(
         else:
             result.update(status="quantized", stage=None)
     except Exception as exc:  # a failing model is a result, not a crash of the sweep
-        if isinstance(exc, EdgefxError):
-            reason = _one_line(exc.message)
-        else:
-            reason = f"{type(exc).__name__}: {_one_line(str(exc))}".rstrip(": ")
         if result["stage"] == "quantize":
             result["stage"] = {"passes": "quantize", "backend": "onnx"}.get(
                 _error_stage(exc), _error_stage(exc)
             )
         status = "refused" if result["stage"] == "quantize" and _refusal(exc) else "failed"
-        result.update(status=status, reason=reason, error=str(exc)[:4000])
+        result.update(status=status, reason=failure_reason(exc), error=str(exc)[:4000])
     finally:
         result["total_s"] = round(time.perf_counter() - start, 2)
         result["peak_rss_mb"] = _peak_rss_mb()
@@ -262,13 +248,9 @@ def run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     ]
     result, reason = run_one_isolated(Path(__file__).resolve(), name, options, args.timeout)
     return result or {
-        "model": name,
-        "source": source_of(name),
-        "status": "failed",
+        **pass_result(name, SCRIPT, search=args.search),
         "stage": None,
         "reason": reason,
-        "search": args.search,
-        "edgefx_git": edgefx_revision(SCRIPT),
         "total_s": round(time.perf_counter() - start, 2),
     }
 

@@ -397,12 +397,9 @@ def check_model(name: str, *, tolerance: float = TOLERANCE, run_batch: int = RUN
                 reason += f"; no float64 reference ({type(exc).__name__})"
             result.update(stage="check", reason=reason)
     except Exception as exc:  # a failing model is a result, not a crash of the sweep
-        if isinstance(exc, EdgefxError):
-            reason = _one_line(exc.message)
-        else:
-            reason = f"{type(exc).__name__}: {_one_line(str(exc))}".rstrip(": ")
-            if stage in ("capture", "passes", "backend"):
-                reason = f"unexpected {reason}"  # edgefx promises EdgefxError subclasses
+        reason = failure_reason(exc)
+        if not isinstance(exc, EdgefxError) and stage in ("capture", "passes", "backend"):
+            reason = f"unexpected {reason}"  # edgefx promises EdgefxError subclasses
         result.update(stage=_error_stage(exc) if stage == "capture" else stage, reason=reason,
                       error_type=type(exc).__name__, error=str(exc)[:4000])
     result["total_s"] = round(time.perf_counter() - start, 2)
@@ -474,6 +471,33 @@ def run_one_isolated(script: Path, name: str, options: Sequence[str],
         if out.is_file():
             return json.loads(out.read_text()), None
     return None, reason
+
+
+def pass_result(name: str, script: str, **settings: Any) -> dict[str, Any]:
+    """A pass sweep's record of one model before it runs: failed at stage resolve until it
+    gets further; ``settings`` are what the figures depend on (budget, search ...)."""
+    return {"model": name, "source": source_of(name), "status": "failed", "stage": "resolve",
+            "reason": None, **settings, "edgefx_git": edgefx_revision(script)}
+
+
+def resolve_sized(name: str, size: int | None, result: dict[str, Any]) -> tuple[Any, tuple]:
+    """The zoo model ``name`` (eval mode, random weights) and its batch-1 example inputs, at
+    ``size`` x ``size`` or the model's default size; records the input shape in ``result``."""
+    from edgefx.frontend.zoo import resolve_model
+
+    resolved = resolve_model(name, None if size is None else (1, 3, size, size))
+    inputs = tuple(resolved.example_inputs)
+    result["input_shape"] = [list(x.shape) for x in inputs]
+    return resolved.model, inputs
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why: an EdgefxError's message, else the exception's type and text."""
+    from edgefx.errors import EdgefxError
+
+    if isinstance(exc, EdgefxError):
+        return _one_line(exc.message)
+    return f"{type(exc).__name__}: {_one_line(str(exc))}".rstrip(": ")
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, *, timeout: float) -> None:
