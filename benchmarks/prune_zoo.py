@@ -217,6 +217,7 @@ def sweep(names: Sequence[str], args: argparse.Namespace, command: str) -> dict[
         line=lambda r: f"{r['status']} {_ratio(r.get('macs_ratio'))} {r.get('reason') or ''}",
         command=command,
         resume=args.resume,
+        jobs=args.jobs,
         script=SCRIPT,
     )
 

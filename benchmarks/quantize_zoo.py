@@ -419,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             line=_line,
             command=shlex.join(["python", SCRIPT, *argv]),
             resume=args.resume,
+            jobs=args.jobs,
             script=SCRIPT,
         )
     except ZooError as exc:

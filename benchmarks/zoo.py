@@ -466,6 +466,9 @@ def run_one_isolated(script: Path, name: str, options: Sequence[str],
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             tail = [line for line in proc.stderr.splitlines() if line.strip()]
             reason = f"exit code {proc.returncode}: {_one_line(tail[-1]) if tail else 'no output'}"
+            if proc.returncode < 0:
+                sig = signal.Signals(-proc.returncode).name
+                reason = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
         except subprocess.TimeoutExpired:
             reason = f"timeout after {timeout:g} s"
         if out.is_file():
@@ -512,6 +515,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, *, timeout: float) -> N
                         help="folder for the .json and .md (default benchmarks/results)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in OUT and run only the missing models")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models run at once, each in its own subprocess (default 1)")
     parser.add_argument("--one", metavar="NAME", help="one model in this process (JSON out)")
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
 
@@ -528,12 +533,13 @@ def emit_one(result: dict[str, Any], result_file: Path | None) -> None:
 def pass_sweep(names: Sequence[str], out: Path, stem: str, *, settings: dict[str, Any],
                run: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], str],
                line: Callable[[dict[str, Any]], str], command: str, resume: bool,
-               script: str) -> dict[str, Any]:
+               script: str, jobs: int = 1) -> dict[str, Any]:
     """Run ``run(name)`` for each model not yet in ``OUT/<stem>.json``, writing the json and
     ``render(data)`` to ``<stem>.md`` after each and printing ``line(result)``. ``settings``
     (what the figures depend on: budget, search, size ...) are kept in the data; resuming a
     table measured with other settings, or (in benchmarks/results) at another commit or from
-    a dirty tree, is refused (ZooError). ``script``: the sweep's path from the repo root."""
+    a dirty tree, is refused (ZooError). ``script``: the sweep's path from the repo root;
+    ``jobs``: models run at once (each in its own subprocess)."""
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     revision = edgefx_revision(script)
     existing = json.loads(json_path.read_text()) if resume and json_path.is_file() else None
@@ -560,10 +566,11 @@ def pass_sweep(names: Sequence[str], out: Path, stem: str, *, settings: dict[str
 
     save()
     todo = [n for n in names if n not in data["results"]]
-    for i, name in enumerate(todo, start=1):
-        data["results"][name] = result = run(name)
-        save()
-        print(f"[{stem}] {i}/{len(todo)} {name}: {line(result)}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:  # results come back in order
+        for i, (name, result) in enumerate(zip(todo, pool.map(run, todo), strict=True), 1):
+            data["results"][name] = result
+            save()
+            print(f"[{stem}] {i}/{len(todo)} {name}: {line(result)}", flush=True)
     data["finished"] = _now()
     save()
     return data
