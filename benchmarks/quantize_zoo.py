@@ -23,17 +23,28 @@ Status: ``quantized``; ``refused`` (PotQuantize said why, or found nothing to qu
 timed out / died). The agreement figures are whatever ``compiled.report.quantized_check``
 holds (and any check field a newer CompileReport adds, shown under "more checks").
 
-The default search is ``"mse"`` (per tensor): the joint search costs about two forward
-passes per quantizer and sweep, which makes the full table days instead of hours on 2 cores;
-``--search joint`` measures it anyway.
+The default search is ``"mse"`` (per tensor), said in the table's title: the joint search
+costs about two forward passes per quantizer and sweep (issue #8: about 25 minutes on a
+ViT-B on this machine), which over 141 models would dwarf everything else measured here;
+``--search joint`` runs it (not timed here).
 
-    python benchmarks/quantize_zoo.py --models all --timeout 1800     # the full table
-    python benchmarks/quantize_zoo.py --models ci --size 64 --out /tmp/qz
-    python benchmarks/quantize_zoo.py --models all --resume            # finish an interrupted run
+    python benchmarks/quantize_zoo.py --models all --jobs 2 --timeout 1800   # the full table
+    python benchmarks/quantize_zoo.py --models ci --out /tmp/qz                # the CI subset
+    python benchmarks/quantize_zoo.py --models resnet18,timm:levit_128s --size 64 --out /tmp/qz
+    python benchmarks/quantize_zoo.py --models all --jobs 2 --resume   # finish an interrupted run
     python benchmarks/quantize_zoo.py --one timm:deit_tiny_patch16_224 --size 64
 
-Duration of the full run (``--models all``, 141 models at their default input sizes, one
-model at a time, 2 cores): estimated 3 to 4 hours; see ``ESTIMATE`` below for how.
+Duration of the full run (141 models at their default sizes, 2 cores): estimated 7 to 11
+hours of per-model time, so about 3.5 to 5.5 hours at ``--jobs 2`` (zoo.md's ONNX sweep ran
+3.0 hours of per-model time in 1 h 44 min at --jobs 2). How: ``--models ci`` here (2-core
+machine shared with other jobs, load average 6 to 8) took 1.5 times zoo.json's per-model
+time on the four CNNs (243 s against 162 s) and 7.6 times on deit_tiny and swin_tiny (554 s
+against 73 s: the quantized graph's ONNX export took 74 to 105 s against 10 to 25 s for the
+float one, and both failed compile()'s check, so each was compiled twice). Applied to
+zoo.json's 99 other models (7,077 s) at 1.5x and its 42 attention / token-mixer models
+(3,608 s) at 4x (checks passing) to 7.6x. The search is not what costs: PotQuantize took 1.5
+to 17 s of those. ``--timeout 1800`` caps the largest (vit_h_14, vit_l_16); regnet_y_128gf
+peaked at 18 GB in the ONNX sweep and may be killed for memory here (recorded as failed).
 """
 
 from __future__ import annotations
@@ -97,11 +108,6 @@ _KNOWN_REPORT_FIELDS = frozenset(
 # quantized_check keys the table has columns for; the others go to "more checks"
 _STEP_COLUMNS = ("equal", "beyond_one_step", "max_steps", "snr_db")
 _STEP_SHOWN = frozenset({*_STEP_COLUMNS, "step", "within_one_step"})
-ESTIMATE = """\
-How the full run's duration was estimated: `--models ci` at the models' default sizes took
-TODO s in all here, against TODO s for the same six models in zoo.json (the ONNX sweep at
---jobs 2 on the same machine); the quantize run does the ONNX sweep's capture and export plus
-calibration, the per-tensor search and two held-out runs."""
 
 
 def _finite(x: float | None) -> float | None:
