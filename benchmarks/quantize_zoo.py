@@ -269,16 +269,21 @@ def _num(x: Any, spec: str = ".3g") -> str:
 
 
 def _more(result: dict[str, Any]) -> str:
-    """The check figures the table has no column for (a newer compile()'s), as key=value."""
-    parts = [
-        f"{k}={_num(v)}"
-        for k, v in (result.get("quantized_check") or {}).items()
-        if k not in _STEP_SHOWN and isinstance(v, (int, float, str))
-    ]
-    for key, value in (result.get("more_checks") or {}).items():
+    """The check figures the table has no column for (a newer compile()'s), as key=value:
+    numbers as they are, a dict's numbers as key.name=value, a list by its length."""
+    q = result.get("quantized_check") or {}
+    fields = {
+        **{k: v for k, v in q.items() if k not in _STEP_SHOWN},
+        **(result.get("more_checks") or {}),
+    }
+    parts = []
+    for key, value in fields.items():
         if isinstance(value, dict):
-            scalars = {k: v for k, v in value.items() if isinstance(v, (int, float, str))}
-            parts += [f"{key}.{k}={_num(v)}" for k, v in scalars.items()]
+            parts += [
+                f"{key}.{k}={_num(v)}"
+                for k, v in value.items()
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+            ]
         elif isinstance(value, list):
             parts.append(f"{key}: {len(value)} entries")
         elif value is not None:

@@ -123,13 +123,14 @@ def _fake(name: str, **fields: Any) -> dict[str, Any]:
 def test_the_table_shows_check_figures_a_newer_compile_adds() -> None:
     newer = _fake(
         "m",
-        quantized_check={**_fake("m")["quantized_check"], "forced_flips": 3},
+        quantized_check={**_fake("m")["quantized_check"], "forced_flips": 3,
+                         "forced": {"worst_share": 0.25}},
         more_checks={"teacher_forced": {"quantizers_flipped": 2, "per_quantizer": [{}, {}]},
                      "forced_steps": [1, 2]},
     )  # fmt: skip
     row = qz._row(newer)
     assert "forced_flips=3" in row and "teacher_forced.quantizers_flipped=2" in row
-    assert "forced_steps: 2 entries" in row
+    assert "forced_steps: 2 entries" in row and "forced.worst_share=0.25" in row
     assert qz._row(_fake("m")).count("=") == 0  # today's figures all have columns
 
 
