@@ -22,34 +22,34 @@ reach); ``failed`` (capture, the pass or ONNX raised, or the process timed out /
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from zoo import (
-    DEFAULT_OUT,
+    ZooError,
     _leaves,
-    _now,
     _one_line,
     _peak_rss_mb,
-    _write_atomic,
-    edgefx_revision,
-    machine_info,
+    add_sweep_arguments,
+    commit_and_machine,
+    emit_one,
+    failure_reason,
     make_nondegenerate,
+    pass_result,
+    pass_sweep,
     produced_by,
     relative_error,
+    resolve_sized,
+    run_one_isolated,
     select_models,
-    source_of,
 )
 
+SCRIPT = "benchmarks/prune_zoo.py"
 TOLERANCE = 1e-4
 RUN_BATCH = 4
 GAMMA_SEED = 3
@@ -72,31 +72,20 @@ def prune_model(name: str, budget: float, size: int | None) -> dict[str, Any]:
     import torch
 
     import edgefx
-    from edgefx.errors import EdgefxError, PassError
+    from edgefx.errors import PassError
     from edgefx.frontend import capture
-    from edgefx.frontend.zoo import resolve_model
     from edgefx.passes import ChannelPrune
 
-    result: dict[str, Any] = {
-        "model": name,
-        "source": source_of(name),
-        "status": "failed",
-        "stage": "resolve",
-        "reason": None,
-        "budget": budget,
-        "edgefx_git": edgefx_revision(),
-    }
+    result = pass_result(name, SCRIPT, budget=budget)
     start = time.perf_counter()
     try:
-        resolved = resolve_model(name, None if size is None else (1, 3, size, size))
-        x1 = tuple(resolved.example_inputs)
-        result["input_shape"] = [list(x.shape) for x in x1]
+        model, x1 = resolve_sized(name, size, result)
         generator = torch.Generator().manual_seed(1)
         x4 = tuple(torch.randn((RUN_BATCH, *x.shape[1:]), generator=generator) for x in x1)
-        make_nondegenerate(resolved.model, x1, batch=RUN_BATCH)
-        _gammas(resolved.model)
+        make_nondegenerate(model, x1, batch=RUN_BATCH)
+        _gammas(model)
         result["stage"] = "capture"
-        program = capture(resolved.model, x1)
+        program = capture(model, x1)
         result["stage"] = "prune"
         try:
             pruned = ChannelPrune(macs=budget)(program)
@@ -131,8 +120,7 @@ def prune_model(name: str, budget: float, size: int | None) -> dict[str, Any]:
         result["onnx_match"] = worst <= TOLERANCE
         result.update(status="pruned", stage=None)
     except Exception as exc:  # a failing model is a result, not a crash of the sweep
-        message = exc.message if isinstance(exc, EdgefxError) else f"{type(exc).__name__}: {exc}"
-        result.update(status="failed", reason=_one_line(message), error=str(exc)[:4000])
+        result.update(status="failed", reason=failure_reason(exc), error=str(exc)[:4000])
     finally:
         result["total_s"] = round(time.perf_counter() - start, 2)
         result["peak_rss_mb"] = _peak_rss_mb()
@@ -141,38 +129,13 @@ def prune_model(name: str, budget: float, size: int | None) -> dict[str, Any]:
 
 def run_in_subprocess(name: str, budget: float, size: int | None, timeout: float) -> dict:
     """:func:`prune_model` in a fresh interpreter (memory isolation), killed at ``timeout``."""
-    with tempfile.TemporaryDirectory(prefix="edgefx-prune-zoo-") as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--one",
-            name,
-            "--budget",
-            str(budget),
-            "--result-file",
-            str(out),
-        ]
-        if size is not None:
-            cmd += ["--size", str(size)]
-        repo = str(Path(__file__).resolve().parent.parent)  # this checkout's edgefx
-        path = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
-        env = {**os.environ, "PYTHONPATH": path}
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-            reason = f"exit code {proc.returncode}: {_one_line(proc.stderr[-2000:])}"
-        except subprocess.TimeoutExpired:
-            reason = f"timeout after {timeout:g} s"
-        if out.is_file():
-            return json.loads(out.read_text())
-    return {
-        "model": name,
-        "source": source_of(name),
-        "status": "failed",
+    start = time.perf_counter()
+    options = ["--budget", str(budget), *([] if size is None else ["--size", str(size)])]
+    result, reason = run_one_isolated(Path(__file__).resolve(), name, options, timeout)
+    return result or {
+        **pass_result(name, SCRIPT, budget=budget),
         "stage": None,
         "reason": reason,
-        "budget": budget,
         "total_s": round(time.perf_counter() - start, 2),
     }
 
@@ -184,13 +147,11 @@ def _ratio(x: float | None) -> str:
 def render(data: dict[str, Any]) -> str:
     results = data["results"]
     done = [results[n] for n in data["models"] if n in results]
-    machine = data["machine"]
     lines = [
         f"# ChannelPrune across the model zoo at macs={data['budget']:g}",
         "",
         *produced_by(data),
-        f"- commit {data.get('commit') or 'unknown'}; machine: {machine.get('cpus')} CPU cores "
-        f"({machine.get('cpu', '?')}), {machine.get('platform', '')}",
+        *commit_and_machine(data),
         "- random weights made non-degenerate as in zoo.md, BatchNorm gammas U(0.1, 1); "
         "captured with a dynamic batch"
         + (
@@ -246,65 +207,35 @@ def render(data: dict[str, Any]) -> str:
 
 
 def sweep(names: Sequence[str], args: argparse.Namespace, command: str) -> dict[str, Any]:
-    json_path, md_path = args.out / "prune_zoo.json", args.out / "prune_zoo.md"
-    data: dict[str, Any] | None = None
-    if args.resume and json_path.is_file():
-        data = json.loads(json_path.read_text())
-        data["commands"].append(command)
-        data["models"] = list(dict.fromkeys([*data["models"], *names]))
-    if data is None:
-        data = {
-            "commands": [command],
-            "commit": edgefx_revision(),
-            "started": _now(),
-            "finished": None,
-            "budget": args.budget,
-            "size": args.size,
-            "machine": machine_info(),
-            "models": list(names),
-            "results": {},
-        }
-    args.out.mkdir(parents=True, exist_ok=True)
-    todo = [n for n in names if n not in data["results"]]
-    for i, name in enumerate(todo, start=1):
-        result = run_in_subprocess(name, args.budget, args.size, args.timeout)
-        data["results"][name] = result
-        _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
-        _write_atomic(md_path, render(data))
-        print(
-            f"[prune_zoo] {i}/{len(todo)} {name}: {result['status']} "
-            f"{_ratio(result.get('macs_ratio'))} {result.get('reason') or ''}",
-            flush=True,
-        )
-    data["finished"] = _now()
-    _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
-    _write_atomic(md_path, render(data))
-    return data
+    return pass_sweep(
+        names,
+        args.out,
+        "prune_zoo",
+        settings={"budget": args.budget, "size": args.size},
+        run=lambda name: run_in_subprocess(name, args.budget, args.size, args.timeout),
+        render=render,
+        line=lambda r: f"{r['status']} {_ratio(r.get('macs_ratio'))} {r.get('reason') or ''}",
+        command=command,
+        resume=args.resume,
+        jobs=args.jobs,
+        script=SCRIPT,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="all", help="tv | timm | all | ci | NAME,NAME,...")
+    add_sweep_arguments(parser, timeout=DEFAULT_TIMEOUT_S)
     parser.add_argument("--budget", type=float, default=0.5, help="ChannelPrune(macs=BUDGET)")
-    parser.add_argument("--size", type=int, help="input size instead of each model's default")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--one", metavar="NAME", help="one model in this process (JSON out)")
-    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        result = prune_model(args.one, args.budget, args.size)
-        text = json.dumps(result, indent=1)
-        if args.result_file:
-            args.result_file.write_text(text)
-        else:
-            print(text)
+        emit_one(prune_model(args.one, args.budget, args.size), args.result_file)
         return 0
-    data = sweep(
-        select_models(args.models), args, shlex.join(["python", "benchmarks/prune_zoo.py", *argv])
-    )
+    try:
+        data = sweep(select_models(args.models), args, shlex.join(["python", SCRIPT, *argv]))
+    except ZooError as exc:
+        print(f"[prune_zoo] {exc}", file=sys.stderr, flush=True)
+        return 2
     counts = {
         s: sum(r["status"] == s for r in data["results"].values())
         for s in ("pruned", "refused", "failed")

@@ -199,7 +199,8 @@ def _error_stage(exc: BaseException) -> str:
     if isinstance(exc, PassError):
         return "passes"
     if isinstance(exc, BackendError):
-        return "check" if "disagrees with the Program" in exc.message else "backend"
+        # compile()'s numeric check: "disagrees with the Program" / "... the quantized Program"
+        return "check" if "disagrees with" in exc.message else "backend"
     stage = "capture"
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         path = frame.f_code.co_filename.replace(os.sep, "/")
@@ -214,15 +215,17 @@ def _error_stage(exc: BaseException) -> str:
 _MEASURED_PATHS = ("edgefx", "benchmarks/zoo.py", "pyproject.toml")
 
 
-def edgefx_revision() -> str | None:
+def edgefx_revision(*scripts: str) -> str | None:
     """``git describe``-like revision of the edgefx sources that ran: HEAD, plus ``-dirty``
-    when the code the sweep runs (``_MEASURED_PATHS``) has uncommitted or untracked changes.
+    when the code the sweep runs (``_MEASURED_PATHS`` and ``scripts``, paths from the repo
+    root, e.g. ``benchmarks/prune_zoo.py``) has uncommitted or untracked changes.
     None outside a git checkout."""
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, text=True,
                               capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_MEASURED_PATHS],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_MEASURED_PATHS,
+                                *scripts],
                                cwd=repo, text=True, capture_output=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -233,10 +236,11 @@ class ZooError(Exception):
     """The sweep refuses to run as asked (its message says why and what to do instead)."""
 
 
-def check_one_commit(out: Path, revision: str | None, existing: dict[str, Any] | None) -> None:
+def check_one_commit(out: Path, revision: str | None, existing: dict[str, Any] | None,
+                     stem: str = "zoo") -> None:
     """The committed table must come from one clean commit: refuse to write results from a
     dirty tree (or outside git) into ``benchmarks/results/``, and refuse to resume a table
-    measured at another commit. Ad-hoc ``--out`` folders take anything."""
+    (``<stem>.json``) measured at another commit. Ad-hoc ``--out`` folders take anything."""
     if out.resolve() != DEFAULT_OUT.resolve():
         return
     if revision is None or revision.endswith("-dirty"):
@@ -247,7 +251,7 @@ def check_one_commit(out: Path, revision: str | None, existing: dict[str, Any] |
             "ad-hoc table with --out DIR")
     if existing is not None and existing.get("commit") != revision:
         raise ZooError(
-            f"refusing to resume {DEFAULT_OUT / 'zoo.json'}: it was measured at commit "
+            f"refusing to resume {DEFAULT_OUT / (stem + '.json')}: it was measured at commit "
             f"{existing.get('commit') or 'unknown'}, this tree is {revision}; a table mixes no "
             "commits. Resume from a checkout of that commit, or start afresh without --resume")
 
@@ -393,12 +397,9 @@ def check_model(name: str, *, tolerance: float = TOLERANCE, run_batch: int = RUN
                 reason += f"; no float64 reference ({type(exc).__name__})"
             result.update(stage="check", reason=reason)
     except Exception as exc:  # a failing model is a result, not a crash of the sweep
-        if isinstance(exc, EdgefxError):
-            reason = _one_line(exc.message)
-        else:
-            reason = f"{type(exc).__name__}: {_one_line(str(exc))}".rstrip(": ")
-            if stage in ("capture", "passes", "backend"):
-                reason = f"unexpected {reason}"  # edgefx promises EdgefxError subclasses
+        reason = failure_reason(exc)
+        if not isinstance(exc, EdgefxError) and stage in ("capture", "passes", "backend"):
+            reason = f"unexpected {reason}"  # edgefx promises EdgefxError subclasses
         result.update(stage=_error_stage(exc) if stage == "capture" else stage, reason=reason,
                       error_type=type(exc).__name__, error=str(exc)[:4000])
     result["total_s"] = round(time.perf_counter() - start, 2)
@@ -445,6 +446,145 @@ def run_isolated(name: str, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any
             "params": None, "capture_s": None, "build_s": None, "total_s": elapsed,
             "check": CHECK_VERSION, "edgefx_git": edgefx_revision(),  # the tree that ran it
             "error": "\n".join(log[-40:])}
+
+
+# --------------------------------------------------------------------------- pass sweeps
+# What the per-pass zoo tables (prune_zoo.py, quantize_zoo.py) share: each model in a fresh
+# interpreter, the sweep loop with --resume, the command-line options and the table header.
+def run_one_isolated(script: Path, name: str, options: Sequence[str],
+                     timeout: float) -> tuple[dict[str, Any] | None, str | None]:
+    """``python SCRIPT --one NAME OPTIONS`` in a fresh interpreter (memory isolation) on this
+    checkout's edgefx, killed after ``timeout`` seconds: the result it wrote and None, or None
+    and why there is none (timeout, or the exit code and the last line of its stderr)."""
+    with tempfile.TemporaryDirectory(prefix=f"edgefx-{script.stem}-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(script), "--one", name, *options, "--result-file", str(out)]
+        repo = str(Path(__file__).resolve().parent.parent)  # this checkout's edgefx
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            tail = [line for line in proc.stderr.splitlines() if line.strip()]
+            reason = f"exit code {proc.returncode}: {_one_line(tail[-1]) if tail else 'no output'}"
+            if proc.returncode < 0:
+                sig = signal.Signals(-proc.returncode).name
+                reason = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
+        except subprocess.TimeoutExpired:
+            reason = f"timeout after {timeout:g} s"
+        if out.is_file():
+            return json.loads(out.read_text()), None
+    return None, reason
+
+
+def pass_result(name: str, script: str, **settings: Any) -> dict[str, Any]:
+    """A pass sweep's record of one model before it runs: failed at stage resolve until it
+    gets further; ``settings`` are what the figures depend on (budget, search ...)."""
+    return {"model": name, "source": source_of(name), "status": "failed", "stage": "resolve",
+            "reason": None, **settings, "edgefx_git": edgefx_revision(script)}
+
+
+def resolve_sized(name: str, size: int | None, result: dict[str, Any]) -> tuple[Any, tuple]:
+    """The zoo model ``name`` (eval mode, random weights) and its batch-1 example inputs, at
+    ``size`` x ``size`` or the model's default size; records the input shape in ``result``."""
+    from edgefx.frontend.zoo import resolve_model
+
+    resolved = resolve_model(name, None if size is None else (1, 3, size, size))
+    inputs = tuple(resolved.example_inputs)
+    result["input_shape"] = [list(x.shape) for x in inputs]
+    return resolved.model, inputs
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why: an EdgefxError's message, else the exception's type and text."""
+    from edgefx.errors import EdgefxError
+
+    if isinstance(exc, EdgefxError):
+        return _one_line(exc.message)
+    return f"{type(exc).__name__}: {_one_line(str(exc))}".rstrip(": ")
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, timeout: float) -> None:
+    """The options every pass sweep takes: --models, --size, --timeout, --out, --resume,
+    --one (and the hidden --result-file its subprocess writes to)."""
+    parser.add_argument("--models", default="all",
+                        help="tv | timm | all | ci | NAME,NAME,... (timm names as timm:NAME)")
+    parser.add_argument("--size", type=int, help="input size instead of each model's default")
+    parser.add_argument("--timeout", type=float, default=timeout,
+                        help=f"seconds per model before it is killed (default {timeout:g})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the .json and .md (default benchmarks/results)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in OUT and run only the missing models")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models run at once, each in its own subprocess (default 1)")
+    parser.add_argument("--one", metavar="NAME", help="one model in this process (JSON out)")
+    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+
+
+def emit_one(result: dict[str, Any], result_file: Path | None) -> None:
+    """``--one``'s output: the result as JSON, into the file its parent reads or to stdout."""
+    text = json.dumps(result, indent=1)
+    if result_file:
+        result_file.write_text(text)
+    else:
+        print(text)
+
+
+def pass_sweep(names: Sequence[str], out: Path, stem: str, *, settings: dict[str, Any],
+               run: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], str],
+               line: Callable[[dict[str, Any]], str], command: str, resume: bool,
+               script: str, jobs: int = 1) -> dict[str, Any]:
+    """Run ``run(name)`` for each model not yet in ``OUT/<stem>.json``, writing the json and
+    ``render(data)`` to ``<stem>.md`` after each and printing ``line(result)``. ``settings``
+    (what the figures depend on: budget, search, size ...) are kept in the data; resuming a
+    table measured with other settings, or (in benchmarks/results) at another commit or from
+    a dirty tree, is refused (ZooError). ``script``: the sweep's path from the repo root;
+    ``jobs``: models run at once (each in its own subprocess)."""
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    revision = edgefx_revision(script)
+    existing = json.loads(json_path.read_text()) if resume and json_path.is_file() else None
+    check_one_commit(out, revision, existing, stem)
+    if existing is not None:
+        changed = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}
+        if changed:
+            raise ZooError(f"refusing to resume {json_path}: it was measured with "
+                           + ", ".join(f"{k}={old!r} (now {new!r})"
+                                       for k, (old, new) in changed.items())
+                           + "; resume with the same options or start afresh")
+        data = existing
+        data["commands"].append(command)
+        data["models"] = list(dict.fromkeys([*data["models"], *names]))
+        data["finished"] = None
+    else:
+        data = {"commands": [command], "commit": revision, "started": _now(), "finished": None,
+                **settings, "machine": machine_info(), "models": list(names), "results": {}}
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        _write_atomic(json_path, json.dumps(data, indent=1) + "\n")
+        _write_atomic(md_path, render(data))
+
+    save()
+    todo = [n for n in names if n not in data["results"]]
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:  # results come back in order
+        for i, (name, result) in enumerate(zip(todo, pool.map(run, todo), strict=True), 1):
+            data["results"][name] = result
+            save()
+            print(f"[{stem}] {i}/{len(todo)} {name}: {line(result)}", flush=True)
+    data["finished"] = _now()
+    save()
+    return data
+
+
+def commit_and_machine(data: dict[str, Any]) -> list[str]:
+    """A pass sweep's header lines: the commit it measured, the machine it ran on and the
+    library versions."""
+    machine = data["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+    return [f"- commit {data.get('commit') or 'unknown'}; machine: {machine.get('cpus')} CPU "
+            f"cores ({machine.get('cpu', '?')}), {machine.get('ram_gib', '?')} GiB RAM, "
+            f"{machine.get('platform', '')}",
+            f"- versions: {versions}"]
 
 
 # --------------------------------------------------------------------------- results
