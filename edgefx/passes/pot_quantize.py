@@ -746,7 +746,10 @@ class _QuantizedGraph:
             for new in (q, dq):
                 new.meta["nn_module_stack"] = dict(source.meta.get("nn_module_stack", {}))
             dequantized[source] = dq
+        self.matmul_readers: dict[fx.Node, list[fx.Node]] = {}
         for node in matmuls:
+            for source in node.args[:2]:
+                self.matmul_readers.setdefault(source, []).append(node)
             node.args = (dequantized[node.args[0]], dequantized[node.args[1]], *node.args[2:])
         # a weight read by several layers (a module called twice) is stored and dequantized
         # once: its layers share codes and exponents, and the search moves them together
@@ -841,11 +844,18 @@ class _QuantizedGraph:
             ("weight", group[0]) for group in self.weight_groups.values()
         ]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
+        # front to back, so that a block-wise sweep recomputes little of what lies behind
+        knobs.sort(key=lambda knob: starts[id(knob[1])])
+        # block-wise, a move is scored at the end of the last block holding a layer it feeds
+        # (an activation quantized at a block's input belongs to the block that reads it)
+        knob_ends = {id(key): self._block_end(kind, key, block_ends, runner) for kind, key in knobs}
         # trials resume at a knob's first user, block-wise ones also right after a block end
         runner.resume_at(
             set(starts.values()) | {runner.position[end] + 1 for end in ends}, also=set(ends)
         )
         start = best = runner.full()
+        block_errors: dict[fx.Node, float] = {}  # block end -> its error in the accepted state
+        outputs_stale = False  # block-wise moves since ``best`` was measured on the outputs
         console = Console(stderr=True)
         with Progress(
             TextColumn("PotQuantize joint search"),
@@ -862,16 +872,16 @@ class _QuantizedGraph:
                 improved = False
                 for kind, key in knobs:
                     first = runner.nodes[starts[id(key)]]
-                    end = block_ends.get(first)
-                    if end is not None and runner.position[end] < starts[id(key)]:
-                        end = None
+                    end = knob_ends[id(key)]
                     # block-wise: score the move on its block's output; else on the outputs
                     if end is not None:
-                        baseline = runner.window(first, end, end_refs[end])[0]
-                    elif block_ends:  # block-wise moves changed the outputs: measure afresh
+                        if end not in block_errors:
+                            block_errors[end] = runner.window(first, end, end_refs[end])[0]
+                        baseline = block_errors[end]
+                    elif outputs_stale:  # block-wise moves changed the outputs: measure afresh
                         best, envs = runner.trial(starts[id(key)])
                         runner.accept(envs)
-                        baseline = best
+                        baseline, outputs_stale = best, False
                     else:
                         baseline = best
                     for delta in (1, -1):
@@ -885,6 +895,14 @@ class _QuantizedGraph:
                             if end is None:
                                 best = err
                             runner.accept(envs, None if end is None else runner.position[end] + 1)
+                            # the blocks from the move on now see other inputs
+                            moved = starts[id(key)]
+                            for stale_end in [
+                                e for e in block_errors if runner.position[e] >= moved
+                            ]:
+                                del block_errors[stale_end]
+                            if end is not None:
+                                block_errors[end], outputs_stale = err, True
                             break
                         self._shift(kind, key, -delta)
                     progress.update(task, advance=1, error=best)
@@ -893,6 +911,23 @@ class _QuantizedGraph:
         if block_ends:  # the network's error after the block-wise moves
             best = runner.full()
         return start, best, moves
+
+    def _block_end(
+        self, kind: str, key: Any, block_ends: dict[fx.Node, fx.Node], runner: _ResumableRun
+    ) -> fx.Node | None:
+        """The block end a move of this quantizer is scored at (block-wise search), or None
+        when a layer it feeds lies outside every block (the move is scored on the outputs)."""
+        if not block_ends:
+            return None
+        if kind == "act":
+            readers = [w.node for w in self.layers if w.input is key]
+            readers += self.matmul_readers.get(key, [])
+        else:
+            readers = [w.node for w in self._group(key)]
+        ends = [block_ends.get(node) for node in readers]
+        if not ends or None in ends:
+            return None
+        return max(ends, key=runner.position.__getitem__)
 
     def _buffers_of(self, kind: str, key: Any) -> set[str]:
         """The buffers a move of this quantizer rewrites."""

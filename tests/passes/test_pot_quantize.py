@@ -400,6 +400,32 @@ def test_joint_search_trials_resume_where_a_move_takes_effect(quantized):
     assert resumed == fresh > 0
 
 
+def test_block_wise_search_scores_every_move_inside_its_block(monkeypatch):
+    """scope="block": a quantizer at a block's input (or a weight) is scored at the end of the
+    block that reads it; no move of a network made of blocks runs the whole network."""
+    from edgefx.passes.pot_quantize import _ResumableRun
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(block() for _ in range(4))).eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    program = capture(model, (x,))
+    calls = collections.Counter()
+    for method in ("trial", "window"):
+        real = getattr(_ResumableRun, method)
+
+        def counted(self, *args, _real=real, _method=method):
+            calls[_method] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(_ResumableRun, method, counted)
+    result = PotQuantize([x], weight_bits=4, act_bits=4, scope="block")(program)
+    assert result.report["calib_error"]["joint_steps"] > 0
+    assert calls["trial"] == 0 and calls["window"] > result.report["quantizers"]
+
+
 @pytest.mark.parametrize("scope", ["network", "block"])
 def test_joint_search_keeping_only_live_values_takes_the_same_moves(folded, monkeypatch, scope):
     """The search keeps only the values live across a resume point, caches the weights'
