@@ -834,7 +834,11 @@ class _QuantizedGraph:
         return the error before and after, and the number of moves taken.
 
         A move changes only the nodes from its quantizer on: the values of every node before
-        it are kept from the last accepted state, and a trial runs the graph from there."""
+        it are kept from the last accepted state, and a trial runs the graph from there.
+        Block-wise (``block_ends``), a trial first runs only to the end of the block the move
+        feeds and is scored on that block's output; only a move that lowers its block's error
+        is run on to the outputs, and it is kept only if it lowers the output error too (a
+        block's error alone can fall while the outputs get worse)."""
         outputs = len(refs[0]) - len(ends)
         end_refs = {end: [r[outputs + i] for r in refs] for i, end in enumerate(ends)}
         runner = _ResumableRun(self.gm, batches, [r[:outputs] for r in refs], bn_targets)
@@ -844,8 +848,6 @@ class _QuantizedGraph:
             ("weight", group[0]) for group in self.weight_groups.values()
         ]
         starts = {id(key): runner.first_user(self._buffers_of(kind, key)) for kind, key in knobs}
-        # front to back, so that a block-wise sweep recomputes little of what lies behind
-        knobs.sort(key=lambda knob: starts[id(knob[1])])
         # block-wise, a move is scored at the end of the last block holding a layer it feeds
         # (an activation quantized at a block's input belongs to the block that reads it)
         knob_ends = {id(key): self._block_end(kind, key, block_ends, runner) for kind, key in knobs}
@@ -855,7 +857,6 @@ class _QuantizedGraph:
         )
         start = best = runner.full()
         block_errors: dict[fx.Node, float] = {}  # block end -> its error in the accepted state
-        outputs_stale = False  # block-wise moves since ``best`` was measured on the outputs
         console = Console(stderr=True)
         with Progress(
             TextColumn("PotQuantize joint search"),
@@ -871,45 +872,29 @@ class _QuantizedGraph:
             for _ in range(sweeps):
                 improved = False
                 for kind, key in knobs:
-                    first = runner.nodes[starts[id(key)]]
-                    end = knob_ends[id(key)]
-                    # block-wise: score the move on its block's output; else on the outputs
-                    if end is not None:
-                        if end not in block_errors:
-                            block_errors[end] = runner.window(first, end, end_refs[end])[0]
-                        baseline = block_errors[end]
-                    elif outputs_stale:  # block-wise moves changed the outputs: measure afresh
-                        best, envs = runner.trial(starts[id(key)])
-                        runner.accept(envs)
-                        baseline, outputs_stale = best, False
-                    else:
-                        baseline = best
+                    first, end = runner.nodes[starts[id(key)]], knob_ends[id(key)]
+                    if end is not None and end not in block_errors:
+                        block_errors[end] = runner.window(first, end, end_refs[end])[0]
                     for delta in (1, -1):
                         self._shift(kind, key, delta)
-                        if end is None:
-                            err, envs = runner.trial(starts[id(key)])
-                        else:
-                            err, envs = runner.window(first, end, end_refs[end])
-                        if err < baseline:
-                            improved, moves = True, moves + 1
-                            if end is None:
-                                best = err
-                            runner.accept(envs, None if end is None else runner.position[end] + 1)
+                        if end is not None:  # block-wise: screened on the block first
+                            block_error = runner.window(first, end, end_refs[end])[0]
+                            if block_error >= block_errors[end]:
+                                self._shift(kind, key, -delta)
+                                continue
+                        err, envs = runner.trial(starts[id(key)])
+                        if err < best:
+                            improved, moves, best = True, moves + 1, err
+                            runner.accept(envs)
                             # the blocks from the move on now see other inputs
                             moved = starts[id(key)]
-                            for stale_end in [
-                                e for e in block_errors if runner.position[e] >= moved
-                            ]:
-                                del block_errors[stale_end]
-                            if end is not None:
-                                block_errors[end], outputs_stale = err, True
+                            for stale in [e for e in block_errors if runner.position[e] >= moved]:
+                                del block_errors[stale]
                             break
                         self._shift(kind, key, -delta)
                     progress.update(task, advance=1, error=best)
                 if not improved:
                     break
-        if block_ends:  # the network's error after the block-wise moves
-            best = runner.full()
         return start, best, moves
 
     def _block_end(

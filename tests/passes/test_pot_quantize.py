@@ -401,8 +401,10 @@ def test_joint_search_trials_resume_where_a_move_takes_effect(quantized):
 
 
 def test_block_wise_search_scores_every_move_inside_its_block(monkeypatch):
-    """scope="block": a quantizer at a block's input (or a weight) is scored at the end of the
-    block that reads it; no move of a network made of blocks runs the whole network."""
+    """scope="block": a move of a quantizer at a block's input (or of a weight) is screened at
+    the end of the block that reads it, and only a move that lowers that block's error is run
+    on to the outputs (kept if it lowers their error too): fewer whole-network runs than
+    quantizers, where scope="network" runs at least one per quantizer."""
     from edgefx.passes.pot_quantize import _ResumableRun
 
     def block() -> nn.Module:
@@ -422,8 +424,12 @@ def test_block_wise_search_scores_every_move_inside_its_block(monkeypatch):
 
         monkeypatch.setattr(_ResumableRun, method, counted)
     result = PotQuantize([x], weight_bits=4, act_bits=4, scope="block")(program)
-    assert result.report["calib_error"]["joint_steps"] > 0
-    assert calls["trial"] == 0 and calls["window"] > result.report["quantizers"]
+    error, quantizers = result.report["calib_error"], result.report["quantizers"]
+    assert error["joint_steps"] > 0 and error["final"] < error["start"]
+    assert calls["trial"] < quantizers <= calls["window"]
+    calls.clear()
+    PotQuantize([x], weight_bits=4, act_bits=4, scope="network")(program)
+    assert calls["trial"] >= quantizers and calls["window"] == 0
 
 
 @pytest.mark.parametrize("scope", ["network", "block"])
