@@ -460,21 +460,29 @@ _SDPA = aten.scaled_dot_product_attention.default
 
 
 def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[str, str]]]:
-    """Write every unmasked ``scaled_dot_product_attention`` out as
-    ``matmul(softmax(matmul(q, k^T) * scale), v)`` (in place); return the matmuls, and the
-    attentions left whole (masked, causal, dropout, grouped-query) with the reason."""
+    """Write every ``scaled_dot_product_attention`` out as
+    ``matmul(softmax(matmul(q, k^T) * scale + mask), v)`` (in place); return the matmuls, and
+    the attentions left whole (causal, dropout, grouped-query) with the reason.
+
+    A mask is applied as SDPA applies it: a float mask is added to the scaled scores, a
+    boolean one sets the scores it excludes (False) to -inf. Hugging Face ViT passes an
+    all-True boolean mask, Swin its relative position bias (plus the shifted windows' mask)
+    as a float one; either stays float, between the two quantized products."""
     matmuls, skipped = [], []
     for node in list(gm.graph.find_nodes(op="call_function", target=_SDPA)):
         q, k, v = node.args[:3]
         options = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:], strict=False))
         options.update(node.kwargs)
+        mask = options.get("attn_mask")
         reason = None
-        if options.get("attn_mask") is not None or options.get("is_causal"):
-            reason = "masked or causal attention is not quantized"
+        if options.get("is_causal"):
+            reason = "causal attention is not quantized"
         elif options.get("dropout_p", 0.0) or options.get("enable_gqa"):
             reason = "attention with dropout or grouped queries is not quantized"
         elif "val" not in q.meta:
             reason = "attention without shape information is not quantized"
+        elif mask is not None and not (isinstance(mask, fx.Node) and "val" in mask.meta):
+            reason = "attention with a mask of unknown type is not quantized"
         if reason:
             skipped.append(
                 {"module": module_path(node) or node.name, "op": str(_SDPA), "reason": reason}
@@ -488,10 +496,21 @@ def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[s
             k_t = graph.call_function(aten.transpose.int, (k, -2, -1))
             scores = graph.call_function(aten.matmul.default, (q, k_t))
             scaled = graph.call_function(aten.mul.Tensor, (scores, scale))
+            new = [k_t, scores, scaled]
+            if mask is not None and mask.meta["val"].dtype == torch.bool:
+                excluded = graph.call_function(aten.logical_not.default, (mask,))
+                excluded.meta["val"] = mask.meta["val"]  # same shape, bool
+                scaled = graph.call_function(
+                    aten.masked_fill.Scalar, (scaled, excluded, float("-inf"))
+                )
+                new += [excluded, scaled]
+            elif mask is not None:
+                scaled = graph.call_function(aten.add.Tensor, (scaled, mask))
+                new.append(scaled)
             attn = graph.call_function(aten._softmax.default, (scaled, -1, False))
             out = graph.call_function(aten.matmul.default, (attn, v))
-        for new in (k_t, scores, scaled, attn, out):
-            new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        for added in (*new, attn, out):
+            added.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         matmuls += [scores, out]
@@ -555,6 +574,9 @@ def _float_islands(gm: fx.GraphModule, layers: set[fx.Node]) -> list[dict[str, A
             continue
         if node.target in _NO_ROUNDING and node.target not in _ROUNDING_POOLS:
             continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.is_floating_point():
+            continue  # integer / boolean ops (a mask's arange, ge) round nothing
         name = str(node.target).removeprefix("aten.").removesuffix(".default")
         entry = islands.setdefault(name, {"op": name, "count": 0, "modules": []})
         entry["count"] += 1

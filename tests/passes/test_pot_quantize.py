@@ -752,6 +752,15 @@ def test_sweep_quantizes_at_w8a8_and_compiles_to_onnx(name):
         f">1 step {check['beyond_one_step']:.2e}, max steps {check['max_steps']:.2f}, "
         f"onnx SNR {check['snr_db']:.1f} dB"
     )
+    forced = compiled.report.forced_check
+    print(
+        f"{name}: teacher-forced: {forced['observed']}/{forced['quantizers']} quantizers "
+        f"observed, {forced['with_flips']} flip codes ({forced['flipped']} codes), worst share "
+        f"{forced['worst_share']:.2e}, max code diff {forced['max_code_diff']}, max tie distance "
+        f"{forced['max_tie_distance']:.2e} steps, outputs given the codes "
+        f"{forced['output_relative']:.2e} of scale"
+    )
+    assert forced["passed"] and forced["observed"] == forced["quantizers"]
     assert result.report["layers"] and 10 < result.error.snr_db < float("inf")
 
 
