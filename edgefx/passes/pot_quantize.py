@@ -191,10 +191,11 @@ class PotQuantize(Pass):
             (where onnxruntime fuses it into the weights its own way; see
             ``compiler.QUANTIZED_CHECK_BITS``). Order with ``FoldBatchNorm`` does not matter.
         attention: quantize the two activation products of attention, q.k^T and attn.v:
-            each ``scaled_dot_product_attention`` without a mask is written out as
-            matmul -> scale -> softmax -> matmul, and both operands of each matmul are
-            quantized (q, k and v signed, the softmax output unsigned), so each product is
-            an integer accumulation too. The scale and softmax stay float islands.
+            each non-causal ``scaled_dot_product_attention`` is written out as
+            matmul -> scale (-> mask) -> softmax -> matmul, and both operands of each matmul
+            are quantized (q, k and v signed, the softmax output unsigned), so each product
+            is an integer accumulation too. The scale, the mask (added, or -inf where a
+            boolean mask is False) and softmax stay float islands.
         objective: what the joint search minimises. "output" (default): the squared error of
             the network's outputs against the float model's, relative to their power, on the
             search samples. "bn_stats" (RAPQ's reconstruction): for every conv a BatchNorm
