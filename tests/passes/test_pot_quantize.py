@@ -800,6 +800,58 @@ def test_attention_can_stay_whole():
     assert "scaled_dot_product_attention" in islands
 
 
+class MaskedAttention(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masked_attention_is_written_out_as_sdpa_computes_it(kind):
+    """A boolean mask (False: excluded) or a float one (added to the scores, Swin's relative
+    position bias) is applied between the two products, which are then quantized."""
+    from edgefx.passes.pot_quantize import _decompose_attention
+
+    gen = torch.Generator().manual_seed(6)
+    if kind == "bool":
+        mask = torch.rand(2, 5, 5, generator=gen) > 0.4
+        mask[..., 0] = True  # no row fully excluded
+    else:
+        mask = torch.randn(2, 5, 5, generator=gen)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=gen)
+    program = capture(MaskedAttention(mask).eval(), (x,))
+    gm = program.copy_graph()
+    matmuls, skipped = _decompose_attention(gm)
+    assert len(matmuls) == 2 and not skipped
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], program.graph_module(x)[0], rtol=1e-5, atol=1e-6)
+    result = PotQuantize([x], search="minmax")(program)
+    assert len(result.report["matmuls"]) == 2 and not result.report["skipped"]
+
+
+def test_hugging_face_vit_attention_products_are_quantized():
+    """HF ViT passes SDPA an all-True boolean mask: its q.k^T and attn.v are quantized as for
+    timm, and the ONNX model agrees with the Program quantizer by quantizer."""
+    model = _hf_vit(layers=1)
+    calib = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
+    program = capture(model, (calib[0][:2],))
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib, search="minmax")])
+    report = compiled.report.passes[0].report
+    assert len(report["matmuls"]) == 2 and not report["skipped"]
+    inputs = [m["inputs"] for m in report["matmuls"]]
+    assert inputs == [["signed", "signed"], ["unsigned", "signed"]]
+    islands = {e["op"] for e in report["float_islands"]}
+    assert "masked_fill.Scalar" in islands and "scaled_dot_product_attention" not in islands
+    assert not islands & {"arange", "ge.Scalar", "logical_not"}  # the mask rounds nothing
+    assert compiled.report.forced_check["passed"]
+
+
 def _timm(name: str, **kwargs):
     timm = pytest.importorskip("timm")
     return timm.create_model(name, num_classes=10, **kwargs)
@@ -810,12 +862,12 @@ def _torchvision(name: str):
     return getattr(torchvision.models, name)(num_classes=10)
 
 
-def _hf_vit():
+def _hf_vit(layers: int = 2):
     pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
     from vit_models import hf_vit
 
-    return hf_vit(layers=2)
+    return hf_vit(layers=layers)
 
 
 # (factory, input size): the issue's sweep of architectures PotQuantize must handle
