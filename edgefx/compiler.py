@@ -108,7 +108,12 @@ class CompileReport:
             "quantized_check": None
             if self.quantized_check is None
             else {k: v if math.isfinite(v) else str(v) for k, v in self.quantized_check.items()},
-            "forced_check": self.forced_check,
+            "forced_check": None
+            if self.forced_check is None
+            else {
+                k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in self.forced_check.items()
+            },
         }
 
     def table(self) -> Table:
