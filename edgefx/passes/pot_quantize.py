@@ -462,7 +462,8 @@ _SDPA = aten.scaled_dot_product_attention.default
 
 def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[str, str]]]:
     """Write every ``scaled_dot_product_attention`` out as
-    ``matmul(softmax(matmul(q, k^T) * scale + mask), v)`` (in place); return the matmuls, and
+    ``matmul(softmax(matmul(q, k^T) * scale + mask), v)`` (in place); return the matmuls
+    (with those of attention the model writes out itself, see ``_explicit_attention``), and
     the attentions left whole (causal, dropout, grouped-query) with the reason.
 
     A mask is applied as SDPA applies it: a float mask is added to the scaled scores, a
@@ -517,7 +518,74 @@ def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[s
         matmuls += [scores, out]
     if matmuls:
         gm.recompile()
-    return matmuls, skipped
+    found = set(matmuls)
+    matmuls += [m for m in _explicit_attention(gm) if m not in found]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(matmuls, key=order.__getitem__), skipped
+
+
+_SOFTMAX = {aten._softmax.default, aten.softmax.int}
+# what may stand between q @ k^T and the softmax (scale, bias, mask, reshapes), and between
+# the softmax and attn @ v
+_SCORE_OPS = {
+    aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.masked_fill.Scalar,
+    aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.clone.default,
+    aten._unsafe_view.default, aten.contiguous.default,
+}  # fmt: skip
+_PROBABILITY_OPS = {
+    aten.clone.default, aten.dropout.default, aten.view.default, aten.reshape.default,
+    aten.contiguous.default, aten.alias.default,
+}  # fmt: skip
+
+
+def _explicit_attention(gm: fx.GraphModule) -> list[fx.Node]:
+    """The two products of attention written out in the model itself (timm's Swin, or a
+    ViT with ``fused_attn`` off): ``matmul(q, k^T)`` reaching a softmax through scale, bias
+    and mask ops, and the ``matmul(softmax, v)`` reading it, both of two data-dependent
+    tensors; a softmax without both is left alone."""
+    data: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in data for a in node.all_input_nodes):
+            data.add(node)
+
+    def product(node: fx.Node) -> bool:
+        return (
+            node.op == "call_function"
+            and node.target == aten.matmul.default
+            and all(isinstance(a, fx.Node) and a in data for a in node.args[:2])
+        )
+
+    def scores_of(node: Any, depth: int = 0) -> fx.Node | None:
+        if not isinstance(node, fx.Node) or node not in data or depth > 8:
+            return None
+        if product(node):
+            return node
+        if node.op != "call_function" or node.target not in _SCORE_OPS:
+            return None
+        for arg in node.args:
+            found = scores_of(arg, depth + 1)
+            if found is not None:
+                return found
+        return None
+
+    def values_of(node: fx.Node, depth: int = 0) -> fx.Node | None:
+        for user in node.users:
+            if product(user) and user.args[0] is node:
+                return user
+            if depth < 4 and user.op == "call_function" and user.target in _PROBABILITY_OPS:
+                found = values_of(user, depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    matmuls = []
+    for softmax in gm.graph.nodes:
+        if softmax.op != "call_function" or softmax.target not in _SOFTMAX:
+            continue
+        scores, out = scores_of(softmax.args[0]), values_of(softmax)
+        if scores is not None and out is not None and scores is not out:
+            matmuls += [scores, out]
+    return list(dict.fromkeys(matmuls))
 
 
 def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:
