@@ -835,6 +835,40 @@ def test_masked_attention_is_written_out_as_sdpa_computes_it(kind):
     assert len(result.report["matmuls"]) == 2 and not result.report["skipped"]
 
 
+class ExplicitAttention(nn.Module):
+    """Attention written out as timm's Swin does: scaled q @ k^T, plus a bias, softmax, @ v;
+    and a Gram matrix x @ x^T that is no attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.bias = nn.Parameter(torch.randn(2, 5, 5))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        attn = ((q * 0.35) @ k.transpose(-2, -1) + self.bias).softmax(dim=-1)
+        return attn @ v, x @ x.transpose(-2, -1)
+
+
+def test_attention_written_out_in_the_model_is_quantized():
+    from edgefx.passes.pot_quantize import _explicit_attention
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 16, generator=gen)
+    torch.manual_seed(0)
+    program = capture(ExplicitAttention().eval(), (x,))
+    gm = program.graph_module
+    products = [n for n in gm.graph.nodes if n.target == aten.matmul.default]
+    assert len(products) == 3 and _explicit_attention(gm) == products[:2]  # not the Gram
+    result = PotQuantize([x], search="minmax")(program)
+    inputs = [m["inputs"] for m in result.report["matmuls"]]
+    assert inputs == [["signed", "signed"], ["unsigned", "signed"]]
+    quantized_gm = result.program.graph_module
+    matmuls = [n for n in quantized_gm.graph.nodes if n.target == aten.matmul.default]
+    read = [[a.target == DEQUANTIZE for a in n.args[:2]] for n in matmuls]
+    assert read == [[True, True], [True, True], [False, False]]
+
+
 def test_hugging_face_vit_attention_products_are_quantized():
     """HF ViT passes SDPA an all-True boolean mask: its q.k^T and attn.v are quantized as for
     timm, and the ONNX model agrees with the Program quantizer by quantizer."""
