@@ -63,9 +63,9 @@ QUANTIZED_MIN_SNR_DB = 30.0
 #     difference in the float op feeding the quantizer; a wrong scale moves values anywhere);
 #   - a quantizer reading integer codes (requant_shift) flips nothing: integer arithmetic on
 #     the same codes has no last bit to differ in;
-# and the outputs, given the forced codes, agree to compile()'s float tolerance. That check
-# then decides (the output check above is the fallback for backends without intermediates,
-# TVM today).
+# and the outputs, given the forced codes, agree to compile()'s float tolerance. Outputs that
+# agree to that tolerance outright still pass; otherwise this check decides, and the output
+# check above is the fallback for backends without intermediates (TVM today).
 QUANTIZED_FORCED_MAX_SHARE = 0.001
 QUANTIZED_TIE_WINDOW = 2.0**-8
 
@@ -470,11 +470,10 @@ def teacher_forced_agreement(
     expose its intermediate values. A quantizer the artifact has no single value for (one
     constant-folded away, say) is not forced: the Program keeps its own codes there, and a
     difference shows at the next quantizer observed. Returns the figures: quantizers and
-    those observed, those with
-    flips, the worst share of flipped codes, the largest code difference, the largest
-    distance of a flip from its tie (in steps), the outputs' relative error given the forced
-    codes, ``passed``, ``failure`` (why not, or None) and ``flips`` (one entry per quantizer
-    that flipped a code)."""
+    those observed, those with flips, the worst share of flipped codes, the largest code
+    difference, the largest distance of a flip from its tie (in steps), the outputs'
+    relative error given the forced codes, ``passed``, ``failure`` (why not, or None) and
+    ``flips`` (one entry per quantizer that flipped a code)."""
     nodes = [
         n for n in program.graph_module.graph.nodes
         if n.op == "call_function" and n.target in _quantizer_targets()
