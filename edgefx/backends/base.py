@@ -34,6 +34,15 @@ class Artifact(abc.ABC):
         """Backend-specific facts for the compile report (opset, node count, target, ...)."""
         return {}
 
+    def run_observing(
+        self, inputs: Sequence[torch.Tensor], names: Sequence[str]
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None:
+        """Run on ``inputs`` and also return the values this artifact computes for the
+        Program nodes ``names`` (those it can locate; others are left out), or None where
+        the backend cannot expose intermediate values. compile() uses it to check a
+        quantized Program quantizer by quantizer (teacher forcing)."""
+        return None
+
 
 class Backend(abc.ABC):
     """Lowers a Program. Backends never import passes."""

@@ -163,6 +163,37 @@ def _session(model: onnx.ModelProto, workdir: Path | None, fuse_qdq: bool) -> or
     return _cpu_session(str(path), fuse_qdq)
 
 
+def _values_of(
+    model: onnx.ModelProto, node_map: dict[str, dict[str, str]], names: Sequence[str]
+) -> dict[str, str]:
+    """Program node name -> the ONNX value holding its result: the one output of the ONNX
+    nodes lowered from it (``node_map``) that a node lowered from elsewhere reads, or that
+    is a graph output. Nodes with no such single value are left out."""
+    wanted = set(names)
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        fx_node = node_map.get(node.name, {}).get("fx_node", "")
+        if fx_node in wanted:
+            groups.setdefault(fx_node, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        origin = node_map.get(node.name, {}).get("fx_node", "")
+        for value in node.input:
+            readers.setdefault(value, set()).add(origin)
+    found = {}
+    for name, nodes in groups.items():
+        outside = [
+            value
+            for node in nodes
+            for value in node.output
+            if value in graph_outputs or readers.get(value, set()) - {name}
+        ]
+        if len(outside) == 1:
+            found[name] = outside[0]
+    return found
+
+
 class OnnxArtifact(Artifact):
     backend = "onnx"
 
@@ -185,6 +216,8 @@ class OnnxArtifact(Artifact):
             session = _session(model, workdir, fuse_qdq)
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
+        # run_observing's sessions, by the tuple of ONNX values they add as outputs
+        self._observing: dict[tuple[str, ...], ort.InferenceSession] = {}
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         feeds = {
@@ -192,6 +225,45 @@ class OnnxArtifact(Artifact):
             for name, x in zip(self.input_names, inputs, strict=True)
         }
         return [torch.from_numpy(np.asarray(y)) for y in self.session.run(None, feeds)]
+
+    def run_observing(
+        self, inputs: Sequence[torch.Tensor], names: Sequence[str]
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None:
+        """Run a copy of the model that also outputs the ONNX values computed for the
+        Program nodes ``names`` (located through ``node_map``; a node whose lowering has no
+        single output value is left out). Outputs come first, as :meth:`run` returns them.
+        None for a model over 1 GiB (its weights live in external data; not copied here)."""
+        if _model_bytes(self.model) >= _EXTERNAL_DATA_BYTES:
+            return None
+        values = _values_of(self.model, self.node_map, names)
+        extra = tuple(dict.fromkeys(values.values()))
+        if extra not in self._observing:
+            self._observing[extra] = self._session_with_outputs(extra)
+        feeds = {
+            name: np.ascontiguousarray(x.detach().cpu().numpy())
+            for name, x in zip(self.input_names, inputs, strict=True)
+        }
+        outputs = [o.name for o in self.model.graph.output]
+        wanted = outputs + [v for v in extra if v not in outputs]
+        results = dict(zip(wanted, self._observing[extra].run(wanted, feeds), strict=True))
+        return [torch.from_numpy(np.asarray(results[o])) for o in outputs], {
+            name: torch.from_numpy(np.asarray(results[value])) for name, value in values.items()
+        }
+
+    def _session_with_outputs(self, extra: tuple[str, ...]) -> ort.InferenceSession:
+        """A session on the model with ``extra`` values added as graph outputs (added for
+        the serialisation only, so that the model is not copied)."""
+        graph = self.model.graph
+        types = {v.name: v for v in graph.value_info}
+        existing = {o.name for o in graph.output}
+        count = len(graph.output)
+        try:
+            for name in extra:
+                if name not in existing:
+                    graph.output.append(types.get(name, onnx.ValueInfoProto(name=name)))
+            return _cpu_session(self.model.SerializeToString(), self.fuse_qdq)
+        finally:
+            del graph.output[count:]
 
     def save(self, directory: Path) -> dict[str, Any]:
         external = _model_bytes(self.model) >= _EXTERNAL_DATA_BYTES

@@ -192,10 +192,11 @@ class PotQuantize(Pass):
             (where onnxruntime fuses it into the weights its own way; see
             ``compiler.QUANTIZED_CHECK_BITS``). Order with ``FoldBatchNorm`` does not matter.
         attention: quantize the two activation products of attention, q.k^T and attn.v:
-            each ``scaled_dot_product_attention`` without a mask is written out as
-            matmul -> scale -> softmax -> matmul, and both operands of each matmul are
-            quantized (q, k and v signed, the softmax output unsigned), so each product is
-            an integer accumulation too. The scale and softmax stay float islands.
+            each non-causal ``scaled_dot_product_attention`` is written out as
+            matmul -> scale (-> mask) -> softmax -> matmul, and both operands of each matmul
+            are quantized (q, k and v signed, the softmax output unsigned), so each product
+            is an integer accumulation too. The scale, the mask (added, or -inf where a
+            boolean mask is False) and softmax stay float islands.
         objective: what the joint search minimises. "output" (default): the squared error of
             the network's outputs against the float model's, relative to their power, on the
             search samples. "bn_stats" (RAPQ's reconstruction): for every conv a BatchNorm
@@ -461,21 +462,30 @@ _SDPA = aten.scaled_dot_product_attention.default
 
 
 def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[str, str]]]:
-    """Write every unmasked ``scaled_dot_product_attention`` out as
-    ``matmul(softmax(matmul(q, k^T) * scale), v)`` (in place); return the matmuls, and the
-    attentions left whole (masked, causal, dropout, grouped-query) with the reason."""
+    """Write every ``scaled_dot_product_attention`` out as
+    ``matmul(softmax(matmul(q, k^T) * scale + mask), v)`` (in place); return the matmuls
+    (with those of attention the model writes out itself, see ``_explicit_attention``), and
+    the attentions left whole (causal, dropout, grouped-query) with the reason.
+
+    A mask is applied as SDPA applies it: a float mask is added to the scaled scores, a
+    boolean one sets the scores it excludes (False) to -inf. Hugging Face ViT passes an
+    all-True boolean mask, Swin its relative position bias (plus the shifted windows' mask)
+    as a float one; either stays float, between the two quantized products."""
     matmuls, skipped = [], []
     for node in list(gm.graph.find_nodes(op="call_function", target=_SDPA)):
         q, k, v = node.args[:3]
         options = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:], strict=False))
         options.update(node.kwargs)
+        mask = options.get("attn_mask")
         reason = None
-        if options.get("attn_mask") is not None or options.get("is_causal"):
-            reason = "masked or causal attention is not quantized"
+        if options.get("is_causal"):
+            reason = "causal attention is not quantized"
         elif options.get("dropout_p", 0.0) or options.get("enable_gqa"):
             reason = "attention with dropout or grouped queries is not quantized"
         elif "val" not in q.meta:
             reason = "attention without shape information is not quantized"
+        elif mask is not None and not (isinstance(mask, fx.Node) and "val" in mask.meta):
+            reason = "attention with a mask of unknown type is not quantized"
         if reason:
             skipped.append(
                 {"module": module_path(node) or node.name, "op": str(_SDPA), "reason": reason}
@@ -489,16 +499,94 @@ def _decompose_attention(gm: fx.GraphModule) -> tuple[list[fx.Node], list[dict[s
             k_t = graph.call_function(aten.transpose.int, (k, -2, -1))
             scores = graph.call_function(aten.matmul.default, (q, k_t))
             scaled = graph.call_function(aten.mul.Tensor, (scores, scale))
+            new = [k_t, scores, scaled]
+            if mask is not None and mask.meta["val"].dtype == torch.bool:
+                excluded = graph.call_function(aten.logical_not.default, (mask,))
+                excluded.meta["val"] = mask.meta["val"]  # same shape, bool
+                scaled = graph.call_function(
+                    aten.masked_fill.Scalar, (scaled, excluded, float("-inf"))
+                )
+                new += [excluded, scaled]
+            elif mask is not None:
+                scaled = graph.call_function(aten.add.Tensor, (scaled, mask))
+                new.append(scaled)
             attn = graph.call_function(aten._softmax.default, (scaled, -1, False))
             out = graph.call_function(aten.matmul.default, (attn, v))
-        for new in (k_t, scores, scaled, attn, out):
-            new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        for added in (*new, attn, out):
+            added.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         matmuls += [scores, out]
     if matmuls:
         gm.recompile()
-    return matmuls, skipped
+    found = set(matmuls)
+    matmuls += [m for m in _explicit_attention(gm) if m not in found]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(matmuls, key=order.__getitem__), skipped
+
+
+_SOFTMAX = {aten._softmax.default, aten.softmax.int}
+# what may stand between q @ k^T and the softmax (scale, bias, mask, reshapes), and between
+# the softmax and attn @ v
+_SCORE_OPS = {
+    aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.masked_fill.Scalar,
+    aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.clone.default,
+    aten._unsafe_view.default, aten.contiguous.default,
+}  # fmt: skip
+_PROBABILITY_OPS = {
+    aten.clone.default, aten.dropout.default, aten.view.default, aten.reshape.default,
+    aten.contiguous.default, aten.alias.default,
+}  # fmt: skip
+
+
+def _explicit_attention(gm: fx.GraphModule) -> list[fx.Node]:
+    """The two products of attention written out in the model itself (timm's Swin, or a
+    ViT with ``fused_attn`` off): ``matmul(q, k^T)`` reaching a softmax through scale, bias
+    and mask ops, and the ``matmul(softmax, v)`` reading it, both of two data-dependent
+    tensors; a softmax without both is left alone."""
+    data: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in data for a in node.all_input_nodes):
+            data.add(node)
+
+    def product(node: fx.Node) -> bool:
+        return (
+            node.op == "call_function"
+            and node.target == aten.matmul.default
+            and all(isinstance(a, fx.Node) and a in data for a in node.args[:2])
+        )
+
+    def scores_of(node: Any, depth: int = 0) -> fx.Node | None:
+        if not isinstance(node, fx.Node) or node not in data or depth > 8:
+            return None
+        if product(node):
+            return node
+        if node.op != "call_function" or node.target not in _SCORE_OPS:
+            return None
+        for arg in node.args:
+            found = scores_of(arg, depth + 1)
+            if found is not None:
+                return found
+        return None
+
+    def values_of(node: fx.Node, depth: int = 0) -> fx.Node | None:
+        for user in node.users:
+            if product(user) and user.args[0] is node:
+                return user
+            if depth < 4 and user.op == "call_function" and user.target in _PROBABILITY_OPS:
+                found = values_of(user, depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    matmuls = []
+    for softmax in gm.graph.nodes:
+        if softmax.op != "call_function" or softmax.target not in _SOFTMAX:
+            continue
+        scores, out = scores_of(softmax.args[0]), values_of(softmax)
+        if scores is not None and out is not None and scores is not out:
+            matmuls += [scores, out]
+    return list(dict.fromkeys(matmuls))
 
 
 def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -556,6 +644,9 @@ def _float_islands(gm: fx.GraphModule, layers: set[fx.Node]) -> list[dict[str, A
             continue
         if node.target in _NO_ROUNDING and node.target not in _ROUNDING_POOLS:
             continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.is_floating_point():
+            continue  # integer / boolean ops (a mask's arange, ge) round nothing
         name = str(node.target).removeprefix("aten.").removesuffix(".default")
         entry = islands.setdefault(name, {"op": name, "count": 0, "modules": []})
         entry["count"] += 1

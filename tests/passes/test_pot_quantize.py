@@ -653,8 +653,112 @@ def test_quantized_check_still_fails_a_wrong_lowering(folded, monkeypatch):
     translations = dict(pot.ONNX_TRANSLATIONS)
     translations[DEQUANTIZE] = wrong_dequantize
     monkeypatch.setattr(pot, "ONNX_TRANSLATIONS", translations)
-    with pytest.raises(edgefx.BackendError, match="disagrees with the quantized Program"):
+    with pytest.raises(edgefx.BackendError, match="disagrees with the quantized Program") as info:
         edgefx.compile(folded, passes=[PotQuantize(batches(1), search="minmax")], backend="onnx")
+    assert "quantizer by quantizer (teacher forcing)" in str(info.value)
+
+
+class OneTie(nn.Module):
+    """A hand-quantized Program with one exact rounding tie: x (codes at 2**-4) times 3 is
+    quantized at 2**-2, i.e. 3c/4 steps, a tie with an even lower code only for c = 6 (4.5),
+    which only element ``tie`` has. The next linear amplifies that element fifty-fold, as a
+    transformer's later quantizers spread one early flip."""
+
+    def __init__(self, width: int = 2048, tie: int = 5) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.rand(16, width, generator=gen) * 0.01
+        weight[:, tie] = 50.0
+        self.register_buffer("weight", weight)
+        self.register_buffer("e_in", torch.tensor(-4, dtype=torch.int32))
+        self.register_buffer("e_mid", torch.tensor(-2, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pot = torch.ops.edgefx
+        y = pot.dequantize_pot(pot.quantize_pot(x, self.e_in, 1, 8, True), self.e_in, 1) * 3.0
+        z = pot.dequantize_pot(pot.quantize_pot(y, self.e_mid, 1, 8, True), self.e_mid, 1)
+        return torch.nn.functional.linear(z, self.weight)
+
+
+def _one_tie_program(width: int = 2048, tie: int = 5) -> edgefx.Program:
+    codes = torch.arange(width).remainder(8) * 2 % 8  # 0, 2, 4, 6: 3c/4 = 0, 1.5, 3, 4.5
+    codes[codes == 6] = 4
+    codes[tie] = 6
+    x = (codes.float() / 16).repeat(2, 1)
+    return capture(OneTie(width, tie).eval(), (x,))
+
+
+def _float_island_off_by(monkeypatch, factor: float) -> None:
+    """Make the ONNX backend compute every Mul by a constant ``factor`` times too high (x 3
+    becomes x 3 factor), the way a backend's float island may differ from torch's."""
+    import numpy as np
+
+    from edgefx.backends import onnx as onnx_backend
+
+    build = onnx_backend.OnnxBackend.build
+
+    def off_build(self, program):
+        artifact = build(self, program)
+        model = artifact.model
+        constants = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            for name in node.input if node.op_type == "Mul" else ():
+                if name in constants and constants[name].data_type == onnx.TensorProto.FLOAT:
+                    value = onnx.numpy_helper.to_array(constants[name]) * np.float32(factor)
+                    constants[name].CopyFrom(onnx.numpy_helper.from_array(value, name))
+        return onnx_backend.OnnxArtifact(model, artifact.node_map)
+
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "build", off_build)
+
+
+def test_teacher_forcing_passes_one_tie_flip_the_output_check_fails(monkeypatch):
+    """One code flipped at an exact tie and amplified: the outputs are many steps apart, so
+    the output step check fails, but quantizer by quantizer the backend differs only by that
+    one-step flip at a tie, and given its codes the outputs agree: compile() accepts it."""
+    from edgefx.compiler import quantized_agreement
+
+    program = _one_tie_program()
+    _float_island_off_by(monkeypatch, 1 + 2.0**-20)
+    compiled = edgefx.compile(program, backend="onnx")
+    output_check = compiled.report.quantized_check
+    assert output_check == quantized_agreement(program.run_flat(), compiled.artifact.run(
+        program.example_inputs))  # fmt: skip
+    assert output_check["beyond_one_step"] == 1.0 and output_check["max_steps"] > 10
+    forced = compiled.report.forced_check
+    assert forced["passed"] and forced["observed"] == forced["quantizers"] == 2
+    (flip,) = forced["flips"]
+    assert flip["flips"] == 2 and flip["max_code_diff"] == 1  # the tie, in both batch rows
+    assert flip["max_tie_distance"] == 0.0 and forced["output_relative"] < 1e-6
+    assert "teacher-forced: 1/2 quantizers flip" in str(compiled.report)
+    assert compiled.report.to_dict()["forced_check"]["with_flips"] == 1
+
+
+def test_teacher_forcing_still_fails_flips_away_from_ties(monkeypatch):
+    """The same float island lowered 1 % high, on codes spread over the whole int8 range:
+    codes one step off where no tie was near (x 3/4 puts values at k + 1/4, k + 3/4)."""
+    _float_island_off_by(monkeypatch, 1.01)
+    codes = torch.randint(-127, 128, (2, 2048), generator=torch.Generator().manual_seed(3))
+    program = capture(OneTie().eval(), (codes.float() / 16,))
+    with pytest.raises(edgefx.BackendError, match="quantizer by quantizer") as info:
+        edgefx.compile(program, backend="onnx")
+    assert "not within" in str(info.value) or "of its codes one step off" in str(info.value)
+
+
+def test_teacher_forcing_still_fails_a_wrong_exponent(monkeypatch):
+    """A quantize lowered with the exponent one too small (codes doubled): the very first
+    quantizer is off by many steps, forced codes or not."""
+    from edgefx.ops import pot
+
+    def wrong_quantize(x, exponent, axis: int, bits: int, signed: bool):
+        return pot._onnx_quantize_pot(x, pot.op.Sub(exponent, pot.op.CastLike(
+            pot.op.Constant(value_int=1), exponent)), axis, bits, signed)  # fmt: skip
+
+    translations = dict(pot.ONNX_TRANSLATIONS)
+    translations[QUANTIZE] = wrong_quantize
+    monkeypatch.setattr(pot, "ONNX_TRANSLATIONS", translations)
+    with pytest.raises(edgefx.BackendError, match="quantizer by quantizer") as info:
+        edgefx.compile(_one_tie_program(), backend="onnx")
+    assert "steps apart" in str(info.value)
 
 
 def test_four_bit_weights_are_packed_two_a_byte_in_onnx(resnet18_folded):
@@ -763,6 +867,92 @@ def test_attention_can_stay_whole():
     assert "scaled_dot_product_attention" in islands
 
 
+class MaskedAttention(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masked_attention_is_written_out_as_sdpa_computes_it(kind):
+    """A boolean mask (False: excluded) or a float one (added to the scores, Swin's relative
+    position bias) is applied between the two products, which are then quantized."""
+    from edgefx.passes.pot_quantize import _decompose_attention
+
+    gen = torch.Generator().manual_seed(6)
+    if kind == "bool":
+        mask = torch.rand(2, 5, 5, generator=gen) > 0.4
+        mask[..., 0] = True  # no row fully excluded
+    else:
+        mask = torch.randn(2, 5, 5, generator=gen)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=gen)
+    program = capture(MaskedAttention(mask).eval(), (x,))
+    gm = program.copy_graph()
+    matmuls, skipped = _decompose_attention(gm)
+    assert len(matmuls) == 2 and not skipped
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], program.graph_module(x)[0], rtol=1e-5, atol=1e-6)
+    result = PotQuantize([x], search="minmax")(program)
+    assert len(result.report["matmuls"]) == 2 and not result.report["skipped"]
+
+
+class ExplicitAttention(nn.Module):
+    """Attention written out as timm's Swin does: scaled q @ k^T, plus a bias, softmax, @ v;
+    and a Gram matrix x @ x^T that is no attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.bias = nn.Parameter(torch.randn(2, 5, 5))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        attn = ((q * 0.35) @ k.transpose(-2, -1) + self.bias).softmax(dim=-1)
+        return attn @ v, x @ x.transpose(-2, -1)
+
+
+def test_attention_written_out_in_the_model_is_quantized():
+    from edgefx.passes.pot_quantize import _explicit_attention
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 16, generator=gen)
+    torch.manual_seed(0)
+    program = capture(ExplicitAttention().eval(), (x,))
+    gm = program.graph_module
+    products = [n for n in gm.graph.nodes if n.target == aten.matmul.default]
+    assert len(products) == 3 and _explicit_attention(gm) == products[:2]  # not the Gram
+    result = PotQuantize([x], search="minmax")(program)
+    inputs = [m["inputs"] for m in result.report["matmuls"]]
+    assert inputs == [["signed", "signed"], ["unsigned", "signed"]]
+    quantized_gm = result.program.graph_module
+    matmuls = [n for n in quantized_gm.graph.nodes if n.target == aten.matmul.default]
+    read = [[a.target == DEQUANTIZE for a in n.args[:2]] for n in matmuls]
+    assert read == [[True, True], [True, True], [False, False]]
+
+
+def test_hugging_face_vit_attention_products_are_quantized():
+    """HF ViT passes SDPA an all-True boolean mask: its q.k^T and attn.v are quantized as for
+    timm, and the ONNX model agrees with the Program quantizer by quantizer."""
+    model = _hf_vit(layers=1)
+    calib = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
+    program = capture(model, (calib[0][:2],))
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib, search="minmax")])
+    report = compiled.report.passes[0].report
+    assert len(report["matmuls"]) == 2 and not report["skipped"]
+    inputs = [m["inputs"] for m in report["matmuls"]]
+    assert inputs == [["signed", "signed"], ["unsigned", "signed"]]
+    islands = {e["op"] for e in report["float_islands"]}
+    assert "masked_fill.Scalar" in islands and "scaled_dot_product_attention" not in islands
+    assert not islands & {"arange", "ge.Scalar", "logical_not"}  # the mask rounds nothing
+    assert compiled.report.forced_check["passed"]
+
+
 def _timm(name: str, **kwargs):
     timm = pytest.importorskip("timm")
     return timm.create_model(name, num_classes=10, **kwargs)
@@ -773,12 +963,12 @@ def _torchvision(name: str):
     return getattr(torchvision.models, name)(num_classes=10)
 
 
-def _hf_vit():
+def _hf_vit(layers: int = 2):
     pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
     from vit_models import hf_vit
 
-    return hf_vit(layers=2)
+    return hf_vit(layers=layers)
 
 
 # (factory, input size): the issue's sweep of architectures PotQuantize must handle
@@ -819,6 +1009,15 @@ def test_sweep_quantizes_at_w8a8_and_compiles_to_onnx(name):
         f">1 step {check['beyond_one_step']:.2e}, max steps {check['max_steps']:.2f}, "
         f"onnx SNR {check['snr_db']:.1f} dB"
     )
+    forced = compiled.report.forced_check
+    print(
+        f"{name}: teacher-forced: {forced['observed']}/{forced['quantizers']} quantizers "
+        f"observed, {forced['with_flips']} flip codes ({forced['flipped']} codes), worst share "
+        f"{forced['worst_share']:.2e}, max code diff {forced['max_code_diff']}, max tie distance "
+        f"{forced['max_tie_distance']:.2e} steps, outputs given the codes "
+        f"{forced['output_relative']:.2e} of scale"
+    )
+    assert forced["passed"] and forced["observed"] == forced["quantizers"]
     assert result.report["layers"] and 10 < result.error.snr_db < float("inf")
 
 

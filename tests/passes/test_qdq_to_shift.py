@@ -378,6 +378,27 @@ def test_the_step_check_still_fails_a_wrong_integer_lowering(vit_w8a8, monkeypat
         edgefx.compile(shift, backend="tvm", progress=False)
 
 
+def test_teacher_forcing_fails_a_rounding_flip_at_an_integer_requantization(
+    vit_w8a8, monkeypatch
+):
+    """ONNX exposes every float_to_codes / requant_shift, so compile() checks the integer
+    graph quantizer by quantizer; requant_shift lowered with the other tie rule (half up)
+    moves codes one step at exact ties only, which a float quantizer might be forgiven, but a
+    requant_shift reads integer codes and may flip nothing."""
+    _, shift, _ = vit_w8a8
+
+    def half_up(x, amounts, axis, bits, signed, low=None, high=None, rounding="half_even"):
+        return integer_ops._onnx_requant_shift(x, amounts, axis, bits, signed, low, high,
+                                               "half_up")  # fmt: skip
+
+    translations = dict(integer_ops.ONNX_TRANSLATIONS)
+    translations[torch.ops.edgefx.requant_shift.default] = half_up
+    monkeypatch.setattr(integer_ops, "ONNX_TRANSLATIONS", translations)
+    with pytest.raises(edgefx.BackendError, match="quantizer by quantizer") as info:
+        edgefx.compile(shift, backend="onnx", backend_options={"opset": 28}, progress=False)
+    assert "quantizer requant_shift" in str(info.value)
+
+
 def _assert_tvm_bit_exact(shift: edgefx.Program, size: int) -> None:
     ints = integer_outputs(shift)
     x = fresh(size)

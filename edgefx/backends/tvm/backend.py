@@ -87,7 +87,11 @@ def cross_compiler_for(target: dict[str, Any]) -> Any:
 
 
 class TvmArtifact(Artifact):
-    """A TVM library: an in-memory executable after a build, or a loaded ``model.so``."""
+    """A TVM library: an in-memory executable after a build, or a loaded ``model.so``.
+
+    It does not expose intermediate values (``run_observing`` returns None): Relax fuses
+    and renames the graph's ops, so compile() checks a quantized Program on TVM by its
+    outputs only (in quantization steps), not quantizer by quantizer."""
 
     backend = "tvm"
 
