@@ -205,12 +205,13 @@ class PotQuantize(Pass):
             |gamma| (what the BatchNorm's running statistics say they are), relative to
             those; needs the model's BatchNorms unfolded. ``calib_error`` reports it.
         scope: how far a trial move of the joint search runs. "network" (default): to the
-            outputs, scored on them. "block" (block-wise reconstruction, as BRECQ): only to
-            the end of the block holding the quantizer's first user (the module path up to
-            its first numbered part: ``layer2.1``, ``blocks.3``), scored on that block's
-            output against the float model's; later blocks are recomputed lazily. Trials
-            cost a block instead of the rest of the network; ``calib_error`` still reports
-            the network's output error before and after.
+            outputs, scored on them. "block" (block-wise reconstruction, as BRECQ): first only
+            to the end of the last block holding a layer the quantizer feeds (the module path
+            up to its first numbered part: ``layer2.1``, ``blocks.3``), scored on that block's
+            output against the float model's; only a move that lowers its block's error is
+            run on to the outputs, and it is kept only if the output error falls too (block
+            errors alone can fall while the outputs get worse). Most trials then cost a block
+            instead of the rest of the network.
     """
 
     name = "PotQuantize"
