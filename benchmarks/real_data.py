@@ -505,6 +505,8 @@ def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tupl
 
     epochs, lr = recipe["gate_epochs"], recipe["gate_lr"]
     distill = recipe.get("gate_distill", 0.0)
+    average_last = recipe.get("gate_average_last", 0)  # SWA-style, over the last epochs
+    name = f"{epochs} ep distill {distill:g}" + (f" avg {average_last}" if average_last else "")
     row(f"gate top-k macs {GATE_MACS}", lambda: gated(TokenGate(macs=GATE_MACS)))
     row(
         f"gate threshold macs {GATE_MACS} (calibrated)",
@@ -514,7 +516,7 @@ def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tupl
     # per seed of the loader (order and shifts), each reported
     for seed in recipe.get("gate_seeds", (SEED + 3,)):
         row(
-            f"{GATE_TRAINED} {epochs} ep distill {distill:g} seed {seed}",
+            f"{GATE_TRAINED} {name} seed {seed}",
             lambda seed=seed: gated(
                 TokenGate(
                     mode="threshold",
@@ -524,6 +526,7 @@ def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tupl
                     epochs=epochs,
                     lr=lr,
                     distill=distill,
+                    average_last=average_last,
                     progress=False,
                 )
             ),
