@@ -506,7 +506,9 @@ def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tupl
     epochs, lr = recipe["gate_epochs"], recipe["gate_lr"]
     distill = recipe.get("gate_distill", 0.0)
     average_last = recipe.get("gate_average_last", 0)  # SWA-style, over the last epochs
+    gates = recipe.get("gate_gates")  # None: TokenGate's default positions
     name = f"{epochs} ep distill {distill:g}" + (f" avg {average_last}" if average_last else "")
+    name += f" gates {','.join(str(g) for g in gates)}" if gates else ""
     row(f"gate top-k macs {GATE_MACS}", lambda: gated(TokenGate(macs=GATE_MACS)))
     row(
         f"gate threshold macs {GATE_MACS} (calibrated)",
@@ -527,6 +529,7 @@ def gate_rows(program: Any, row: Callable, calib: list, recipe: dict, data: tupl
                     lr=lr,
                     distill=distill,
                     average_last=average_last,
+                    gates=gates,
                     progress=False,
                 )
             ),
