@@ -4,10 +4,11 @@ The real-data benchmark (``real_data.py``) trains its ViT on 1,200 digits and re
 597 test images. A recipe picked by its test top-1 would be fitted to the test split, so here
 the last 200 training images are held out (``real_data.validation_split``): a ViT is trained
 on the other 1,000 with the benchmark's own float recipe, and every gate recipe
-(epochs:lr:distill) runs with several seeds (the training loader's order and shifts) at
-``real_data.GATE_MACS`` of the MACs. Reported per run on the validation images: top-1, its
-difference to the dense model, the cross-entropy, and the share of images whose predicted
-class equals the dense model's; then per recipe the mean and the worst over the seeds.
+(epochs:lr:distill[:threshold_lr][:avgN][:gA-B]) runs with several seeds (the training loader's
+order and shifts) at ``real_data.GATE_MACS`` of the MACs. Reported per run on the validation
+images: top-1, its difference to the dense model, the cross-entropy, and the share of images
+whose predicted class equals the dense model's; then per recipe the mean and the worst over
+the seeds.
 
     python benchmarks/gate_recipe.py --recipes 20:3e-4:0,20:3e-4:1,20:3e-4:1:0.005 --seeds 3,4,5
 
@@ -42,14 +43,33 @@ from real_data import (
 THRESHOLD_LR = 0.05  # TokenGate's default
 
 
-def parse_recipe(text: str) -> tuple[int, float, float, float]:
-    """epochs:lr:distill[:threshold_lr]"""
+def parse_recipe(text: str) -> tuple[int, float, float, float, int, tuple[int, ...]]:
+    """epochs:lr:distill[:threshold_lr][:avgN][:gA-B...] -> (epochs, lr, distill,
+    threshold_lr, average_last, gates); avgN: the weights and thresholds averaged over the last
+    N epochs; gA-B: the gates at blocks A and B (default: TokenGate's)."""
     epochs, lr, distill, *rest = text.split(":")
-    return int(epochs), float(lr), float(distill), float(rest[0]) if rest else THRESHOLD_LR
+    threshold_lr, average_last, gates = THRESHOLD_LR, 0, ()
+    for field in rest:
+        if field.startswith("avg"):
+            average_last = int(field[3:])
+        elif field.startswith("g"):
+            gates = tuple(int(g) for g in field[1:].split("-"))
+        else:
+            threshold_lr = float(field)
+    return int(epochs), float(lr), float(distill), threshold_lr, average_last, gates
 
 
-def recipe_key(epochs: int, lr: float, distill: float, threshold_lr: float = THRESHOLD_LR) -> str:
+def recipe_key(
+    epochs: int,
+    lr: float,
+    distill: float,
+    threshold_lr: float = THRESHOLD_LR,
+    average_last: int = 0,
+    gates: tuple[int, ...] = (),
+) -> str:
     tail = "" if threshold_lr == THRESHOLD_LR else f":{threshold_lr:g}"
+    tail += f":avg{average_last}" if average_last else ""
+    tail += f":g{'-'.join(str(g) for g in gates)}" if gates else ""
     return f"{epochs}:{lr:g}:{distill:g}{tail}"
 
 
@@ -92,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = {"dense": dense, "runs": {}}
     runs: list[dict[str, Any]] = []
     for text in args.recipes.split(","):
-        epochs, lr, distill, threshold_lr = parse_recipe(text)
+        epochs, lr, distill, threshold_lr, average_last, gates = parse_recipe(text)
         for seed in (int(s) for s in args.seeds.split(",")):
-            name = recipe_key(epochs, lr, distill, threshold_lr)
+            name = recipe_key(epochs, lr, distill, threshold_lr, average_last, gates)
             key = f"{name}/{seed}"
             if key in cache["runs"] and not args.redo:
                 runs.append(cache["runs"][key])
@@ -103,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             result = TokenGate(
                 mode="threshold", macs=GATE_MACS, calib=calib,
                 train=train_loader(fit_x, fit_y, seed), epochs=epochs, lr=lr, distill=distill,
-                threshold_lr=threshold_lr, progress=False,
+                threshold_lr=threshold_lr, average_last=average_last, progress=False,
+                gates=list(gates) or None,
             )(program)  # fmt: skip
             run = {
                 "recipe": name, "seed": seed,
@@ -114,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             log(f"gate {key}: {run}")
             runs.append(run)
+            # re-read: another sweep (other recipes) may have added runs meanwhile
+            if cache_path.is_file():
+                on_disk = json.loads(cache_path.read_text())
+                if on_disk.get("dense") == dense:
+                    cache["runs"] = {**on_disk["runs"], **cache["runs"]}
             cache["runs"][key] = run
             cache_path.write_text(json.dumps(cache, indent=2))
     load["end"] = load_average()
@@ -135,8 +161,10 @@ def render(data: dict[str, Any]) -> str:
         "validation split every figure here is measured on (the test split is not touched). "
         f"Gates at {data['macs']} of the MACs, thresholds calibrated on 256 training images, "
         "then trained on the same images (`train` seeds: loader order and shifts). Recipe = "
-        "epochs:lr:distill[:threshold_lr] (distill: weight of the KL term to the dense model's "
-        f"outputs; threshold_lr {THRESHOLD_LR:g} unless given). "
+        "epochs:lr:distill[:threshold_lr][:avgN][:gA-B] (distill: weight of the KL term to the "
+        f"dense model's outputs; threshold_lr {THRESHOLD_LR:g} unless given; avgN: weights and "
+        "thresholds averaged over the last N epochs, SWA-style; gA-B: gates after blocks A and "
+        "B, 0-based, instead of the default 1, 3, 4). "
         "`agree`: images whose predicted class is the dense model's. One validation image is "
         f"{100 / data['val']:.1f} points.",
         "",

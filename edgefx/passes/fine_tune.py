@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils import _pytree as pytree
 
 from edgefx.errors import EdgefxError, PassError
@@ -46,6 +47,11 @@ class FineTune(Pass):
         weight_decay: passed to the optimizer.
         schedule: ``"cosine"`` (default) or ``"constant"`` learning rate.
         weight_bits: the width of PotQuantize's weight codes (default: read from the history).
+        average_last: average the weights over the last this many epochs (SWA-style, Izmailov
+            et al. 2018): after every optimizer step of those epochs the parameters join a
+            running mean (``torch.optim.swa_utils.AveragedModel``), which the trained Program
+            holds in the end. Buffers (BatchNorm running statistics) stay those of the last
+            step. 0 (default) keeps the last step's weights.
         progress: show a progress bar (default: when stderr is a terminal).
     """
 
@@ -62,6 +68,7 @@ class FineTune(Pass):
         weight_decay: float = 0.0,
         schedule: str = "cosine",
         weight_bits: int | None = None,
+        average_last: int = 0,
         progress: bool | None = None,
     ) -> None:
         if data is None:
@@ -101,6 +108,16 @@ class FineTune(Pass):
             raise PassError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
         if schedule not in _SCHEDULES:
             raise PassError(f"schedule must be one of {', '.join(_SCHEDULES)}, got {schedule!r}")
+        if not (
+            isinstance(average_last, int)
+            and not isinstance(average_last, bool)
+            and 0 <= average_last <= epochs
+        ):
+            raise PassError(
+                f"average_last must be a whole number of epochs in [0, epochs={epochs}], got "
+                f"{average_last!r}",
+                hint="e.g. FineTune(loader, epochs=20, average_last=5); 0 keeps the last weights",
+            )
         self.data = data
         self.epochs = epochs
         self.lr = float(lr)
@@ -109,6 +126,7 @@ class FineTune(Pass):
         self.weight_decay = float(weight_decay)
         self.schedule = schedule
         self.weight_bits = weight_bits
+        self.average_last = average_last
         self.progress = progress
 
     def __repr__(self) -> str:
@@ -120,7 +138,9 @@ class FineTune(Pass):
         )
         return (
             f"FineTune(epochs={self.epochs}, lr={self.lr:g}, loss={loss!r}, optimizer={opt!r}, "
-            f"weight_decay={self.weight_decay:g}, schedule={self.schedule!r})"
+            f"weight_decay={self.weight_decay:g}, schedule={self.schedule!r}"
+            + (f", average_last={self.average_last}" if self.average_last else "")
+            + ")"
         )
 
     # ------------------------------------------------------------------ the pass
@@ -167,6 +187,9 @@ class FineTune(Pass):
             else None
         )
         epoch_losses: list[float] = []
+        # the running mean of the weights over the last epochs (also of extra_params')
+        averaged = AveragedModel(module) if self.average_last else None
+        first_averaged = self.epochs - self.average_last
         console = Console(stderr=True)
         show = console.is_terminal if self.progress is None else self.progress
         with Progress(
@@ -199,6 +222,8 @@ class FineTune(Pass):
                     optimizer.step()
                     if scheduler is not None and scheduler.last_epoch < total:
                         scheduler.step()
+                    if averaged is not None and epoch >= first_averaged:
+                        averaged.update_parameters(module)
                     size = int(inputs[0].shape[0])
                     total_loss += value * size
                     seen += size
@@ -209,6 +234,12 @@ class FineTune(Pass):
                         loss=f"{total_loss / seen:.4f}",
                     )
                 epoch_losses.append(total_loss / max(seen, 1))
+        if averaged is not None:
+            with torch.no_grad():
+                for param, mean in zip(
+                    module.parameters(), averaged.module.parameters(), strict=True
+                ):
+                    param.copy_(mean)
         train_s = time.perf_counter() - start
         loss_after, _ = self._mean_loss(module, loss_fn, n_inputs)
         module.eval()
@@ -218,6 +249,7 @@ class FineTune(Pass):
             "loss_before": loss_before,
             "loss_after": loss_after,
             "epoch_train_loss": [round(v, 6) for v in epoch_losses],
+            "averaged_steps": int(averaged.n_averaged) if averaged is not None else 0,
             "train_s": round(train_s, 3),
             "trainable": getattr(module, "summary", {}),
         }

@@ -238,6 +238,9 @@ class TokenGate(Pass):
             given, frozen) to the gated one's, added to the task loss. It keeps the gated
             model's predictions near the dense model's instead of refitting the training
             labels. 0 turns it off.
+        average_last: with ``train``: the weights and thresholds are averaged over the last
+            this many epochs (SWA-style, :class:`~edgefx.passes.FineTune`'s ``average_last``)
+            before the thresholds are shifted to the budget; 0 (default) keeps the last step's.
     """
 
     name = "TokenGate"
@@ -259,6 +262,7 @@ class TokenGate(Pass):
         macs_weight: float = 2.0,
         temperature: float = 0.5,
         distill: float = 0.0,
+        average_last: int = 0,
         progress: bool | None = None,
         compact: bool = True,
     ) -> None:
@@ -307,7 +311,9 @@ class TokenGate(Pass):
                     hint="e.g. distill=1.0; 0 trains on the labels alone",
                 )
             # validates data, epochs, lr and builds the training loop TokenGate reuses
-            self._tune = FineTune(train, epochs=epochs, lr=lr, progress=progress)
+            self._tune = FineTune(
+                train, epochs=epochs, lr=lr, average_last=average_last, progress=progress
+            )
         if keep is not None:
             _check_keep(keep)
         if macs is not None and not (
@@ -363,6 +369,8 @@ class TokenGate(Pass):
             self.epochs, self.lr, self.threshold_lr = epochs, lr, threshold_lr
             self.macs_weight, self.temperature = macs_weight, temperature
             self.distill = distill
+            if average_last:
+                self.average_last = average_last
 
     def __repr__(self) -> str:
         hidden = ("calib", "train", "_tune", "_kept")

@@ -95,6 +95,46 @@ def test_prune_finetune_fold_quantize_qat_pipeline_compiles_to_onnx(program, loa
     assert torch.allclose(torch.as_tensor(compiled(x)), compiled.program(x), atol=1e-4)
 
 
+def test_average_last_holds_the_mean_of_the_weights_after_each_step_of_the_last_epochs(program):
+    batches = [(x[i : i + 16], y[i : i + 16]) for x, y in [dataset()] for i in range(0, 96, 16)]
+
+    def train(average_last: int) -> tuple[dict, list[dict], dict]:
+        module = program.trainable()
+        seen: list[dict] = []  # the weights at every forward pass: after the step before it
+
+        def record() -> torch.Tensor:
+            seen.append({k: v.detach().clone() for k, v in module.named_parameters()})
+            return torch.zeros(())
+
+        torch.manual_seed(0)
+        tune = FineTune(batches, epochs=3, lr=1e-2, average_last=average_last)
+        report = tune.fit(module, program, extra_loss=record)
+        weights = {k: v.detach().clone() for k, v in module.named_parameters()}
+        return weights, seen, {"report": report, "buffers": dict(module.named_buffers())}
+
+    last, _, plain = train(0)
+    mean, seen, averaged = train(2)
+    assert plain["report"]["averaged_steps"] == 0
+    assert averaged["report"]["averaged_steps"] == 12  # 2 epochs of 6 batches
+    # the same trajectory (averaging only watches it): the weights after steps 7..18
+    after_steps = [*seen[7:18], last]
+    assert len(after_steps) == 12
+    for name, value in mean.items():
+        expected = torch.stack([w[name] for w in after_steps]).mean(0)
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert any(not torch.allclose(mean[k], last[k], atol=1e-4) for k in mean)
+    # BatchNorm running statistics are the last step's
+    for name, value in plain["buffers"].items():
+        assert torch.equal(averaged["buffers"][name], value), name
+
+
+def test_average_last_through_the_pass(program, loader):
+    result = FineTune(loader, epochs=3, lr=1e-2, average_last=1)(program)
+    assert result.report["averaged_steps"] == 6
+    assert result.report["loss_after"] < 0.7 * result.report["loss_before"]
+    assert result.program.history[-1].endswith("average_last=1)")
+
+
 def test_wrong_shape_data_is_refused(program):
     bad = [(torch.randn(4, 3, 9, 9), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(PassError, match=r"batch 0 does not fit .*size 8 at dim 2"):
@@ -142,6 +182,9 @@ def test_diverging_training_is_stopped(program, loader):
         ({"data": [], "loss": "hinge"}, "loss must be"),
         ({"data": [], "optimizer": "lbfgs"}, "optimizer must be"),
         ({"data": [], "schedule": "step"}, "schedule"),
+        ({"data": [], "epochs": 2, "average_last": 3}, "average_last"),
+        ({"data": [], "average_last": -1}, "average_last"),
+        ({"data": [], "average_last": True}, "average_last"),
     ],
 )
 def test_bad_configuration_is_refused_eagerly(kwargs, message):

@@ -478,6 +478,53 @@ def test_distillation_keeps_the_gated_model_near_the_dense_one(tiny_vit):
     assert distilled < 0.5 * plain, (distilled, plain)
 
 
+def test_average_last_averages_the_thresholds_too(tiny_vit, monkeypatch):
+    """The trained thresholds are the mean of their values after each step of the last epoch
+    (the training trajectory is the same as without averaging, which gives the last step)."""
+    from edgefx.passes import token_gate
+
+    _, program = tiny_vit
+    x = images(32, 32, seed=14)
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(4))
+    data = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    seen: list[float] = []  # gate 0's threshold at each training forward pass
+    forward = token_gate._SoftThresholdGate.forward
+
+    def recording(self, *args):
+        if self.training and self is soft_gates[0]:
+            seen.append(self.value())
+        return forward(self, *args)
+
+    soft_gates: list = []
+    make = token_gate._SoftThresholdGate.__init__
+
+    def registering(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        soft_gates.append(self)
+
+    monkeypatch.setattr(token_gate._SoftThresholdGate, "forward", recording)
+    monkeypatch.setattr(token_gate._SoftThresholdGate, "__init__", registering)
+
+    def train(average_last: int) -> dict:
+        seen.clear()
+        soft_gates.clear()
+        torch.manual_seed(1)
+        return TokenGate(
+            mode="threshold", macs=0.6, calib=[x], gates=[0, 1], train=data, epochs=3,
+            lr=3e-3, threshold_lr=0.5, average_last=average_last,
+        )(program).report  # fmt: skip
+
+    plain = train(0)
+    last = plain["trained_thresholds"][0]
+    averaged = train(1)
+    assert averaged["training"]["averaged_steps"] == 4 and plain["training"]["averaged_steps"] == 0
+    assert len(seen) == 12  # 3 epochs of 4 batches: the start, then after steps 0..10
+    expected = sum([*seen[9:], last]) / 4
+    assert averaged["trained_thresholds"][0] == pytest.approx(expected, rel=1e-5)
+    assert averaged["trained_thresholds"][0] != pytest.approx(last, rel=1e-3)
+    assert averaged["macs_ratio"] <= 0.6
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -499,6 +546,10 @@ def test_distillation_keeps_the_gated_model_near_the_dense_one(tiny_vit):
         (dict(mode="threshold", macs=0.6, train=[(1, 2)], threshold_lr=0), "threshold_lr must"),
         (dict(mode="threshold", macs=0.6, train=[(1, 2)], epochs=0), "epochs must"),
         (dict(mode="threshold", macs=0.6, train=[(1, 2)], distill=-1), "distill must be"),
+        (
+            dict(mode="threshold", macs=0.6, train=[(1, 2)], epochs=2, average_last=3),
+            "average_last must",
+        ),
         (dict(mode="threshold", macs=0.6, train=torch.zeros(2)), "data must be a DataLoader"),
         (dict(mode="threshold", threshold=0.1, fuse=True), "fuse=True is for mode='topk'"),
     ],
