@@ -631,6 +631,19 @@ class ChannelDependencyGraph:
         if w_out is not None and not transposed:
             self._weights.append((node, w_out, self._constant(weight).detach(), out_dim))
         self._couple_constant(_arg(node, 2, "bias"), 0, out, node)
+        data = node.args[0]
+        if (
+            source is None
+            and isinstance(data, fx.Node)
+            and data.name in self._input_free
+            and not transposed
+            and groups == 1
+        ):
+            # a conv of a table made from shapes (a position encoding): its outputs go with
+            # its weight's rows and its bias; the table's channels (the weight's input dim)
+            # stay whole
+            self._identity(w_out, out, node)
+            return
         if source is None or out is None or w_out is None:
             self._fix(out, "convolution of an untracked input")
             self._fix(source, "convolution of an untracked input")

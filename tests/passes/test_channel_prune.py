@@ -184,6 +184,44 @@ def test_a_model_without_batchnorm_is_ranked_by_weight_magnitude():
     assert torch.equal(kept, model.conv.weight[[0, 1, 3, 4, 6, 7]])
 
 
+class ConvPositionEncoding(torch.nn.Module):
+    """A conv over a table made from the input's shape only (timm's PositionalEncodingFourier in
+    XCiT and EdgeNeXt), added to the features: its outputs are tied to the features' channels,
+    its input comes from no model input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.pos = torch.nn.Conv2d(4, 8, 1)
+        self.out = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(1, 2, h, w)
+        xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(1, 2, h, w)
+        table = torch.cat([ys.sin(), xs.cos()], dim=1)
+        return self.out(torch.relu(self.bn(self.conv(x)) + self.pos(table)))
+
+
+def test_a_conv_of_a_shape_made_table_loses_outputs_with_its_weight_and_bias():
+    # the table's conv goes with the features it is added to: weight rows and bias together
+    # (pruning once cut its weight alone and the slimmed graph failed: XCiT, EdgeNeXt)
+    torch.manual_seed(0)
+    model = randomize(ConvPositionEncoding())
+    silent = [2, 5]
+    with torch.no_grad():
+        for param in (model.bn.weight, model.bn.bias, model.pos.weight, model.pos.bias):
+            param[silent] = 0.0
+    x = torch.randn(1, 3, 6, 6)
+    result = ChannelPrune(threshold=1e-6)(capture(model, (x,)))
+    assert result.report["groups_removed"] == 2
+    pruned = result.program.graph_module
+    assert pruned.get_parameter("pos.weight").shape == (6, 4, 1, 1)
+    assert pruned.get_parameter("pos.bias").shape == (6,)
+    assert torch.allclose(pruned(x)[0], model(x), atol=1e-6)
+
+
 def test_a_model_whose_channels_are_all_fixed_is_refused_with_the_reasons():
     program = capture(randomize(ChannelShuffle()), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(PassError, match="cannot remove any channel") as info:
