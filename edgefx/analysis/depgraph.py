@@ -150,6 +150,7 @@ _BINARY = {
     aten.where.self,
     aten.add_.Tensor,
     aten.mul_.Tensor,
+    aten.addcmul.default,  # self + value * tensor1 * tensor2: three operands
 }
 _BATCH_NORMS = {
     aten._native_batch_norm_legit_no_training.default,
@@ -517,7 +518,8 @@ class ChannelDependencyGraph:
 
     def _visit_binary(self, node: fx.Node) -> None:
         out_shape = _shape(node)
-        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        count = 3 if node.target is aten.addcmul.default else 2
+        operands = [a for a in node.args[:count] if isinstance(a, fx.Node)]
         split = [ax for a in operands if (ax := self._axis.get(a.name)) is not None and ax.sub]
         if split:
             # attention heads times a number (a scale): same axis; anything else fixes them
@@ -684,8 +686,17 @@ class ChannelDependencyGraph:
             self._unknown(node, "product of two computed tensors")
             return
         shape = _shape(node.args[0])
-        if source is None or shape is None or source.dim != len(shape) - 1:
-            self._unknown(node, "product over a non-channel dim")
+        if source is None or shape is None:
+            self._unknown(node, "product of an untracked tensor")
+            return
+        if source.dim != len(shape) - 1:
+            # a product over another dim (MLP-Mixer's token mixing, over the patches): the
+            # channels pass through, the weight's dims are not channels and stay whole
+            for param in (weight, _arg(node, 2, "bias")):
+                if isinstance(param, fx.Node) and param.op == "get_attr":
+                    for dim in range(self._constant(param).dim()):
+                        self._fix(self._constant_axis(param, dim), "mixes positions, not channels")
+            self._same_axis(node, source)
             return
         self._identity(source, self._constant_axis(weight, w_in), node)
         out = self._new_axis(node, -1)

@@ -219,7 +219,46 @@ def test_a_conv_of_a_shape_made_table_loses_outputs_with_its_weight_and_bias():
     pruned = result.program.graph_module
     assert pruned.get_parameter("pos.weight").shape == (6, 4, 1, 1)
     assert pruned.get_parameter("pos.bias").shape == (6,)
-    assert torch.allclose(pruned(x)[0], model(x), atol=1e-6)
+    assert torch.allclose(pruned(x), model(x), atol=1e-6)
+
+
+class ResMlpBlock(torch.nn.Module):
+    """timm's ResMLP in small: Affine layers made of ``addcmul`` and a linear mixing the
+    patches (over a non-channel dim), between channel MLPs."""
+
+    def __init__(self, dim: int = 8, patches: int = 4) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, dim, 2, stride=2)  # patch embedding
+        self.alpha = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        self.beta = torch.nn.Parameter(torch.randn(dim))
+        self.tokens = torch.nn.Linear(patches, patches)
+        self.fc = torch.nn.Linear(dim, 12)
+        self.head = torch.nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).flatten(2).transpose(1, 2)  # (batch, patches, dim)
+        a = torch.addcmul(self.beta, self.alpha, h)
+        h = h + self.tokens(a.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.relu(self.fc(h))).mean(1)
+
+
+def test_resmlp_affine_and_patch_mixing_keep_the_channels_prunable():
+    torch.manual_seed(0)
+    model = ResMlpBlock().eval()
+    silent = [1, 6]  # embedding channels that carry exact zeros everywhere
+    with torch.no_grad():
+        model.stem.weight[silent] = 0.0
+        model.stem.bias[silent] = 0.0
+        model.beta[silent] = 0.0
+        model.tokens.bias.zero_()  # it adds the same per-patch value to every channel
+    x = torch.randn(3, 3, 4, 4)
+    dep = ChannelDependencyGraph(capture(model, (x[:1],)).graph_module)
+    assert dep.prunable_groups(), "the embedding and MLP channels are prunable"
+    result = ChannelPrune(threshold=1e-6, importance="l2")(capture(model, (x[:1],)))
+    pruned = result.program.graph_module
+    assert pruned.get_parameter("alpha").shape == (6,)
+    assert pruned.get_parameter("tokens.weight").shape == (4, 4)  # patches stay whole
+    assert torch.allclose(pruned(x), model(x), atol=1e-6)
 
 
 def test_a_model_whose_channels_are_all_fixed_is_refused_with_the_reasons():
