@@ -157,7 +157,16 @@ _BATCH_NORMS = {
     aten._native_batch_norm_legit.default,
     aten.batch_norm.default,
 }
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+_CONVS = {
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.conv3d.default,
+    aten.convolution.default,
+    # padding="same" / "valid" (a string): same arguments otherwise
+    aten.conv1d.padding,
+    aten.conv2d.padding,
+    aten.conv3d.padding,
+}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 # ops on a tensor's shape only: they read no channel values (new_zeros & co. take only the
 # dtype and device of their input; their sizes are given)

@@ -51,7 +51,14 @@ from edgefx.program import Program
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
-_GROUPED = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_GROUPED = {
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.conv3d.default,
+    aten.conv1d.padding,
+    aten.conv2d.padding,
+    aten.conv3d.padding,
+}
 
 
 IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")

@@ -261,6 +261,46 @@ def test_resmlp_affine_and_patch_mixing_keep_the_channels_prunable():
     assert torch.allclose(pruned(x), model(x), atol=1e-6)
 
 
+class ConvMixerBlock(torch.nn.Module):
+    """timm's ConvMixer in small: ``padding="same"`` convs (captured as ``conv2d.padding``), a
+    residual around the depthwise one."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, dim, 2, stride=2), torch.nn.BatchNorm2d(dim)
+        )
+        self.depthwise = torch.nn.Sequential(
+            torch.nn.Conv2d(dim, dim, 3, groups=dim, padding="same"), torch.nn.BatchNorm2d(dim)
+        )
+        self.pointwise = torch.nn.Sequential(
+            torch.nn.Conv2d(dim, dim, 1), torch.nn.BatchNorm2d(dim)
+        )
+        self.head = torch.nn.Conv2d(dim, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.depthwise(h)) + h
+        return self.head(torch.relu(self.pointwise(h)))
+
+
+def test_padding_same_convs_are_pruned_like_any_conv():
+    torch.manual_seed(0)
+    model = randomize(ConvMixerBlock())
+    silent = [0, 3]  # residual-stream channels that carry exact zeros everywhere
+    with torch.no_grad():
+        for bn in (model.stem[1], model.depthwise[1]):
+            bn.weight[silent] = 0.0
+            bn.bias[silent] = 0.0
+    x = torch.randn(2, 3, 8, 8)
+    program = capture(model, (x[:1],))
+    assert torch.ops.aten.conv2d.padding in {n.target for n in program.graph_module.graph.nodes}
+    result = ChannelPrune(threshold=1e-6)(program)
+    pruned = result.program.graph_module
+    assert pruned.get_parameter("depthwise.0.weight").shape == (6, 1, 3, 3)
+    assert torch.allclose(pruned(x), model(x), atol=1e-5)
+
+
 def test_a_model_whose_channels_are_all_fixed_is_refused_with_the_reasons():
     program = capture(randomize(ChannelShuffle()), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(PassError, match="cannot remove any channel") as info:
