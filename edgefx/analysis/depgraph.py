@@ -699,6 +699,9 @@ class ChannelDependencyGraph:
             self._unknown(node, "product of an untracked tensor")
             return
         if source.dim != len(shape) - 1:
+            if len(_shape(node) or ()) != len(shape):
+                self._unknown(node, "product over a non-channel dim that changes the rank")
+                return
             # a product over another dim (MLP-Mixer's token mixing, over the patches): the
             # channels pass through, the weight's dims are not channels and stay whole
             for param in (weight, _arg(node, 2, "bias")):
