@@ -48,7 +48,7 @@ import torch
 from networkx.utils import UnionFind
 from torch import fx
 
-from edgefx.analysis.graph import ACTIVATIONS, COPIES, POOLS, module_path
+from edgefx.analysis.graph import ACTIVATIONS, CONVS, COPIES, POOLS, module_path
 
 aten = torch.ops.aten
 
@@ -157,16 +157,7 @@ _BATCH_NORMS = {
     aten._native_batch_norm_legit.default,
     aten.batch_norm.default,
 }
-_CONVS = {
-    aten.conv1d.default,
-    aten.conv2d.default,
-    aten.conv3d.default,
-    aten.convolution.default,
-    # padding="same" / "valid" (a string): same arguments otherwise
-    aten.conv1d.padding,
-    aten.conv2d.padding,
-    aten.conv3d.padding,
-}
+_CONVS = CONVS | {aten.convolution.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 # ops on a tensor's shape only: they read no channel values (new_zeros & co. take only the
 # dtype and device of their input; their sizes are given)

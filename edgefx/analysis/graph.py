@@ -22,6 +22,20 @@ POOLS = frozenset(
 )
 """Pooling ops: per channel, so they keep each channel's axis (and a value's sign)."""
 
+CONVS = frozenset(
+    {
+        aten.conv1d.default,
+        aten.conv2d.default,
+        aten.conv3d.default,
+        # padding="same" / "valid" (a string) is captured as the .padding overload
+        aten.conv1d.padding,
+        aten.conv2d.padding,
+        aten.conv3d.padding,
+    }
+)
+"""Convolutions taking (input, weight, bias, stride, padding, dilation, groups);
+``aten.convolution`` (transposed, output padding) is not among them."""
+
 ACTIVATIONS = frozenset(
     {
         aten.relu.default,

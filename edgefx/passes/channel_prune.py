@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 from edgefx.analysis.depgraph import ChannelDependencyGraph, ChannelGroup, class_sizes_after
-from edgefx.analysis.graph import ACTIVATIONS, COPIES
+from edgefx.analysis.graph import ACTIVATIONS, CONVS, COPIES
 from edgefx.analysis.latency import (
     FREE_OPS,
     TIMERS,
@@ -51,14 +51,7 @@ from edgefx.program import Program
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
-_GROUPED = {
-    aten.conv1d.default,
-    aten.conv2d.default,
-    aten.conv3d.default,
-    aten.conv1d.padding,
-    aten.conv2d.padding,
-    aten.conv3d.padding,
-}
+_GROUPED = CONVS
 
 
 IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")

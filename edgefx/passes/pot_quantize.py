@@ -53,7 +53,7 @@ from rich.progress import (
 )
 from torch import fx
 
-from edgefx.analysis.graph import POOLS
+from edgefx.analysis.graph import CONVS, POOLS
 from edgefx.analysis.numerics import NumericError
 from edgefx.errors import EdgefxError, PassError
 from edgefx.ops.pot import MAX_BITS, MIN_BITS, dequantize_pot, qrange, quantize_pot
@@ -73,15 +73,7 @@ aten = torch.ops.aten
 _quantize = torch.ops.edgefx.quantize_pot.default
 _dequantize = torch.ops.edgefx.dequantize_pot.default
 
-_CONVS = {
-    aten.conv1d.default,
-    aten.conv2d.default,
-    aten.conv3d.default,
-    # padding="same" / "valid" (a string) is captured as the .padding overload
-    aten.conv1d.padding,
-    aten.conv2d.padding,
-    aten.conv3d.padding,
-}
+_CONVS = CONVS
 _LINEAR = aten.linear.default
 # ops with weights that PotQuantize leaves in float (and says so in its report)
 _NOT_QUANTIZED = {
