@@ -17,12 +17,13 @@ BatchNorms it reads.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import itertools
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -206,12 +207,14 @@ class ChannelPrune(Pass):
         latency_report: dict[str, Any] = {}
         if self.macs is not None:
             budget = self.macs * cost.total_macs
-            count = self._bisect(dep, candidates, estimate, budget, units, self.macs, "MACs")
+            with _naming_what_stays(skipped):
+                count = self._bisect(dep, candidates, estimate, budget, units, self.macs, "MACs")
         elif self.latency is not None:
             table = self._latency_table()
             predict = _LatencyModel(gm, dep, base, table, self.batch)
             full = {cls.id: cls.size for cls in dep.classes}
-            count = self._latency_count(program, gm, dep, candidates, units, table, predict)
+            with _naming_what_stays(skipped):
+                count = self._latency_count(program, gm, dep, candidates, units, table, predict)
             dense = predict(full)
             table.save()
             chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
@@ -885,6 +888,26 @@ def _check_latency(
 
 def _is_constant(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+@contextlib.contextmanager
+def _naming_what_stays(skipped: dict[str, int], top: int = 3) -> Iterator[None]:
+    """An unreachable budget's refusal also names what cannot go: the most common reasons
+    channels were kept whole (fixed by an op, excluded, not ranked), with their counts."""
+    try:
+        yield
+    except PassError as exc:
+        if not exc.message.startswith("ChannelPrune cannot reach") or not skipped:
+            raise
+        most = sorted(skipped.items(), key=lambda item: -item[1])[:top]
+        stays = ", ".join(f"{n} {reason}" for reason, n in most)
+        raise PassError(
+            f"{exc.message}; kept whole: {stays}",
+            node=exc.node,
+            module=exc.module,
+            op=exc.op,
+            hint=exc.hint,
+        ) from None
 
 
 def _groups(node: fx.Node) -> int:

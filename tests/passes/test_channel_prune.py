@@ -147,6 +147,9 @@ def test_unreachable_budget_is_refused_with_the_reachable_figure():
     with pytest.raises(PassError, match=r"cannot reach 0\.001 of the MACs") as info:
         ChannelPrune(macs=0.001)(program)
     assert "min_keep" in info.value.hint
+    # and it names what stays whole: here the model's input and output channels
+    assert "; kept whole: " in info.value.message
+    assert "fixed: model output" in info.value.message
 
 
 class Plain(torch.nn.Module):
