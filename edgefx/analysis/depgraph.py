@@ -337,6 +337,13 @@ class ChannelDependencyGraph:
             self.graph.add_node(axis)
             self._fixed[axis].append(reason)
 
+    def _fix_constant(self, constant: fx.Node, reason: str) -> None:
+        """Fix every dim of the ``get_attr`` node ``constant``: an op reads it whole, so it
+        keeps its shape wherever else it is read."""
+        value = self._constant(constant)
+        for dim in range(value.dim() if isinstance(value, torch.Tensor) else 0):
+            self._fix(self._constant_axis(constant, dim), reason)
+
     def _identity(self, a: Axis | None, b: Axis | None, op: fx.Node) -> None:
         if a is None or b is None:
             self._fix(a or b, f"{op.target} mixes it with an untracked tensor")
@@ -374,10 +381,7 @@ class ChannelDependencyGraph:
         reason = why or f"read by {getattr(node.target, '__name__', node.target)}"
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
-                # a constant this op reads must keep its shape, wherever else it is read
-                constant = self._constant(arg)
-                for dim in range(constant.dim() if isinstance(constant, torch.Tensor) else 0):
-                    self._fix(self._constant_axis(arg, dim), reason)
+                self._fix_constant(arg, reason)
             else:
                 self._fix(self._input_axis(arg), reason)
         if node.name in self._input_free:
@@ -697,8 +701,7 @@ class ChannelDependencyGraph:
             # channels pass through, the weight's dims are not channels and stay whole
             for param in (weight, _arg(node, 2, "bias")):
                 if isinstance(param, fx.Node) and param.op == "get_attr":
-                    for dim in range(self._constant(param).dim()):
-                        self._fix(self._constant_axis(param, dim), "mixes positions, not channels")
+                    self._fix_constant(param, "mixes positions, not channels")
             self._same_axis(node, source)
             return
         self._identity(source, self._constant_axis(weight, w_in), node)

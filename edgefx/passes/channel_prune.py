@@ -17,13 +17,12 @@ BatchNorms it reads.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 import itertools
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,7 +51,6 @@ from edgefx.program import Program
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
-_GROUPED = CONVS
 
 
 IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")
@@ -207,14 +205,16 @@ class ChannelPrune(Pass):
         latency_report: dict[str, Any] = {}
         if self.macs is not None:
             budget = self.macs * cost.total_macs
-            with _naming_what_stays(skipped):
-                count = self._bisect(dep, candidates, estimate, budget, units, self.macs, "MACs")
+            count = self._bisect(
+                dep, candidates, estimate, budget, units, self.macs, "MACs", skipped
+            )
         elif self.latency is not None:
             table = self._latency_table()
             predict = _LatencyModel(gm, dep, base, table, self.batch)
             full = {cls.id: cls.size for cls in dep.classes}
-            with _naming_what_stays(skipped):
-                count = self._latency_count(program, gm, dep, candidates, units, table, predict)
+            count = self._latency_count(
+                program, gm, dep, candidates, units, table, predict, skipped
+            )
             dense = predict(full)
             table.save()
             chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
@@ -327,9 +327,13 @@ class ChannelPrune(Pass):
         units: _RoundingUnits,
         fraction: float,
         what: str,
+        not_ranked: dict[str, int],
     ) -> int:
         """The fewest least-important candidates whose removal (rounded) meets ``budget``
-        by ``estimate`` (MACs, or predicted latency)."""
+        by ``estimate`` (MACs, or predicted latency). An unreachable budget is refused with
+        the reachable figure and the commonest reasons in ``not_ranked`` (channels fixed by
+        an op, excluded, not ranked: :meth:`_candidates`' second result, the report's
+        ``not_ranked``)."""
 
         def cost_after(count: int) -> float:
             chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
@@ -340,9 +344,12 @@ class ChannelPrune(Pass):
             full = estimate({cls.id: cls.size for cls in dep.classes})
             reachable = cost_after(hi) / max(full, 1e-30)
             arg = "macs" if what == "MACs" else "latency"
+            most = sorted(not_ranked.items(), key=lambda item: -item[1])[:3]
+            stays = ", ".join(f"{n} {reason}" for reason, n in most)
             raise PassError(
                 f"ChannelPrune cannot reach {fraction:.3g} of the {what}: removing every "
-                f"removable channel (min_keep={self.min_keep}) leaves {reachable:.3g}",
+                f"removable channel (min_keep={self.min_keep}) leaves {reachable:.3g}"
+                + (f"; kept whole: {stays}" if stays else ""),
                 hint=f"ask for a larger {arg}=, lower min_keep, or exclude fewer modules",
             )
         while lo < hi:
@@ -362,8 +369,10 @@ class ChannelPrune(Pass):
         units: _RoundingUnits,
         table: LatencyTable,
         predict: _LatencyModel,
+        not_ranked: dict[str, int],
     ) -> int:
-        """How many candidates the latency budget removes. Where the table can time whole
+        """How many candidates the latency budget removes (``not_ranked`` as for
+        :meth:`_bisect`). Where the table can time whole
         graphs, the prediction is calibrated on them: the dense graph, and *probes*, the
         graph pruned as the prediction so far says (first the layers alone, then the
         calibrated model), until the answer is a graph already measured or
@@ -374,7 +383,7 @@ class ChannelPrune(Pass):
             budget = self.latency * predict(full)
             try:
                 count = self._bisect(
-                    dep, candidates, predict, budget, units, self.latency, "latency"
+                    dep, candidates, predict, budget, units, self.latency, "latency", not_ranked
                 )
             except PassError:
                 if not table.can_time_graphs or predict.calibration:
@@ -596,7 +605,7 @@ class _MacsModel:
             count = len(self.terms)
             out_axis = dep.axis_of(node)
             in_axis = dep.axis_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-            if node.target in _GROUPED or node.target is aten.convolution.default:
+            if node.target in CONVS or node.target is aten.convolution.default:
                 depthwise = (
                     _groups(node) > 1 and in_axis is not None and (in_axis.size == _groups(node))
                 )
@@ -890,26 +899,6 @@ def _is_constant(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
-@contextlib.contextmanager
-def _naming_what_stays(skipped: dict[str, int], top: int = 3) -> Iterator[None]:
-    """An unreachable budget's refusal also names what cannot go: the most common reasons
-    channels were kept whole (fixed by an op, excluded, not ranked), with their counts."""
-    try:
-        yield
-    except PassError as exc:
-        if not exc.message.startswith("ChannelPrune cannot reach") or not skipped:
-            raise
-        most = sorted(skipped.items(), key=lambda item: -item[1])[:top]
-        stays = ", ".join(f"{n} {reason}" for reason, n in most)
-        raise PassError(
-            f"{exc.message}; kept whole: {stays}",
-            node=exc.node,
-            module=exc.module,
-            op=exc.op,
-            hint=exc.hint,
-        ) from None
-
-
 def _groups(node: fx.Node) -> int:
     if node.target is aten.convolution.default:
         return int(node.args[8])
@@ -1023,7 +1012,7 @@ def _reads_channels(layer: fx.Node, value: fx.Node) -> bool:
         return False
     if layer.target is aten.linear.default:
         return value.meta["val"].dim() == 2  # (batch, channels)
-    return layer.target in _GROUPED and _groups(layer) == 1
+    return layer.target in CONVS and _groups(layer) == 1
 
 
 def _get_constant(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -1094,7 +1083,7 @@ def _slim(gm: fx.GraphModule, dep: ChannelDependencyGraph, removed: list[Channel
         elif node.target is aten.layer_norm.default:
             if out is not None and (index := kept(out)) is not None:
                 node.args = (node.args[0], [len(index)], *node.args[2:])
-        elif node.target in _GROUPED or node.target is aten.convolution.default:
+        elif node.target in CONVS or node.target is aten.convolution.default:
             source = dep.axis_of(node.args[0])
             groups = _groups(node)
             if groups > 1 and source is not None and source.size == groups:

@@ -73,7 +73,6 @@ aten = torch.ops.aten
 _quantize = torch.ops.edgefx.quantize_pot.default
 _dequantize = torch.ops.edgefx.dequantize_pot.default
 
-_CONVS = CONVS
 _LINEAR = aten.linear.default
 # ops with weights that PotQuantize leaves in float (and says so in its report)
 _NOT_QUANTIZED = {
@@ -389,7 +388,7 @@ class PotQuantize(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target not in (*_CONVS, _LINEAR):
+            if node.target not in (*CONVS, _LINEAR):
                 reason = _left_in_float(gm, node)
                 if reason:
                     skipped.append(
@@ -1094,7 +1093,7 @@ def _bn_targets(program: Program) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     targets = {}
     for bn in gm.graph.find_nodes(op="call_function", target=_BATCH_NORM):
         conv, gamma_n, beta_n, _mean, var_n = bn.args[:5]
-        if not isinstance(conv, fx.Node) or conv.target not in _CONVS:
+        if not isinstance(conv, fx.Node) or conv.target not in CONVS:
             continue
         var = attr_tensor(gm, var_n)
         gamma = attr_tensor(gm, gamma_n) if gamma_n is not None else None
