@@ -10,7 +10,10 @@ intra-op thread at batch 1 and batch 8, alternately run by run with the dense mo
 (bisection on the latency predicted from per-layer onnxruntime timings, see
 edgefx.analysis.latency) and show the predicted ratio next to the measured one.
 ``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
-timed.
+timed. ``--designed-widths`` adds, for models built with a width multiplier (torchvision
+mobilenet_v2, mnasnet), rows for the same architecture designed narrower by its authors
+(``mobilenet_v2(width_mult=w)``), timed the same way against the dense model: what latency
+ratio a network drawn at that MACs ratio reaches, the yardstick for a pruned one.
 
 Random weights (nothing is downloaded), so accuracy is not measured: BatchNorm scaling
 factors are drawn from U(0, 1) (seeded) so the ranking has something to rank; models without
@@ -45,6 +48,12 @@ from common import (
 )
 
 SEED = 0
+
+# models whose constructor takes a width multiplier: the architecture designed narrower
+DESIGNED_WIDTH: dict[str, Any] = {
+    "mobilenet_v2": lambda w: __import__("torchvision").models.mobilenet_v2(width_mult=w),
+    "mnasnet1_0": lambda w: __import__("torchvision").models.MNASNet(alpha=w),
+}
 
 
 def _randomize_gammas(model: torch.nn.Module) -> None:
@@ -103,6 +112,7 @@ def run_model(
     repeat: int,
     on_row: Any = None,
     latency_budgets: tuple[float, ...] = (),
+    widths: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
@@ -118,21 +128,33 @@ def run_model(
     reference = None
     dense_session = None
     configs = [
-        (1.0, None, None),
-        *((b, r, None) for b in budgets for r in rounds),
-        *((None, 8, f) for f in latency_budgets),
+        (1.0, None, None, None),
+        *((b, r, None, None) for b in budgets for r in rounds),
+        *((None, 8, f, None) for f in latency_budgets),
+        *((None, None, None, w) for w in (widths if name in DESIGNED_WIDTH else ())),
     ]
-    for budget, round_to, latency in configs:
+    dense_macs = None
+    for budget, round_to, latency, width in configs:
+        what = (
+            f"designed width {width:g}"
+            if width is not None
+            else (f"latency<={latency:g}" if latency is not None else f"macs<={budget:g}")
+        )
         passes: list[Any] = [FoldBatchNorm()]
+        if width is not None:
+            narrow = DESIGNED_WIDTH[name](width).eval()
+            _randomize_gammas(narrow)
+            source = capture(narrow, (x,))
+        else:
+            source = program
         if latency is not None:
             passes.insert(0, ChannelPrune(latency=latency, backend="onnx", batch=batches[0]))
         elif round_to is not None:
             passes.insert(0, ChannelPrune(macs=budget, round_to=round_to))
         start = time.perf_counter()
         try:
-            compiled = edgefx.compile(program, passes=passes, backend="onnx", progress=False)
+            compiled = edgefx.compile(source, passes=passes, backend="onnx", progress=False)
         except edgefx.EdgefxError as exc:
-            what = f"latency<={latency:g}" if latency is not None else f"macs<={budget:g}"
             print(f"[prune] {name} {what} round_to={round_to}: {exc}", file=sys.stderr)
             rows.append(
                 {
@@ -147,6 +169,7 @@ def run_model(
                 on_row(rows[-1])
             continue
         compile_s = time.perf_counter() - start
+        dense_macs = dense_macs or compiled.report.captured.macs
         out = compiled.program(x)
         if reference is None:
             reference = out
@@ -169,9 +192,10 @@ def run_model(
                 if prune is None
                 else prune.report.get("mac_ops_only_ratio"),
                 "round_to": round_to,
+                "designed_width": width,
                 "macs": final.macs,
                 "params": final.params,
-                "macs_ratio": final.macs / compiled.report.captured.macs,
+                "macs_ratio": final.macs / dense_macs,
                 "snr_db": None if prune is None else snr_db(out, reference),
                 "ort_ms": {str(b): v for b, v in ms.items()},
                 "dense_ms": {str(b): v for b, v in dense.items()},
@@ -184,8 +208,7 @@ def run_model(
             on_row(rows[-1])
         ratios = ", ".join(f"b{b} {ms[b] / dense[b]:.2f}" for b in batches)
         print(
-            f"[prune] {name} "
-            f"{f'latency<={latency:g}' if latency is not None else f'macs<={budget:g}'} "
+            f"[prune] {name} {what} "
             f"round_to={round_to}: MACs "
             f"{rows[-1]['macs_ratio']:.3f}, latency {ratios}",
             file=sys.stderr,
@@ -232,7 +255,9 @@ def render(data: dict[str, Any]) -> str:
         '`latency f` prunes with `ChannelPrune(latency=f, backend="onnx")`; `predicted` is '
         "the latency ratio its model predicted (at the first batch size; layers timed alone "
         "plus the ops without MACs, calibrated on the whole graph), `layers only` what the "
-        "layers and other MAC ops alone predict.",
+        "layers and other MAC ops alone predict. A budget `designed width w` is no pruning "
+        "but the same architecture built narrower by its authors (`width_mult=w`, random "
+        "weights): the latency ratio a network drawn at that MACs ratio reaches.",
         "",
         "| model | budget | round_to | MACs ratio | predicted | layers only | params | SNR dB | "
         + " | ".join(f"dense ms b{b} | ms b{b} | latency b{b}" for b in batches)
@@ -241,7 +266,9 @@ def render(data: dict[str, Any]) -> str:
     ]
     for r in data["rows"]:
         budget = (
-            f"{r['budget']:g}"
+            f"designed width {r['designed_width']:g}"
+            if r.get("designed_width") is not None
+            else f"{r['budget']:g}"
             if r.get("latency_budget") is None
             else f"latency {r['latency_budget']:g}"
         )
@@ -253,7 +280,9 @@ def render(data: dict[str, Any]) -> str:
             for k in ("predicted_latency_ratio", "mac_ops_only_ratio")
         )
         snr = (
-            "reference"
+            "-"
+            if r.get("designed_width") is not None
+            else "reference"
             if r["round_to"] is None
             else ("exact" if r["snr_db"] is None else f"{r['snr_db']:.1f}")
         )
@@ -291,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.75,0.5,0.3")
     parser.add_argument("--round-to", default="1,8")
     parser.add_argument("--latency", default="", help="latency budgets, e.g. 0.75,0.5,0.3")
+    parser.add_argument(
+        "--designed-widths",
+        default="",
+        help="width multipliers, e.g. 0.75,0.5,0.35: rows for "
+        + ", ".join(DESIGNED_WIDTH)
+        + " built narrower (no pruning), as a yardstick",
+    )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--pass-time", default="")
     parser.add_argument("--size", type=int, default=224)
@@ -318,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.models.split(","):
         latency = tuple(float(f) for f in args.latency.split(",") if f)
-        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep, latency)
+        widths = tuple(float(w) for w in args.designed_widths.split(",") if w)
+        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep, latency, widths)
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
         data["load_average"]["end"] = load_average()
