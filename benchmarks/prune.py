@@ -10,10 +10,12 @@ intra-op thread at batch 1 and batch 8, alternately run by run with the dense mo
 (bisection on the latency predicted from per-layer onnxruntime timings, see
 edgefx.analysis.latency) and show the predicted ratio next to the measured one.
 ``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
-timed. ``--designed-widths`` adds, for models built with a width multiplier (torchvision
-mobilenet_v2, mnasnet), rows for the same architecture designed narrower by its authors
-(``mobilenet_v2(width_mult=w)``), timed the same way against the dense model: what latency
-ratio a network drawn at that MACs ratio reaches, the yardstick for a pruned one.
+timed. ``--designed`` adds, for models with a width knob (torchvision mobilenet_v2's
+``width_mult``, MNASNet's ``alpha``; convnext_tiny's stage widths and deit_small's embedding
+dimension scaled, heads of 64 kept, so deit_small at 0.5 is deit_tiny), one row per MACs
+budget for the architecture designed at the width whose MACs come closest to that budget,
+timed against the dense model the same way: the latency ratio a network drawn narrower
+reaches at that MACs ratio, the yardstick for a pruned one.
 
 Random weights (nothing is downloaded), so accuracy is not measured: BatchNorm scaling
 factors are drawn from U(0, 1) (seeded) so the ranking has something to rank; models without
@@ -49,11 +51,55 @@ from common import (
 
 SEED = 0
 
-# models whose constructor takes a width multiplier: the architecture designed narrower
+
+def _convnext_tiny(width: float) -> torch.nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    dims = [max(8, round(d * width / 8) * 8) for d in (96, 192, 384, 768)]
+    depths = (3, 3, 9, 3)
+    setting = [
+        CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
+        for i, (d, n) in enumerate(zip(dims, depths, strict=True))
+    ]
+    return ConvNeXt(setting, stochastic_depth_prob=0.1)
+
+
+def _deit_small(width: float) -> torch.nn.Module:
+    import timm
+
+    heads = max(1, round(6 * width))  # head_dim 64 as in the DeiT family (3 heads: deit_tiny)
+    return timm.create_model(
+        "deit_small_patch16_224", pretrained=False, embed_dim=64 * heads, num_heads=heads
+    )
+
+
+# the architecture designed narrower by its authors' own width knob, as a yardstick for a
+# pruned model at that MACs ratio (deit_small at width 0.5 is deit_tiny)
 DESIGNED_WIDTH: dict[str, Any] = {
     "mobilenet_v2": lambda w: __import__("torchvision").models.mobilenet_v2(width_mult=w),
     "mnasnet1_0": lambda w: __import__("torchvision").models.MNASNet(alpha=w),
+    "convnext_tiny": _convnext_tiny,
+    "deit_small_patch16_224": _deit_small,
 }
+
+
+def designed_width(name: str, budget: float, size: int) -> float:
+    """The width (to 0.01) whose designed model's MACs ratio is closest to ``budget``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, size, size)
+
+    def ratio(width: float) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            DESIGNED_WIDTH[name](width).eval()(x)
+        return counter.get_total_flops()
+
+    dense = ratio(1.0)
+    lo, hi = 0.1, 1.0  # MACs grow with the width (in steps where channels are rounded)
+    while hi - lo > 0.01:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) / dense < budget else (lo, mid)
+    return round(min((lo, hi), key=lambda w: abs(ratio(w) / dense - budget)), 3)
 
 
 def _randomize_gammas(model: torch.nn.Module) -> None:
@@ -112,7 +158,7 @@ def run_model(
     repeat: int,
     on_row: Any = None,
     latency_budgets: tuple[float, ...] = (),
-    widths: tuple[float, ...] = (),
+    designed: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
@@ -131,7 +177,10 @@ def run_model(
         (1.0, None, None, None),
         *((b, r, None, None) for b in budgets for r in rounds),
         *((None, 8, f, None) for f in latency_budgets),
-        *((None, None, None, w) for w in (widths if name in DESIGNED_WIDTH else ())),
+        *(
+            (b, None, None, designed_width(name, b, size))
+            for b in (budgets if designed and name in DESIGNED_WIDTH else ())
+        ),
     ]
     dense_macs = None
     for budget, round_to, latency, width in configs:
@@ -256,8 +305,10 @@ def render(data: dict[str, Any]) -> str:
         "the latency ratio its model predicted (at the first batch size; layers timed alone "
         "plus the ops without MACs, calibrated on the whole graph), `layers only` what the "
         "layers and other MAC ops alone predict. A budget `designed width w` is no pruning "
-        "but the same architecture built narrower by its authors (`width_mult=w`, random "
-        "weights): the latency ratio a network drawn at that MACs ratio reaches.",
+        "but the same architecture built narrower (`mobilenet_v2(width_mult=w)`; convnext / "
+        "deit widths scaled, heads of 64 kept: deit_small at 0.5 is deit_tiny; random "
+        "weights), at the width whose MACs come closest to a MACs budget: the latency ratio "
+        "a network drawn at that MACs ratio reaches, the yardstick for a pruned one.",
         "",
         "| model | budget | round_to | MACs ratio | predicted | layers only | params | SNR dB | "
         + " | ".join(f"dense ms b{b} | ms b{b} | latency b{b}" for b in batches)
@@ -321,11 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", default="1,8")
     parser.add_argument("--latency", default="", help="latency budgets, e.g. 0.75,0.5,0.3")
     parser.add_argument(
-        "--designed-widths",
-        default="",
-        help="width multipliers, e.g. 0.75,0.5,0.35: rows for "
+        "--designed",
+        action="store_true",
+        help="for "
         + ", ".join(DESIGNED_WIDTH)
-        + " built narrower (no pruning), as a yardstick",
+        + ": rows for the architecture designed narrower at each MACs budget (no pruning)",
     )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--pass-time", default="")
@@ -354,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.models.split(","):
         latency = tuple(float(f) for f in args.latency.split(",") if f)
-        widths = tuple(float(w) for w in args.designed_widths.split(",") if w)
-        run_model(name, budgets, rounds, args.size, batches, args.repeat, keep, latency, widths)
+        run_model(
+            name, budgets, rounds, args.size, batches, args.repeat, keep, latency, args.designed
+        )
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
         data["load_average"]["end"] = load_average()
