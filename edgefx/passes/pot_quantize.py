@@ -61,8 +61,10 @@ from edgefx.passes.base import Pass
 from edgefx.passes.fold_batchnorm import FoldBatchNorm
 from edgefx.passes.rewrite import (
     add_buffer,
+    add_parameter,
     attr_tensor,
     check_module_paths,
+    computed_constant,
     module_path,
     remove_dead_code,
     under,
@@ -298,6 +300,7 @@ class PotQuantize(Pass):
                 program, folded = folded_program, fold_report["folded"]
         gm = program.copy_graph()
         matmuls, attention_skipped = _decompose_attention(gm) if self.attention else ([], [])
+        computed = _fold_computed_weights(gm, self.exclude)
         layers, skipped = self._layers(gm)
         skipped += attention_skipped
         if not layers and not matmuls:
@@ -306,6 +309,7 @@ class PotQuantize(Pass):
                 "skipped": skipped,
                 "quantizers": 0,
                 "batchnorm_folded": folded,
+                "computed_weights_folded": computed,
                 "float_islands": _float_islands(gm, set()),
             }
             return program.with_graph(gm, repr(self)), report
@@ -364,6 +368,7 @@ class PotQuantize(Pass):
             ],
             "skipped": skipped,
             "batchnorm_folded": folded,
+            "computed_weights_folded": computed,
             # ops computed in float between a dequantize and the next quantize: a backend may
             # round them differently (see compiler.QUANTIZED_CHECK_BITS)
             "float_islands": _float_islands(gm, {layer.node for layer in layers} | set(matmuls)),
@@ -579,6 +584,30 @@ def _explicit_attention(gm: fx.GraphModule) -> list[fx.Node]:
         if scores is not None and out is not None and scores is not out:
             matmuls += [scores, out]
     return list(dict.fromkeys(matmuls))
+
+
+def _fold_computed_weights(gm: fx.GraphModule, exclude: list[str]) -> list[str]:
+    """Give every conv and linear whose weight or bias the graph computes from parameters
+    alone (weight standardisation as in NF-ResNets, a q/k/v bias ``cat``-ed from q and v
+    biases and zeros as in BEiT and Swin V2) that value as a constant, so that it is quantized
+    like a stored one; the computation is left to dead-code removal. Excluded modules keep
+    theirs. Returns the weights folded, as ``module.weight`` / ``module.bias``."""
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (*CONVS, _LINEAR):
+            continue
+        module = module_path(node) or node.name
+        if any(under(module, p) for p in exclude):
+            continue
+        for index, what in ((1, "weight"), (2, "bias")):
+            arg = node.args[index] if len(node.args) > index else None
+            value = computed_constant(gm, arg)
+            if value is None:
+                continue
+            constant = add_parameter(gm, f"{module}_{what}", value, before=node)
+            node.replace_input_with(arg, constant)
+            folded.append(f"{module}.{what}")
+    return folded
 
 
 def _left_in_float(gm: fx.GraphModule, node: fx.Node) -> str | None:

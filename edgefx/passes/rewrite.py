@@ -15,6 +15,7 @@ __all__ = [
     "add_parameter",
     "attr_tensor",
     "check_module_paths",
+    "computed_constant",
     "module_path",
     "remove_dead_code",
     "under",
@@ -29,6 +30,43 @@ def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     value = gm
     for part in str(node.target).split("."):
         value = getattr(value, part)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def computed_constant(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The value of ``node`` when the graph computes it from constants alone (``get_attr``
+    tensors and literals, through deterministic ops: say a weight standardised from its
+    parameter, or a bias ``cat``-ed from two parameters and zeros), else None. A ``get_attr``
+    node itself gives None (``attr_tensor`` reads those)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    values: dict[fx.Node, object] = {}
+    order: list[fx.Node] = []
+    stack, seen = [node], {node}
+    while stack:  # every ancestor must be a constant or a deterministic op on constants
+        n = stack.pop()
+        if n.op == "get_attr":
+            values[n] = attr_tensor(gm, n)
+            if values[n] is None:
+                return None
+            continue
+        target = n.target
+        if n.op != "call_function" or (
+            isinstance(target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in target.tags
+        ):
+            return None
+        order.append(n)
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    with torch.no_grad():
+        for n in sorted(order, key=position.__getitem__):
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+            values[n] = n.target(*args, **kwargs)
+    value = values[node]
     return value if isinstance(value, torch.Tensor) else None
 
 

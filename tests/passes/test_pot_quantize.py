@@ -543,6 +543,86 @@ def test_every_weighted_op_left_in_float_is_reported():
     assert "only linear" in skipped["aten.matmul.default"]
 
 
+class ComputedWeights(nn.Module):
+    """Layers whose weight or bias the forward computes from parameters: a weight-standardised
+    conv (NF-ResNet's ScaledStdConv2d) and a q/k/v bias ``cat``-ed from q and v biases and
+    zeros (BEiT, Swin V2). ``stored()`` is the same model with those values stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(8))
+        self.v_bias = nn.Parameter(torch.randn(8))
+
+    def std_weight(self) -> torch.Tensor:
+        w = self.conv.weight
+        flat = torch.nn.functional.batch_norm(
+            w.reshape(1, 8, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        )
+        return flat.reshape_as(w) * self.gain
+
+    def qkv_bias(self) -> torch.Tensor:
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.conv2d(x, self.std_weight(), self.conv.bias, padding=1)
+        tokens = torch.relu(y).flatten(2).transpose(1, 2)
+        return torch.nn.functional.linear(tokens, self.qkv.weight, self.qkv_bias())
+
+    def stored(self) -> nn.Module:
+        conv, qkv = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 24)
+        with torch.no_grad():
+            conv.weight.copy_(self.std_weight())
+            conv.bias.copy_(self.conv.bias)
+            qkv.weight.copy_(self.qkv.weight)
+            qkv.bias.copy_(self.qkv_bias())
+        return nn.Sequential(conv, nn.ReLU(), nn.Flatten(2), Transpose(), qkv)
+
+
+class Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+def test_weights_computed_from_parameters_are_quantized_like_stored_ones():
+    torch.manual_seed(0)
+    model = ComputedWeights().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 6, 6, generator=gen)]
+    x = torch.randn(3, 3, 6, 6, generator=gen)
+    computed = edgefx.compile(
+        capture(model, (calib[0][:2],)),
+        passes=[PotQuantize(calib, search="mse")],
+        backend="onnx",
+    )
+    stored = edgefx.compile(
+        capture(model.stored().eval(), (calib[0][:2],)),
+        passes=[PotQuantize(calib, search="mse")],
+        backend="onnx",
+    )
+    report = computed.report.passes[0].report
+    assert report["computed_weights_folded"] == ["conv2d.weight", "linear.bias"]
+    assert len(report["layers"]) == 2 and not report["skipped"]
+    # quantized from the same values, the two models are the same integer network
+    torch.testing.assert_close(computed.program(x), stored.program(x), rtol=0, atol=0)
+    assert computed.report.backend_check.max_abs == 0.0
+    # the computation is gone from the graph, and the user's model is untouched
+    targets = {str(n.target) for n in computed.program.graph_module.graph.nodes}
+    assert not any("batch_norm" in t or "cat" in t for t in targets), targets
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_excluded_layer_keeps_its_computed_weight():
+    model = ComputedWeights().eval()
+    program = capture(model, (torch.randn(2, 3, 6, 6),))
+    result = PotQuantize(search="minmax", exclude=["linear"])(program)
+    assert result.report["computed_weights_folded"] == ["conv2d.weight"]
+    assert {e["module"]: e["reason"] for e in result.report["skipped"]} == {"linear": "excluded"}
+
+
 class Signs(nn.Module):
     """Sign-flipping ops between ReLUs and the layers reading them."""
 
