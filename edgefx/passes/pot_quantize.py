@@ -591,8 +591,11 @@ def _fold_computed_weights(gm: fx.GraphModule, exclude: list[str]) -> list[str]:
     alone (weight standardisation as in NF-ResNets, a q/k/v bias ``cat``-ed from q and v
     biases and zeros as in BEiT and Swin V2) that value as a constant, so that it is quantized
     like a stored one; the computation is left to dead-code removal. Excluded modules keep
-    theirs. Returns the weights folded, as ``module.weight`` / ``module.bias``."""
+    theirs. A value read by several layers becomes one constant, so a shared weight stays
+    shared (and is stored once). Returns the weights folded, as ``module.weight`` /
+    ``module.bias``."""
     folded = []
+    constants: dict[fx.Node, fx.Node] = {}  # computed value -> its constant
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (*CONVS, _LINEAR):
             continue
@@ -601,11 +604,12 @@ def _fold_computed_weights(gm: fx.GraphModule, exclude: list[str]) -> list[str]:
             continue
         for index, what in ((1, "weight"), (2, "bias")):
             arg = node.args[index] if len(node.args) > index else None
-            value = computed_constant(gm, arg)
-            if value is None:
-                continue
-            constant = add_parameter(gm, f"{module}_{what}", value, before=node)
-            node.replace_input_with(arg, constant)
+            if arg not in constants:
+                value = computed_constant(gm, arg)
+                if value is None:
+                    continue
+                constants[arg] = add_parameter(gm, f"{module}_{what}", value, before=node)
+            node.replace_input_with(arg, constants[arg])
             folded.append(f"{module}.{what}")
     return folded
 

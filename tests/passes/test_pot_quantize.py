@@ -615,6 +615,36 @@ def test_weights_computed_from_parameters_are_quantized_like_stored_ones():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class SharedComputedWeight(nn.Module):
+    """One weight-standardised kernel read by two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        y = torch.relu(torch.nn.functional.conv2d(self.stem(x), w, padding=1))
+        return torch.nn.functional.conv2d(y, w, padding=1)
+
+
+def test_a_computed_weight_read_by_two_layers_stays_shared():
+    calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))]
+    program = capture(SharedComputedWeight().eval(), (calib[0][:2],))
+    compiled = edgefx.compile(program, passes=[PotQuantize(calib)], backend="onnx")
+    (result,) = compiled.report.passes
+    assert result.report["computed_weights_folded"] == ["conv2d_1.weight", "conv2d_2.weight"]
+    gm = result.program.graph_module
+    codes = [b for _, b in gm.named_buffers() if tuple(b.shape) == (8, 8, 3, 3)]
+    assert len(codes) == 1 and codes[0].dtype == torch.int8  # one constant, not one per layer
+    weights = [
+        t for t in compiled.artifact.model.graph.initializer if tuple(t.dims) == (8, 8, 3, 3)
+    ]
+    assert len(weights) == 1 and weights[0].data_type == onnx.TensorProto.INT8
+    assert compiled.report.backend_check.max_abs == 0.0
+
+
 def test_an_excluded_layer_keeps_its_computed_weight():
     model = ComputedWeights().eval()
     program = capture(model, (torch.randn(2, 3, 6, 6),))
