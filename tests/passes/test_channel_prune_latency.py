@@ -340,3 +340,131 @@ def test_the_prediction_follows_a_runtime_its_model_does_not_describe():
     assert abs(report["predicted_latency_ratio"] - truth) < 0.01, (report, truth)
     assert abs(report["mac_ops_only_ratio"] - truth) > 0.1
     assert truth <= 0.61
+
+
+# ------------------------------------------------------------------ per_latency ranking
+class TwoResolutions(nn.Module):
+    """A 32-channel stage at 32x32 and a 32-channel stage at 8x8: on a runtime that pays
+    per byte, a channel of the first costs 16x the time of one of the second, while it
+    costs only ~2.5x the MACs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.high = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+        self.low = nn.Sequential(
+            nn.Conv2d(32, 32, 3, stride=4, padding=1, bias=False), nn.BatchNorm2d(32)
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.low(torch.relu(self.high(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def bytes_moved(shape: LayerShape) -> float:
+    """A memory-bound layer: 1 ns per input and output element."""
+    h, w = shape.out_size
+    inputs = shape.in_channels * shape.size[0] * shape.size[1]
+    return shape.batch * (inputs + shape.out_channels * h * w) * 1e-9
+
+
+def layer_seconds(program, measure) -> float:
+    """``measure`` summed over the conv2d / linear layers of ``program``, read off the
+    graph's own shapes (not the pass's channel classes)."""
+    total = 0.0
+    for node in program.graph_module.graph.nodes:
+        if node.target is torch.ops.aten.conv2d.default:
+            x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+            stride = node.args[3] if len(node.args) > 3 else [1, 1]
+            padding = node.args[4] if len(node.args) > 4 else [0, 0]
+            total += measure(
+                LayerShape(
+                    "conv2d",
+                    x.shape[1],
+                    w.shape[0],
+                    1,
+                    1,
+                    tuple(x.shape[2:]),
+                    tuple(w.shape[2:]),
+                    tuple(stride),
+                    tuple(padding),
+                )
+            )
+        elif node.target is torch.ops.aten.linear.default:
+            w = node.args[1].meta["val"]
+            total += measure(LayerShape("linear", w.shape[1], w.shape[0]))
+    return total
+
+
+@pytest.fixture(scope="module")
+def two_resolutions():
+    torch.manual_seed(0)
+    return capture(randomize(TwoResolutions()), (torch.randn(1, 3, 32, 32),))
+
+
+def kept(result, module: str) -> int:
+    """Channels the 32-wide class of ``module`` keeps (the report lists only those cut)."""
+    rows = [r for r in result.report["layers"] if any(m.startswith(module) for m in r["modules"])]
+    assert len(rows) <= 1, rows
+    return rows[0]["kept"] if rows else 32
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.5])
+def test_per_latency_spends_a_macs_budget_where_time_is(two_resolutions, budget):
+    """At the same MACs budget, ranking per latency removes more of the channels that cost
+    time (the high-resolution stage) and fewer of the cheap ones; the budget is still met,
+    and the runtime's latency (its cost model summed over the result's real layers) falls
+    further than with the plain ranking."""
+    program = two_resolutions
+    plain = ChannelPrune(macs=budget, round_to=1)(program)
+    timed = ChannelPrune(macs=budget, round_to=1, per_latency=True, measure=bytes_moved)(program)
+    assert timed.after.macs <= budget * program.cost().total_macs
+    assert kept(timed, "high") < kept(plain, "high")
+    assert kept(timed, "low") > kept(plain, "low")
+    dense = layer_seconds(program, bytes_moved)
+    ratio = layer_seconds(timed.program, bytes_moved) / dense
+    assert ratio < layer_seconds(plain.program, bytes_moved) / dense - 0.05
+    assert timed.report["predicted_latency_ratio"] == pytest.approx(ratio, rel=1e-6)
+    spread = timed.report["per_latency"]["relative_cost"]
+    assert spread["max"] / spread["min"] > 4  # the two stages' channels differ in cost
+
+
+def test_per_latency_with_a_width_blind_runtime_ranks_as_plain(program):
+    """A runtime whose layers cost the same at every width predicts no saving anywhere:
+    every group's cost is the same, so the ranking and the result are the plain one's."""
+    plain = ChannelPrune(macs=0.5)(program)
+    timed = ChannelPrune(macs=0.5, per_latency=True, measure=lambda shape: 1e-4)(program)
+    assert timed.report["groups_removed"] == plain.report["groups_removed"]
+    assert timed.after.macs == plain.after.macs
+    x = program.example_inputs[0]
+    torch.testing.assert_close(timed.program(x), plain.program(x), rtol=0, atol=0)
+
+
+def test_per_latency_with_a_latency_budget(two_resolutions):
+    """Both together: the budget is met on the prediction, with fewer MACs removed than by
+    the plain ranking at the same latency budget (the cheap channels are kept)."""
+    program = two_resolutions
+    plain = ChannelPrune(latency=0.5, measure=bytes_moved, round_to=1)(program)
+    timed = ChannelPrune(latency=0.5, measure=bytes_moved, round_to=1, per_latency=True)(program)
+    assert timed.report["predicted_latency_ratio"] <= 0.5
+    assert timed.after.macs > plain.after.macs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": 0.5, "per_latency": True}, "per_latency=True ranks groups for a budget"),
+        ({"macs": 0.5, "per_latency": 1}, "per_latency must be True or False"),
+        ({"macs": 0.5, "per_latency": True, "backend": "cuda"}, "no per-layer latency table"),
+        ({"macs": 0.5, "per_latency": True, "batch": 0}, "batch must be an integer"),
+    ],
+)
+def test_bad_per_latency_configuration_is_refused_eagerly(kwargs, message):
+    with pytest.raises(PassError, match=message):
+        ChannelPrune(**kwargs)
+
+
+def test_per_latency_on_a_runtime_that_is_not_installed_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(PassError, match="needs onnxruntime, which is not installed"):
+        ChannelPrune(macs=0.5, per_latency=True)
