@@ -9,9 +9,6 @@ intra-op thread at batch 1 and batch 8, alternately run by run with the dense mo
 ``--latency`` budgets add rows pruned with ``ChannelPrune(latency=f, backend="onnx")``
 (bisection on the latency predicted from per-layer onnxruntime timings, see
 edgefx.analysis.latency) and show the predicted ratio next to the measured one.
-``--per-latency`` adds, per MACs budget, a row pruned with
-``ChannelPrune(macs=f, per_latency=True, backend="onnx")``: the same MACs budget, groups ranked
-by importance per predicted second instead of importance alone.
 ``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
 timed. ``--designed`` adds, for models with a width knob (torchvision mobilenet_v2's
 ``width_mult``, MNASNet's ``alpha``; convnext_tiny's stage widths and deit_small's embedding
@@ -165,7 +162,6 @@ def run_model(
     on_row: Any = None,
     latency_budgets: tuple[float, ...] = (),
     designed: bool = False,
-    per_latency: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
@@ -181,22 +177,21 @@ def run_model(
     reference = None
     dense_session = None
     configs = [
-        (1.0, None, None, None, False),
-        *((b, r, None, None, False) for b in budgets for r in rounds),
-        *((b, 8, None, None, True) for b in (budgets if per_latency else ())),
-        *((None, 8, f, None, False) for f in latency_budgets),
+        (1.0, None, None, None),
+        *((b, r, None, None) for b in budgets for r in rounds),
+        *((None, 8, f, None) for f in latency_budgets),
         *(
-            (b, None, None, designed_width(name, b, size), False)
+            (b, None, None, designed_width(name, b, size))
             for b in (budgets if designed and name in DESIGNED_WIDTH else ())
         ),
     ]
     dense_macs = None
-    for budget, round_to, latency, width, ranked_per_latency in configs:
+    for budget, round_to, latency, width in configs:
         what = (
             f"designed width {width:g}"
             if width is not None
             else (f"latency<={latency:g}" if latency is not None else f"macs<={budget:g}")
-        ) + (" per-latency" if ranked_per_latency else "")
+        )
         passes: list[Any] = [FoldBatchNorm()]
         if width is not None:
             narrow = DESIGNED_WIDTH[name](width).eval()
@@ -206,10 +201,6 @@ def run_model(
             source = program
         if latency is not None:
             passes.insert(0, ChannelPrune(latency=latency, backend="onnx", batch=batches[0]))
-        elif ranked_per_latency:
-            passes.insert(
-                0, ChannelPrune(macs=budget, per_latency=True, backend="onnx", batch=batches[0])
-            )
         elif round_to is not None:
             passes.insert(0, ChannelPrune(macs=budget, round_to=round_to))
         start = time.perf_counter()
@@ -222,7 +213,6 @@ def run_model(
                     "model": name,
                     "budget": budget,
                     "latency_budget": latency,
-                    "per_latency": ranked_per_latency,
                     "round_to": round_to,
                     "error": str(exc),
                 }
@@ -247,7 +237,6 @@ def run_model(
                 "model": name,
                 "budget": budget,
                 "latency_budget": latency,
-                "per_latency": ranked_per_latency,
                 "predicted_latency_ratio": None
                 if prune is None
                 else prune.report.get("predicted_latency_ratio"),
@@ -318,10 +307,7 @@ def render(data: dict[str, Any]) -> str:
         '`latency f` prunes with `ChannelPrune(latency=f, backend="onnx")`; `predicted` is '
         "the latency ratio its model predicted (at the first batch size; layers timed alone "
         "plus the ops without MACs, calibrated on the whole graph), `layers only` what the "
-        "layers and other MAC ops alone predict. A budget `f per-latency` is the MACs budget f "
-        "with groups ranked by importance per predicted second "
-        '(`ChannelPrune(macs=f, per_latency=True, backend="onnx")`). '
-        "A budget `designed width w` is no pruning "
+        "layers and other MAC ops alone predict. A budget `designed width w` is no pruning "
         "but the same architecture built narrower (`mobilenet_v2(width_mult=w)`; convnext / "
         "deit widths scaled, heads of 64 kept: deit_small at 0.5 is deit_tiny; random "
         "weights), at the width whose MACs come closest to a MACs budget: the latency ratio "
@@ -339,7 +325,7 @@ def render(data: dict[str, Any]) -> str:
             else f"{r['budget']:g}"
             if r.get("latency_budget") is None
             else f"latency {r['latency_budget']:g}"
-        ) + (" per-latency" if r.get("per_latency") else "")
+        )
         if "error" in r:
             lines.append(f"| {r['model']} | {budget} | {r['round_to']} | {r['error']} |")
             continue
@@ -395,12 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(DESIGNED_WIDTH)
         + ": rows for the architecture designed narrower at each MACs budget (no pruning)",
     )
-    parser.add_argument(
-        "--per-latency",
-        action="store_true",
-        help="rows for each MACs budget ranked per latency: ChannelPrune(macs=f, "
-        'per_latency=True, backend="onnx"), round_to 8',
-    )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--pass-time", default="")
     parser.add_argument("--size", type=int, default=224)
@@ -429,16 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         latency = tuple(float(f) for f in args.latency.split(",") if f)
         run_model(
-            name,
-            budgets,
-            rounds,
-            args.size,
-            batches,
-            args.repeat,
-            keep,
-            latency,
-            args.designed,
-            args.per_latency,
+            name, budgets, rounds, args.size, batches, args.repeat, keep, latency, args.designed
         )
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))

@@ -8,8 +8,8 @@ pixels), then captured once; every row is the top-1 accuracy on the 597 test ima
 
 - ``float``: the captured Program;
 - ``prune M``: ChannelPrune(macs=M), then the same after ``FineTune`` on the training split;
-- ``prune M per-latency``: the same with groups ranked by importance per predicted second
-  (``ChannelPrune(macs=M, per_latency=True, backend="onnx")``, timed at 32x32, batch 1);
+- ``prune M uniform``: the same with every set of coupled channels cut by the same fraction
+  (``allocation="uniform"``);
 - ``pot W/A:search``: FoldBatchNorm + PotQuantize (calibration: 256 training images) for each
   bit width and exponent search;
 - ``ort int8``: onnxruntime's own ``quantize_static`` (QDQ, per-channel int8 weights, int8
@@ -270,7 +270,7 @@ def ort_int8(float_program: Any, calib: list[torch.Tensor], x: torch.Tensor, y: 
 
 
 # ---------------------------------------------------------------------------- one model
-PARTS = ("prune", "prune-latency", "pot", "ort", "combo", "qat", "shift", "gate")
+PARTS = ("prune", "prune-uniform", "pot", "ort", "combo", "qat", "shift", "gate")
 GATE_MACS = 0.65  # TokenGate rows (ViTs): the MACs budget
 GATE_TRAINED = f"gate threshold macs {GATE_MACS} + budget-aware training"
 
@@ -363,27 +363,28 @@ def run_model(
         return FineTune(train_loader(train_x, train_y, seed), epochs=epochs, lr=lr, progress=False)
 
     pruned: dict[float, Any] = {}  # plain ranking, by MACs budget (the combo rows read it)
-    per_latency: dict[float, Any] = {}
-    prune_runs = [(m, False, pruned) for m in (0.7, 0.5) if "prune" in parts]
-    prune_runs += [(m, True, per_latency) for m in (0.7, 0.5) if "prune-latency" in parts]
-    for macs, ranked, kept in prune_runs:
-        name_of = f"prune {macs}" + (" per-latency" if ranked else "")
+    variants: dict[str, tuple[str, dict[str, Any]]] = {  # part: (row suffix, options)
+        "prune": ("", {}),
+        "prune-uniform": (" uniform", {"allocation": "uniform"}),
+    }
+    prune_runs = [
+        (macs, *variants[part], pruned if part == "prune" else {})
+        for part in variants
+        if part in parts
+        for macs in (0.7, 0.5)
+    ]
+    for macs, suffix, options, kept in prune_runs:
+        name_of = f"prune {macs}{suffix}"
 
         def prune(
-            macs: float = macs, ranked: bool = ranked, kept: dict = kept
+            macs: float = macs, options: dict = options, kept: dict = kept
         ) -> tuple[float, dict[str, Any]]:
-            options = {"per_latency": True, "backend": "onnx"} if ranked else {}
             result = ChannelPrune(macs=macs, **options)(program)
             kept[macs] = result.program
-            extra = {
+            return top1(result.program, test_x, test_y), {
                 "macs": result.after.macs,
                 "macs_ratio": round(result.after.macs / result.before.macs, 3),
             }
-            if ranked:  # the latency model's ratio for the result (onnxruntime, batch 1)
-                extra["predicted_latency_ratio"] = round(
-                    result.report["predicted_latency_ratio"], 3
-                )
-            return top1(result.program, test_x, test_y), extra
 
         def tune(macs: float = macs, kept: dict = kept) -> tuple[float, dict[str, Any]]:
             if macs not in kept:
@@ -650,8 +651,6 @@ def render(data: dict[str, Any]) -> str:
             notes = []
             if "macs_ratio" in row:
                 notes.append(f"MACs x{row['macs_ratio']}")
-            if "predicted_latency_ratio" in row:
-                notes.append(f"predicted latency x{row['predicted_latency_ratio']}")
             if "tokens_kept" in row:
                 notes.append(f"tokens after gates {row['tokens_kept']}")
             if "loss_before" in row:

@@ -54,7 +54,7 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
 IMPORTANCES = ("auto", "bn", "l1", "l2", "norm")
-_MIN_COST = 1e-2  # per_latency: the least relative cost a group is divided by
+ALLOCATIONS = ("global", "uniform")
 _PROBES = 2  # pruned graphs a latency budget times whole to calibrate its prediction
 Importance = str | Callable[[ChannelGroup], float]
 
@@ -105,16 +105,13 @@ class ChannelPrune(Pass):
         min_keep: every channel class keeps at least this fraction of its channels (and at
             least one), so no layer disappears.
         exclude: module paths (prefixes) whose channels are never removed, e.g. ``["fc"]``.
-        per_latency: rank groups by importance per second: each group's score is divided by
-            the latency its channels cost (relative to the candidates' mean), so whichever
-            budget is given removes first the channels that cost the most time for what
-            they are worth: on a memory-bound runtime, wide layers at high resolution and
-            depthwise convs, which MACs underprice. A channel's cost is the latency model's
-            (the one ``latency=`` bisects on: ``backend=`` or ``measure=``, ``batch``,
-            ``threads``; calibrated on the dense graph timed whole) predicted saving when its
-            class is halved, per channel removed. Off by default: it prunes a MACs budget
-            harder where MACs are cheap, which can cost accuracy (see
-            ``benchmarks/results/real_data.md``).
+        allocation: how removal is spread over the layers: ``"global"`` (default) one
+            ranking over the whole network, so the budget falls where scores are lowest
+            (Network Slimming); ``"uniform"`` every set of coupled channels loses the same
+            fraction, ranked within it (a network drawn narrower; Torch-Pruning without
+            global pruning). Either way coupled channels go together and the budget is met
+            by bisection. On the digits-trained models global is as accurate or better
+            (``benchmarks/results/real_data_prune_variants.md``).
     """
 
     name = "ChannelPrune"
@@ -135,23 +132,15 @@ class ChannelPrune(Pass):
         compensate: bool = True,
         min_keep: float = 0.1,
         exclude: Sequence[str] = (),
-        per_latency: bool = False,
+        allocation: str = "global",
     ) -> None:
         if sum(v is not None for v in (macs, threshold, latency)) != 1:
             raise PassError(
                 "ChannelPrune needs exactly one of macs=, latency= or threshold=",
                 hint="e.g. ChannelPrune(macs=0.5) keeps at most half of the MACs",
             )
-        if latency is not None and not (isinstance(latency, (int, float)) and 0 < latency <= 1):
-            raise PassError(
-                f"latency must be a fraction of the predicted latency in (0, 1], got {latency!r}",
-                hint="ChannelPrune(latency=0.5) keeps at most half of it",
-            )
-        if not isinstance(per_latency, bool):
-            raise PassError(f"per_latency must be True or False, got {per_latency!r}")
-        timed = latency is not None or per_latency
-        if timed:
-            _check_timing(backend, measure, measure_graph, batch, threads)
+        if latency is not None:
+            _check_latency(latency, backend, measure, measure_graph, batch, threads)
         if macs is not None and not (isinstance(macs, (int, float)) and 0 < macs <= 1):
             raise PassError(
                 f"macs must be a fraction of the original MACs in (0, 1], got {macs!r}",
@@ -159,11 +148,16 @@ class ChannelPrune(Pass):
             )
         if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
             raise PassError(f"threshold must be a number >= 0, got {threshold!r}")
-        if threshold is not None and per_latency:
+        if allocation not in ALLOCATIONS:
             raise PassError(
-                "per_latency=True ranks groups for a budget; threshold= removes exactly the "
-                "groups scored below it",
-                hint="give macs= or latency= with per_latency=True",
+                f"unknown allocation {allocation!r}",
+                hint=f"one of {', '.join(map(repr, ALLOCATIONS))}",
+            )
+        if threshold is not None and allocation != "global":
+            raise PassError(
+                f"allocation={allocation!r} orders groups for a budget; threshold= removes "
+                "exactly the groups scored below it",
+                hint=f"give macs= or latency= with allocation={allocation!r}",
             )
         if not (callable(importance) or importance in IMPORTANCES):
             raise PassError(
@@ -184,14 +178,14 @@ class ChannelPrune(Pass):
         self.macs = macs
         self.threshold = threshold
         self.latency = latency
-        self.per_latency = per_latency
-        if timed:
+        if latency is not None:
             self.backend = backend if measure is None else None
             self.measure = measure
             self.measure_graph = measure_graph
             self.batch = batch
             self.threads = threads
         self.importance = importance
+        self.allocation = allocation
         self.round_to = round_to
         self.compensate = bool(compensate)
         self.min_keep = min_keep
@@ -229,39 +223,31 @@ class ChannelPrune(Pass):
                 if self.importance == "bn"
                 else "the channels are fixed by the ops that read them (see the reasons)",
             )
+        if self.allocation == "uniform":
+            _interleave(candidates)
         latency_report: dict[str, Any] = {}
-        if self.latency is not None or self.per_latency:
-            table = self._latency_table()
-            predict = _LatencyModel(gm, dep, base, table, self.batch)
-        if self.per_latency:
-            latency_report["per_latency"] = self._rank_per_latency(
-                program, gm, dep, candidates, scores, table, predict
-            )
         if self.macs is not None:
             budget = self.macs * cost.total_macs
             count = self._bisect(
                 dep, candidates, estimate, budget, units, self.macs, "MACs", skipped
             )
         elif self.latency is not None:
+            table = self._latency_table()
+            predict = _LatencyModel(gm, dep, base, table, self.batch)
+            full = {cls.id: cls.size for cls in dep.classes}
             count = self._latency_count(
                 program, gm, dep, candidates, units, table, predict, skipped
             )
-        else:
-            count = sum(scores[g.id][0] < self.threshold for g in candidates)
-        removed = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
-        threshold = scores[candidates[count - 1].id][0] if count else None
-        left = class_sizes_after(dep, removed)
-
-        if self.latency is not None or self.per_latency:
-            full = {cls.id: cls.size for cls in dep.classes}
             dense = predict(full)
             table.save()
-            latency_report |= {
+            chosen = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
+            kept = class_sizes_after(dep, chosen)
+            latency_report = {
                 "target_latency": self.latency,
                 "latency_backend": self.backend or "callable",
-                "predicted_latency_ratio": predict(left) / dense,
+                "predicted_latency_ratio": predict(kept) / dense,
                 # what the layers and other MAC ops alone would predict (non-MAC ops left out)
-                "mac_ops_only_ratio": predict.with_macs(left) / predict.with_macs(full),
+                "mac_ops_only_ratio": predict.with_macs(kept) / predict.with_macs(full),
                 "predicted_dense_ms": dense * 1e3,
                 **predict.breakdown(),
                 "timed_layers": predict.timed,
@@ -269,6 +255,12 @@ class ChannelPrune(Pass):
                 "graph_timings": dict(table.graphs),
                 "timing_noise": table.noise(),
             }
+        else:
+            count = sum(scores[g.id][0] < self.threshold for g in candidates)
+        removed = units.rounded(self._select(dep, candidates, count), candidates, self._floor)
+        threshold = scores[candidates[count - 1].id][0] if count else None
+
+        left = class_sizes_after(dep, removed)
         ranked_by: dict[str, int] = defaultdict(int)
         for group in dep.groups:
             if group.id in scores:
@@ -278,6 +270,7 @@ class ChannelPrune(Pass):
             "threshold": threshold if self.threshold is None else self.threshold,
             "importance": self.importance if isinstance(self.importance, str) else "callable",
             "round_to": self._round,
+            "allocation": self.allocation,
             "groups_removed": len(removed),
             "channels_removed": sum(len(g.channels) for g in removed),
             "estimated_macs": estimate(left),
@@ -470,57 +463,6 @@ class ChannelPrune(Pass):
         assert seconds is not None
         return [(left, t) for (left, _), t in zip(points, seconds, strict=True)]
 
-    def _rank_per_latency(
-        self,
-        program: Program,
-        gm: fx.GraphModule,
-        dep: ChannelDependencyGraph,
-        candidates: list[ChannelGroup],
-        scores: dict[int, tuple[float, str]],
-        table: LatencyTable,
-        predict: _LatencyModel,
-    ) -> dict[str, Any]:
-        """Divide every candidate's score by the latency its channels cost, relative to the
-        candidates' mean, and re-sort ``candidates`` (``scores`` is updated in place). A
-        class's cost per channel is the predicted saving when it is halved (rounded like
-        the result, never below its floor), over the channels that removes; a group costs
-        the sum over its channels. A group predicted to save nothing is divided by
-        :data:`_MIN_COST` (it goes last)."""
-        if table.can_time_graphs:  # the ops without MACs: calibrated on the dense graph
-            predict.calibrate(self._whole_graph_points(program, gm, dep, [[]], table))
-        full = {cls.id: cls.size for cls in dep.classes}
-        dense = predict(full)
-        per_channel: dict[int, float] = {}
-        for cls_id in sorted({c for g in candidates for c, _ in g.channels}):
-            size = full[cls_id]
-            half = size // 2
-            if self._round > 1 and half >= self._round:
-                half -= half % self._round
-            target = max(half, self._floor(size))
-            if target >= size:
-                per_channel[cls_id] = 0.0
-                continue
-            predicted = predict({**full, cls_id: target})
-            per_channel[cls_id] = (dense - predicted) / (size - target)
-        cost = {g.id: sum(per_channel[c] for c, _ in g.channels) for g in candidates}
-        mean = sum(cost.values()) / len(cost)
-        relative = {
-            gid: max(value / mean, _MIN_COST) if mean > 0 else 1.0 for gid, value in cost.items()
-        }
-        for gid, value in relative.items():
-            score, method = scores[gid]
-            scores[gid] = (score / value, method)
-        candidates.sort(key=lambda g: (scores[g.id][0], g.id))
-        spread = sorted(relative.values())
-        return {
-            "relative_cost": {
-                "min": spread[0],
-                "median": spread[len(spread) // 2],
-                "max": spread[-1],
-            },
-            "groups_saving_nothing": sum(v <= _MIN_COST for v in spread),
-        }
-
     def _latency_table(self) -> LatencyTable:
         if self.measure is not None:
             return LatencyTable(self.measure, graph_timer=self.measure_graph)
@@ -573,6 +515,21 @@ def _scores(dep: ChannelDependencyGraph, importance: Importance) -> dict[int, tu
                 scores[group.id] = (sum(found) / len(found), method)
                 break
     return scores
+
+
+def _interleave(candidates: list[ChannelGroup]) -> None:
+    """Reorder ``candidates`` (least important first) so that every set of coupled classes
+    (the groups with channels in the same classes) loses the same fraction of its groups as
+    removal goes on: each group is keyed by its rank within its set over the set's size."""
+    by_set: dict[tuple[int, ...], list[ChannelGroup]] = defaultdict(list)
+    for group in candidates:
+        by_set[tuple(sorted({c for c, _ in group.channels}))].append(group)
+    key: dict[int, tuple[float, int]] = {}
+    order = {g.id: i for i, g in enumerate(candidates)}
+    for groups in by_set.values():
+        for rank, group in enumerate(groups):
+            key[group.id] = ((rank + 1) / len(groups), order[group.id])
+    candidates.sort(key=lambda g: key[g.id])
 
 
 def _norm_values(norms: Sequence[Any]) -> dict[tuple[int, int], list[float]]:
@@ -935,14 +892,19 @@ def _pair(value: Any) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
-def _check_timing(
+def _check_latency(
+    latency: object,
     backend: object,
     measure: object,
     measure_graph: object,
     batch: object,
     threads: object,
 ) -> None:
-    """What a latency table needs (``latency=`` or ``per_latency=True``)."""
+    if not (isinstance(latency, (int, float)) and 0 < latency <= 1):
+        raise PassError(
+            f"latency must be a fraction of the predicted latency in (0, 1], got {latency!r}",
+            hint="ChannelPrune(latency=0.5) keeps at most half of it",
+        )
     for name, value in (("batch", batch), ("threads", threads)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise PassError(f"{name} must be an integer >= 1, got {value!r}")
@@ -969,9 +931,7 @@ def _check_timing(
     try:
         check_runtime(backend)
     except EdgefxError as exc:
-        raise PassError(
-            f"a latency table (latency= or per_latency=True): {exc.message}", hint=exc.hint
-        ) from exc.__cause__
+        raise PassError(f"a latency budget: {exc.message}", hint=exc.hint) from exc.__cause__
 
 
 def _is_constant(node: Any) -> bool:

@@ -14,6 +14,7 @@ from prune_models import (
     silence_heads_and_mlp,
     vit_b_16,
 )
+from torch import nn
 
 import edgefx
 from edgefx import PassError
@@ -638,3 +639,60 @@ def test_a_small_convnext_meets_a_macs_budget():
     assert params["features.1.0.layer_scale"].shape[0] == width
     out = result.program(x)
     assert out.shape == (1, 10) and bool(torch.isfinite(out).all())
+
+
+# ------------------------------------------------------------------ allocation
+class _TwoStages(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+        self.b = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def _kept(result, module: str, size: int) -> int:
+    rows = [r for r in result.report["layers"] if any(m.startswith(module) for m in r["modules"])]
+    return rows[0]["kept"] if rows else size
+
+
+def test_uniform_allocation_cuts_every_class_alike():
+    """Stage a's BatchNorm gammas are all below stage b's: one global ranking takes the
+    budget from a alone, 'uniform' takes the same fraction from each (ranked within it), and
+    both meet the budget."""
+    torch.manual_seed(0)
+    model = _TwoStages().eval()
+    with torch.no_grad():
+        model.a[1].weight.copy_(torch.rand(32) * 0.1)
+        model.b[1].weight.copy_(torch.rand(64) * 0.1 + 0.5)
+    program = capture(model, (torch.randn(1, 3, 16, 16),))
+    budget = 0.6 * program.cost().total_macs
+    glob = ChannelPrune(macs=0.6, round_to=1, min_keep=0.05)(program)
+    uniform = ChannelPrune(macs=0.6, round_to=1, allocation="uniform")(program)
+    for result in (glob, uniform):
+        assert result.after.macs <= budget
+    assert _kept(glob, "b", 64) == 64 and _kept(glob, "a", 32) < 32
+    assert uniform.report["allocation"] == "uniform"
+    a, b = _kept(uniform, "a", 32) / 32, _kept(uniform, "b", 64) / 64
+    assert a < 1 and b < 1 and abs(a - b) <= 1 / 32, (a, b)
+    # within a class the least important go first: stage b keeps its largest gammas
+    gammas = model.b[1].weight.detach()
+    k = _kept(uniform, "b", 64)
+    state = uniform.program.graph_module.state_dict().values()
+    (kept,) = [v for v in state if v.dim() == 1 and len(v) == k and torch.isin(v, gammas).all()]
+    assert torch.equal(kept.sort().values, gammas.sort().values[-k:])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"macs": 0.5, "allocation": "even"}, "unknown allocation 'even'"),
+        ({"threshold": 0.1, "allocation": "uniform"}, "allocation='uniform' orders groups"),
+    ],
+)
+def test_bad_allocation_is_refused(kwargs, message):
+    with pytest.raises(PassError, match=message):
+        ChannelPrune(**kwargs)
