@@ -9,6 +9,9 @@ intra-op thread at batch 1 and batch 8, alternately run by run with the dense mo
 ``--latency`` budgets add rows pruned with ``ChannelPrune(latency=f, backend="onnx")``
 (bisection on the latency predicted from per-layer onnxruntime timings, see
 edgefx.analysis.latency) and show the predicted ratio next to the measured one.
+``--uniform`` adds, per MACs budget, a row pruned with
+``ChannelPrune(macs=f, allocation="uniform")``: every set of coupled channels cut by the same
+fraction instead of one global ranking.
 ``--pass-time`` models are captured at 224x224 and only the ChannelPrune pass (macs=0.5) is
 timed. ``--designed`` adds, for models with a width knob (torchvision mobilenet_v2's
 ``width_mult``, MNASNet's ``alpha``; convnext_tiny's stage widths and deit_small's embedding
@@ -162,6 +165,7 @@ def run_model(
     on_row: Any = None,
     latency_budgets: tuple[float, ...] = (),
     designed: bool = False,
+    uniform: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
@@ -177,21 +181,22 @@ def run_model(
     reference = None
     dense_session = None
     configs = [
-        (1.0, None, None, None),
-        *((b, r, None, None) for b in budgets for r in rounds),
-        *((None, 8, f, None) for f in latency_budgets),
+        (1.0, None, None, None, "global"),
+        *((b, r, None, None, "global") for b in budgets for r in rounds),
+        *((b, 8, None, None, "uniform") for b in (budgets if uniform else ())),
+        *((None, 8, f, None, "global") for f in latency_budgets),
         *(
-            (b, None, None, designed_width(name, b, size))
+            (b, None, None, designed_width(name, b, size), "global")
             for b in (budgets if designed and name in DESIGNED_WIDTH else ())
         ),
     ]
     dense_macs = None
-    for budget, round_to, latency, width in configs:
+    for budget, round_to, latency, width, allocation in configs:
         what = (
             f"designed width {width:g}"
             if width is not None
             else (f"latency<={latency:g}" if latency is not None else f"macs<={budget:g}")
-        )
+        ) + (f" {allocation}" if allocation != "global" else "")
         passes: list[Any] = [FoldBatchNorm()]
         if width is not None:
             narrow = DESIGNED_WIDTH[name](width).eval()
@@ -202,7 +207,7 @@ def run_model(
         if latency is not None:
             passes.insert(0, ChannelPrune(latency=latency, backend="onnx", batch=batches[0]))
         elif round_to is not None:
-            passes.insert(0, ChannelPrune(macs=budget, round_to=round_to))
+            passes.insert(0, ChannelPrune(macs=budget, round_to=round_to, allocation=allocation))
         start = time.perf_counter()
         try:
             compiled = edgefx.compile(source, passes=passes, backend="onnx", progress=False)
@@ -213,6 +218,7 @@ def run_model(
                     "model": name,
                     "budget": budget,
                     "latency_budget": latency,
+                    "allocation": allocation,
                     "round_to": round_to,
                     "error": str(exc),
                 }
@@ -237,6 +243,7 @@ def run_model(
                 "model": name,
                 "budget": budget,
                 "latency_budget": latency,
+                "allocation": allocation,
                 "predicted_latency_ratio": None
                 if prune is None
                 else prune.report.get("predicted_latency_ratio"),
@@ -307,7 +314,9 @@ def render(data: dict[str, Any]) -> str:
         '`latency f` prunes with `ChannelPrune(latency=f, backend="onnx")`; `predicted` is '
         "the latency ratio its model predicted (at the first batch size; layers timed alone "
         "plus the ops without MACs, calibrated on the whole graph), `layers only` what the "
-        "layers and other MAC ops alone predict. A budget `designed width w` is no pruning "
+        "layers and other MAC ops alone predict. A budget `f uniform` is the MACs budget f "
+        'with `allocation="uniform"` (every set of coupled channels cut by the same fraction). '
+        "A budget `designed width w` is no pruning "
         "but the same architecture built narrower (`mobilenet_v2(width_mult=w)`; convnext / "
         "deit widths scaled, heads of 64 kept: deit_small at 0.5 is deit_tiny; random "
         "weights), at the width whose MACs come closest to a MACs budget: the latency ratio "
@@ -325,7 +334,7 @@ def render(data: dict[str, Any]) -> str:
             else f"{r['budget']:g}"
             if r.get("latency_budget") is None
             else f"latency {r['latency_budget']:g}"
-        )
+        ) + (" uniform" if r.get("allocation") == "uniform" else "")
         if "error" in r:
             lines.append(f"| {r['model']} | {budget} | {r['round_to']} | {r['error']} |")
             continue
@@ -381,11 +390,17 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(DESIGNED_WIDTH)
         + ": rows for the architecture designed narrower at each MACs budget (no pruning)",
     )
+    parser.add_argument(
+        "--uniform",
+        action="store_true",
+        help="rows for each MACs budget with allocation='uniform' (round_to 8)",
+    )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--pass-time", default="")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default="prune", help="results file name: OUT/STEM.md, .json")
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     rounds = [int(r) for r in args.round_to.split(",")]
@@ -404,17 +419,26 @@ def main(argv: list[str] | None = None) -> int:
     def keep(row: dict[str, Any]) -> None:  # results so far, written after every row
         data["rows"].append(row)
         data["load_average"]["end"] = load_average()
-        write_results(args.out, "prune", data, render(data))
+        write_results(args.out, args.stem, data, render(data))
 
     for name in args.models.split(","):
         latency = tuple(float(f) for f in args.latency.split(",") if f)
         run_model(
-            name, budgets, rounds, args.size, batches, args.repeat, keep, latency, args.designed
+            name,
+            budgets,
+            rounds,
+            args.size,
+            batches,
+            args.repeat,
+            keep,
+            latency,
+            args.designed,
+            args.uniform,
         )
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
         data["load_average"]["end"] = load_average()
-        write_results(args.out, "prune", data, render(data))
+        write_results(args.out, args.stem, data, render(data))
     return 0
 
 
