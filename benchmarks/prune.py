@@ -9,6 +9,8 @@ intra-op thread at batch 1 and batch 8, alternately run by run with the dense mo
 ``--latency`` budgets add rows pruned with ``ChannelPrune(latency=f, backend="onnx")``
 (bisection on the latency predicted from per-layer onnxruntime timings, see
 edgefx.analysis.latency) and show the predicted ratio next to the measured one.
+``--widths 0.1,0.25`` adds designed rows at those widths (no budget): the latency the
+narrowest networks of the architecture still take, a floor no channel pruning goes below.
 ``--uniform`` adds, per MACs budget, a row pruned with
 ``ChannelPrune(macs=f, allocation="uniform")``: every set of coupled channels cut by the same
 fraction instead of one global ranking.
@@ -166,6 +168,7 @@ def run_model(
     latency_budgets: tuple[float, ...] = (),
     designed: bool = False,
     uniform: bool = False,
+    widths: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """Rows for ``name``; ``on_row(row)`` after each one (to keep partial results)."""
     import edgefx
@@ -189,6 +192,7 @@ def run_model(
             (b, None, None, designed_width(name, b, size), "global")
             for b in (budgets if designed and name in DESIGNED_WIDTH else ())
         ),
+        *((None, None, None, w, "global") for w in (widths if name in DESIGNED_WIDTH else ())),
     ]
     dense_macs = None
     for budget, round_to, latency, width, allocation in configs:
@@ -395,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rows for each MACs budget with allocation='uniform' (round_to 8)",
     )
+    parser.add_argument(
+        "--widths",
+        default="",
+        help="designed-narrow rows at these widths (e.g. 0.1,0.25: how far down the latency "
+        "of the narrowest networks of the architecture goes)",
+    )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--pass-time", default="")
     parser.add_argument("--size", type=int, default=224)
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="prune", help="results file name: OUT/STEM.md, .json")
     args = parser.parse_args(argv)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
     rounds = [int(r) for r in args.round_to.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     load_start = load_average()  # reported: the figures mean little on a busy machine
@@ -434,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             latency,
             args.designed,
             args.uniform,
+            tuple(float(w) for w in args.widths.split(",") if w),
         )
     for name in [m for m in args.pass_time.split(",") if m]:
         data["pass_time"].append(pass_time(name))
