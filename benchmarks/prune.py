@@ -10,7 +10,8 @@ intra-op thread at batch 1 and batch 8, alternately run by run with the dense mo
 (bisection on the latency predicted from per-layer onnxruntime timings, see
 edgefx.analysis.latency) and show the predicted ratio next to the measured one.
 ``--widths 0.1,0.25`` adds designed rows at those widths (no budget): the latency the
-narrowest networks of the architecture still take, a floor no channel pruning goes below.
+narrowest networks of the architecture still take: about the floor channel pruning, which
+keeps every layer, approaches.
 ``--uniform`` adds, per MACs budget, a row pruned with
 ``ChannelPrune(macs=f, allocation="uniform")``: every set of coupled channels cut by the same
 fraction instead of one global ranking.
