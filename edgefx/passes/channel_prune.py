@@ -522,15 +522,16 @@ def _scores(dep: ChannelDependencyGraph, importance: Importance) -> dict[int, tu
 def _interleave(candidates: list[ChannelGroup]) -> None:
     """Reorder ``candidates`` (least important first) so that every set of coupled classes
     (the groups with channels in the same classes) loses the same fraction of its groups as
-    removal goes on: each group is keyed by its rank within its set over the set's size."""
+    removal goes on: each group is keyed by its rank within its set over the set's size (the
+    sort is stable: equal keys keep the importance order)."""
     by_set: dict[tuple[int, ...], list[ChannelGroup]] = defaultdict(list)
     for group in candidates:
         by_set[tuple(sorted({c for c, _ in group.channels}))].append(group)
-    key: dict[int, tuple[float, int]] = {}
-    order = {g.id: i for i, g in enumerate(candidates)}
-    for groups in by_set.values():
-        for rank, group in enumerate(groups):
-            key[group.id] = ((rank + 1) / len(groups), order[group.id])
+    key = {
+        group.id: (rank + 1) / len(groups)
+        for groups in by_set.values()
+        for rank, group in enumerate(groups)
+    }
     candidates.sort(key=lambda g: key[g.id])
 
 
